@@ -23,10 +23,27 @@ WARMUP = 3
 
 
 def run(config: str, workers: int, steps: int, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "farflung.cli.main", "train", config, "--workers",
-           str(workers), "--out", str(out), "--quiet", "--force",
-           "--set", f"train.steps={steps}", "--set", "train.eval_every=0",
-           "--set", "train.checkpoint_every=0", "--set", "train.eval_batches=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "farflung.cli.main",
+        "train",
+        config,
+        "--workers",
+        str(workers),
+        "--out",
+        str(out),
+        "--quiet",
+        "--force",
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        "train.eval_batches=1",
+    ]
     for item in extra:
         cmd += ["--set", item]
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -54,16 +71,28 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra config overrides")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run(args.config, w, args.steps, Path(tmp) / f"w{w}", args.set)
-                   for w in args.workers]
+        results = [
+            run(args.config, w, args.steps, Path(tmp) / f"w{w}", args.set) for w in args.workers
+        ]
     base = results[0]["tokens_per_s"]
     for r in results:
         r["throughput_ratio_vs_1"] = r["tokens_per_s"] / base
-        print(f"{r['workers']} worker(s): {r['tokens_per_s']:,.0f} tok/s, step "
-              f"{r['step_s']:.3f}s (compute {r['compute_s']:.3f}s, comm {r['comm_s']:.3f}s), "
-              f"{r['bytes_per_step_per_rank'] / 1e6:.2f} MB/step/rank", file=sys.stderr)
-    print(json.dumps({"benchmark": "train_step", "config": args.config, "steps": args.steps,
-                      "results": results}))
+        print(
+            f"{r['workers']} worker(s): {r['tokens_per_s']:,.0f} tok/s, step "
+            f"{r['step_s']:.3f}s (compute {r['compute_s']:.3f}s, comm {r['comm_s']:.3f}s), "
+            f"{r['bytes_per_step_per_rank'] / 1e6:.2f} MB/step/rank",
+            file=sys.stderr,
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_step",
+                "config": args.config,
+                "steps": args.steps,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import traceback
 from collections.abc import Callable
@@ -20,7 +21,10 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # tensors go through bytes: shared-memory handles die with this process
+        buf = io.BytesIO()
+        torch.save(fn(rank, world, *args), buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report, don't hang the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -47,7 +51,9 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]
             rank, status, value = queue.get(timeout=240)
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
-            results[rank] = value
+            results[rank] = (
+                value if status == "error" else torch.load(io.BytesIO(value), weights_only=False)
+            )
     finally:
         for p in procs:
             p.join(timeout=30)

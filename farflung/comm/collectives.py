@@ -24,24 +24,33 @@ def nbytes(t: torch.Tensor) -> int:
 class Handle:
     """An in-flight asynchronous collective; :meth:`wait` accounts the blocked time."""
 
-    def __init__(self, work: dist.Work | None, meter: Meter, kind: str) -> None:
-        self._work, self._meter, self._kind = work, meter, kind
+    def __init__(self, work: dist.Work | None, comm: Comm, kind: str) -> None:
+        self._work, self._comm, self._kind = work, comm, kind
 
     def wait(self) -> None:
         if self._work is None:
             return
         t0 = time.perf_counter()
         self._work.wait()
-        self._meter.add_seconds(self._kind, time.perf_counter() - t0)
+        self._comm.account(self._kind, time.perf_counter() - t0)
         self._work = None
 
 
 class Comm:
-    """A process group plus a :class:`Meter`."""
+    """A process group plus a :class:`Meter`.
 
-    def __init__(self, group: dist.ProcessGroup | None = None, meter: Meter | None = None):
+    A ``background`` Comm is used from a helper thread whose communication overlaps
+    compute: its bytes count as usual, its seconds as hidden rather than blocking."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        meter: Meter | None = None,
+        background: bool = False,
+    ) -> None:
         self.group = group
         self.meter = meter or Meter()
+        self.background = background
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
 
@@ -53,7 +62,7 @@ class Comm:
         """Ring all-reduce: each rank sends and receives 2(n-1)/n of the payload."""
         n = self.size
         if n == 1:
-            return Handle(None, self.meter, kind)
+            return Handle(None, self, kind)
         share = 2 * (n - 1) * nbytes(t) // n
         self.meter.record(kind, sent=share, recv=share)
         return self._timed(kind, lambda: dist.all_reduce(t, op=op, group=self.group, async_op=True))
@@ -117,24 +126,47 @@ class Comm:
         self.meter.record(kind, sent=nbytes(t))
         t0 = time.perf_counter()
         dist.send(t, dst=self._global(dst), group=self.group)
-        self.meter.add_seconds(kind, time.perf_counter() - t0)
+        self.account(kind, time.perf_counter() - t0)
 
     def recv(self, t: torch.Tensor, src: int, kind: str) -> None:
         self.meter.record(kind, recv=nbytes(t))
         t0 = time.perf_counter()
         dist.recv(t, src=self._global(src), group=self.group)
-        self.meter.add_seconds(kind, time.perf_counter() - t0)
+        self.account(kind, time.perf_counter() - t0)
+
+    def exchange(
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], kind: str
+    ) -> None:
+        """Point-to-point: send ``sends[peer]`` to each peer and fill ``recvs[peer]`` from
+        each peer, all at once (``batch_isend_irecv``), then wait for all of them."""
+        ops = []
+        for peer, t in sends.items():
+            self.meter.record(kind, sent=nbytes(t))
+            ops.append(dist.P2POp(dist.isend, t, self._global(peer), self.group))
+        for peer, t in recvs.items():
+            self.meter.record(kind, recv=nbytes(t))
+            ops.append(dist.P2POp(dist.irecv, t, self._global(peer), self.group))
+        if not ops:
+            return
+        t0 = time.perf_counter()
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        self.account(kind, time.perf_counter() - t0)
 
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.group)
 
+    def account(self, kind: str, seconds: float) -> None:
+        """Record time spent waiting on communication of ``kind``."""
+        self.meter.add_seconds(kind, seconds, hidden=self.background)
+
     # -- helpers ---------------------------------------------------------------
     def _timed(self, kind: str, start) -> Handle:
         t0 = time.perf_counter()
         work = start()
-        self.meter.add_seconds(kind, time.perf_counter() - t0)
-        return Handle(work, self.meter, kind)
+        self.account(kind, time.perf_counter() - t0)
+        return Handle(work, self, kind)
 
     def _global(self, group_rank: int) -> int:
         if self.group is None:

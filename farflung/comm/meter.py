@@ -18,6 +18,8 @@ class Traffic:
     sent: int = 0
     recv: int = 0
     seconds: float = 0.0
+    hidden_seconds: float = 0.0
+    """Seconds spent by background threads, overlapped with compute."""
     calls: int = 0
 
 
@@ -60,15 +62,22 @@ class Meter:
             t.seconds += seconds
             t.calls += 1
 
-    def add_seconds(self, kind: str, seconds: float) -> None:
-        """Account blocked time for traffic whose bytes were recorded earlier."""
+    def add_seconds(self, kind: str, seconds: float, hidden: bool = False) -> None:
+        """Account time for traffic whose bytes were recorded earlier: blocked time of
+        the training thread, or ``hidden`` time of a background thread."""
         with self._lock:
-            self._kinds[kind].seconds += seconds
+            if hidden:
+                self._kinds[kind].hidden_seconds += seconds
+            else:
+                self._kinds[kind].seconds += seconds
 
     def snapshot(self, reset: bool = False) -> MeterSnapshot:
         with self._lock:
             snap = MeterSnapshot(
-                {k: Traffic(v.sent, v.recv, v.seconds, v.calls) for k, v in self._kinds.items()}
+                {
+                    k: Traffic(v.sent, v.recv, v.seconds, v.hidden_seconds, v.calls)
+                    for k, v in self._kinds.items()
+                }
             )
             if reset:
                 self._kinds.clear()

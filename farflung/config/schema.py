@@ -142,12 +142,39 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is spread over workers."""
+    """How the model is spread over workers, and what data parallelism communicates."""
 
     algorithm: str = "allreduce"
-    """Data-parallel algorithm, by registry name (see ``farflung.parallel``)."""
+    """Data-parallel algorithm, by registry name: ``allreduce`` (fp32 gradient
+    all-reduce), ``compressed`` (gradient compression + error feedback), ``cocktail``
+    (CocktailSGD), ``diloco`` (local steps + outer Nesterov), ``gossip`` (ring
+    neighbours only)."""
+    codec: str = ""
+    """Codec spec for what the algorithm sends (see docs/compression.md), e.g.
+    ``quantize:bits=4`` or ``cocktail``; empty means the algorithm's default
+    (compressed: 4-bit quantize; cocktail: random-k 0.1 + top-k 0.2 + 4-bit; diloco and
+    gossip: identity)."""
+    error_feedback: bool = True
+    """Keep what compression dropped and send it later (worker and server side)."""
+    warmup_steps: int = 0
+    """Steps synced without compression before the codec takes over (compressed,
+    cocktail)."""
+    overlap: bool = True
+    """cocktail: run the sync of step t in a background thread while step t+1
+    computes (one step of staleness); false syncs in the foreground."""
+    local_steps: int = 50
+    """diloco: inner optimizer steps between outer synchronisations (H)."""
+    outer_lr: float = 0.7
+    """diloco: learning rate of the outer Nesterov SGD step."""
+    outer_momentum: float = 0.9
+    """diloco: momentum of the outer Nesterov SGD step."""
+    gossip_every: int = 1
+    """gossip: average with the ring neighbours every this many steps."""
+    gossip_gamma: float = 1.0
+    """gossip: consensus step size (1 with an exact codec is plain neighbour
+    averaging; lower it for aggressive codecs, as in CHOCO-SGD)."""
     bucket_mb: float = 25.0
-    """Gradient bucket size in MiB for all-reduce style algorithms."""
+    """Gradient bucket size in MiB for the all-reduce algorithm."""
     backend: str = "auto"
     """torch.distributed backend: ``auto`` (NCCL with CUDA, else gloo), ``gloo``,
     ``nccl``."""
@@ -155,7 +182,16 @@ class ParallelConfig:
     """Seconds a collective may wait for a peer before the run fails with a message."""
 
     CHOICES = {"backend": ("auto", "gloo", "nccl")}
-    BOUNDS = {"bucket_mb": (0.001, None), "timeout_s": (1.0, None)}
+    BOUNDS = {
+        "warmup_steps": (0, None),
+        "local_steps": (1, None),
+        "outer_lr": (0.0, None),
+        "outer_momentum": (0.0, 1.0),
+        "gossip_every": (1, None),
+        "gossip_gamma": (0.0, 1.0),
+        "bucket_mb": (0.001, None),
+        "timeout_s": (1.0, None),
+    }
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from farflung.comm import Comm
-from farflung.config import ParallelConfig
+from farflung.config import Config, ConfigError, ParallelConfig, validate
 
 REGISTRY: dict[str, type[DataParallel]] = {}
 
@@ -29,6 +29,47 @@ def register(name: str) -> Callable[[type[DataParallel]], type[DataParallel]]:
 
 def algorithm_names() -> list[str]:
     return sorted(REGISTRY)
+
+
+def check_parallel_config(cfg: ParallelConfig) -> None:
+    """Validate what the config layer cannot: the algorithm name and the codec spec."""
+    from farflung.compress import CodecError, make_codec
+
+    if cfg.algorithm not in REGISTRY:
+        raise ConfigError(
+            f"parallel.algorithm = {cfg.algorithm!r} is not allowed; allowed: "
+            f"{', '.join(algorithm_names())}"
+        )
+    if cfg.codec:
+        try:
+            make_codec(cfg.codec)
+        except CodecError as e:
+            raise ConfigError(f"parallel.codec = {cfg.codec!r}: {e}") from None
+
+
+def distribute(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    algorithm: str = "allreduce",
+    group: Any = None,
+    **options: Any,
+) -> DataParallel:
+    """Wrap a model and its optimizer in a data-parallel algorithm for your own loop.
+
+    ``options`` are :class:`ParallelConfig` fields (``codec``, ``warmup_steps``,
+    ``local_steps``, ...). Needs an initialised default process group (or ``group``)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(ParallelConfig)}
+    unknown = set(options) - known
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)}; allowed: {sorted(known)}")
+    cfg = ParallelConfig(algorithm=algorithm, **options)
+    validate(Config(parallel=cfg))
+    check_parallel_config(cfg)
+    algo = make_algorithm(algorithm, model, optimizer, Comm(group), cfg)
+    algo.setup()
+    return algo
 
 
 def make_algorithm(
@@ -67,6 +108,7 @@ class DataParallel:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm, cfg: ParallelConfig
     ) -> None:
         self.model, self.optimizer, self.comm, self.cfg = model, optimizer, comm, cfg
+        self.steps_taken = 0  # counted by step(), for users' own loops
 
     def setup(self) -> None:
         """Make every rank start from rank 0's parameters."""
@@ -91,6 +133,15 @@ class DataParallel:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{self.name} keeps no state but the checkpoint holds {list(state)}")
+
+    def step(self) -> None:
+        """The whole sync-and-step for a user's loop, after ``loss.backward()``:
+        sync gradients, optimizer step, zero the gradients, then ``after_step``."""
+        self.sync_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+        self.after_step(self.steps_taken)
 
     def close(self) -> None:
         """Finish background work."""

@@ -17,7 +17,7 @@ import torch
 from farflung.comm import init_distributed, shutdown_distributed
 from farflung.config import Config, ConfigError, load_config
 from farflung.data import DataError, ShardIndex, prepare
-from farflung.parallel import algorithm_names
+from farflung.parallel import algorithm_names, check_parallel_config
 from farflung.train.checkpoint import CheckpointError
 from farflung.train.progress import print_summary
 
@@ -45,7 +45,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.set, choices={"parallel.algorithm": algorithm_names()})
+    cfg = load_config(args.config, args.set, choices={"parallel.algorithm": algorithm_names()})
+    check_parallel_config(cfg.parallel)
+    return cfg
 
 
 def out_dir(args: argparse.Namespace) -> Path:
@@ -83,7 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(p)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, raise_interrupt)
-    rank = int(os.environ.get("RANK", "0"))
+    code = _guarded(args, int(os.environ.get("RANK", "0")))
+    if code == 0:
+        shutdown_distributed()
+        return 0
+    # peers may be gone already: tearing the process group down could block or abort
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _guarded(args: argparse.Namespace, rank: int) -> int:
+    """Run, turning expected failures into one line and an exit code."""
     try:
         return _run(args)
     except ConfigError as e:
@@ -95,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say(rank, "interrupted; continue later with --resume (from the last checkpoint)")
         return EXIT_INTERRUPTED
-    except (RuntimeError, torch.distributed.DistBackendError) as e:
+    except (RuntimeError, torch.distributed.DistError) as e:
+        if not is_comm_failure(e):
+            raise
         _say(
             rank,
             f"rank {rank}: communication failed ({_first_line(e)}); a peer may have "
@@ -103,8 +118,27 @@ def main(argv: list[str] | None = None) -> int:
             always=True,
         )
         return EXIT_FAILED
-    finally:
-        shutdown_distributed()
+
+
+_COMM_WORDS = (
+    "gloo",
+    "nccl",
+    "connection",
+    "timed out",
+    "timeout",
+    "broken pipe",
+    "peer",
+    "socket",
+    "closed",
+)
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """True for errors raised by a collective whose peer or link failed."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e).lower()
+    return any(w in text for w in _COMM_WORDS)
 
 
 def _run(args: argparse.Namespace) -> int:

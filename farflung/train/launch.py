@@ -14,8 +14,10 @@ import time
 from collections.abc import Sequence
 
 from farflung.comm import free_port
+from farflung.train.entry import EXIT_FAILED, EXIT_USAGE
 
-GRACE_S = 10.0
+GRACE_S = 10.0  # after SIGTERM, before SIGKILL
+SETTLE_S = 1.0  # after a failure, for the others to exit on their own
 
 
 def worker_env(rank: int, world: int, port: int, extra: dict[str, str] | None = None) -> dict:
@@ -60,21 +62,30 @@ def launch_local(
 def _watch(procs: list[subprocess.Popen]) -> int:
     while True:
         codes = [p.poll() for p in procs]
-        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-        if failed:
-            rank, code = failed[0]
-            alive = [r for r, c in enumerate(codes) if c is None]
-            if alive:
-                print(
-                    f"farflung: worker rank {rank} exited with code {code}; stopping ranks {alive}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            _stop(procs, signal.SIGTERM)
-            return code if code > 0 else 1
+        if any(c not in (None, 0) for c in codes):
+            return _on_failure(procs)
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
+
+
+def _on_failure(procs: list[subprocess.Popen]) -> int:
+    """Name the worker that failed first in cause, stop the others, return its code."""
+    deadline = time.monotonic() + SETTLE_S  # peers failing the same way exit by themselves
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    alive = [r for r, p in enumerate(procs) if p.poll() is None]
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+    # a bad-input exit outranks a crash, which outranks the comm failures it causes
+    rank, code = min(failed, key=lambda rc: (rc[1] != EXIT_USAGE, rc[1] == EXIT_FAILED, rc[0]))
+    stopping = f"; stopping ranks {alive}" if alive else ""
+    print(
+        f"farflung: worker rank {rank} exited with code {code}{stopping}",
+        file=sys.stderr,
+        flush=True,
+    )
+    _stop(procs, signal.SIGTERM)
+    return code if code > 0 else 1
 
 
 def _stop(procs: list[subprocess.Popen], sig: int) -> None:

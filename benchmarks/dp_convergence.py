@@ -1,0 +1,125 @@
+"""Convergence and bytes of the data-parallel algorithms at equal tokens.
+
+Trains the same config (same seed, data order and number of steps) once per
+algorithm with ``farflung train`` in this one invocation, then reports each run's
+final validation loss and bytes sent per step per rank, and their ratios to the
+``allreduce`` run (fp32 gradient all-reduce). JSON on the last line::
+
+    {"results": [{"algorithm": ..., "val_loss": ..., "val_loss_ratio": ...,
+                  "bytes_per_step": ..., "bytes_ratio": ...}, ...]}
+
+``bytes_ratio`` is allreduce's bytes divided by the algorithm's (how many times
+fewer bytes it sends); ``val_loss_ratio`` is the algorithm's loss over allreduce's.
+
+    python benchmarks/dp_convergence.py [--config configs/small.toml] [--steps 150]
+                                        [--workers 2] [--only cocktail diloco]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> config overrides; every run shares the rest of the config
+VARIANTS: dict[str, list[str]] = {
+    "allreduce": ["parallel.algorithm=allreduce"],
+    "compressed": ["parallel.algorithm=compressed", "parallel.codec=quantize:bits=4"],
+    "cocktail": ["parallel.algorithm=cocktail"],
+    "diloco": ["parallel.algorithm=diloco", "parallel.local_steps=10"],
+    "diloco+cocktail": [
+        "parallel.algorithm=diloco",
+        "parallel.local_steps=10",
+        "parallel.codec=cocktail",
+    ],
+}
+
+
+def run(name: str, args: argparse.Namespace, out: Path) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "farflung.cli.main",
+        "train",
+        args.config,
+        "--workers",
+        str(args.workers),
+        "--out",
+        str(out),
+        "--quiet",
+        "--force",
+        "--set",
+        f"train.steps={args.steps}",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        f"train.eval_batches={args.eval_batches}",
+    ]
+    for item in VARIANTS[name] + args.set:
+        cmd += ["--set", item]
+    print(f"[dp_convergence] {name}: {' '.join(VARIANTS[name])}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dp_bytes = sum(r["bytes_by_kind"]["dp"] for r in records)
+    return {
+        "algorithm": name,
+        "val_loss": summary["final_val_loss"],
+        "train_loss_last10": sum(r["loss"] for r in records[-10:]) / min(10, len(records)),
+        # data-parallel traffic only (telemetry is the same small amount for everyone)
+        "bytes_per_step": dp_bytes / len(records) / args.workers,
+        "tokens": summary["tokens"],
+        "wall_s": summary["wall_s"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/small.toml")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(VARIANTS),
+        help="subset (allreduce is always run as the baseline)",
+    )
+    p.add_argument("--set", action="append", default=[], help="extra overrides for every run")
+    p.add_argument("--keep", help="keep the run folders here (for `farflung report`)")
+    args = p.parse_args()
+    names = ["allreduce"] + [n for n in (args.only or VARIANTS) if n != "allreduce"]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        results = [run(n, args, root / n.replace("+", "_")) for n in names]
+    base = results[0]
+    for r in results:
+        r["val_loss_ratio"] = r["val_loss"] / base["val_loss"]
+        r["bytes_ratio"] = base["bytes_per_step"] / r["bytes_per_step"]
+        print(
+            f"{r['algorithm']:>16}: val loss {r['val_loss']:.4f} ({r['val_loss_ratio']:.3f}x)"
+            f", {r['bytes_per_step'] / 1e3:,.1f} kB/step/rank ({r['bytes_ratio']:,.0f}x fewer)",
+            file=sys.stderr,
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "dp_convergence",
+                "config": args.config,
+                "steps": args.steps,
+                "workers": args.workers,
+                "results": results,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Compressed sharded all-reduce: CocktailSGD's sharded parameter server over any codec.
+
+The flat vector is cut into ``n`` chunks (sizes differ by at most one element, so no
+divisibility is assumed and nothing is padded); rank ``j`` owns chunk ``j``.
+
+* Phase 1 (all-to-all): every rank encodes each chunk and sends chunk ``j`` to its
+  owner. The owner decodes the ``n`` contributions, averages them, adds its server
+  error buffer, and re-encodes the aggregate with the same codec context (so the same
+  random-k mask).
+* Phase 2 (all-gather, done as an all-to-all because payload sizes may differ): every
+  owner sends its encoded aggregate to all ranks, which decode the full average.
+
+Payloads travel as ``uint8`` tensors through :class:`Comm`, so the meter counts their
+real sizes. When a codec's payload size is known from the element count alone (every
+shipped codec) no lengths are exchanged; otherwise a small length exchange precedes
+each phase.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from farflung.comm.collectives import Comm
+from farflung.compress import Codec, CodecContext, ErrorFeedback
+from farflung.compress.codec import derive_seed
+
+
+def chunk_sizes(numel: int, parts: int) -> list[int]:
+    """``parts`` sizes summing to ``numel``, the first ``numel % parts`` one larger."""
+    base, extra = divmod(numel, parts)
+    return [base + (1 if j < extra else 0) for j in range(parts)]
+
+
+def chunk_contexts(step: int, seed: int, parts: int, rank: int = 0) -> list[CodecContext]:
+    """One codec context per chunk: the same on every rank but for the rounding noise."""
+    return [CodecContext(step=step, seed=derive_seed(seed, j), rank=rank) for j in range(parts)]
+
+
+class ShardedAllReduce:
+    """Average a flat float32 vector over the ranks of ``comm`` through ``codec``.
+
+    ``server_feedback`` keeps the owner's re-compression error for its chunk and adds
+    it to the next aggregate (CocktailSGD's server error buffer)."""
+
+    def __init__(
+        self,
+        comm: Comm,
+        numel: int,
+        codec: Codec,
+        server_feedback: bool = True,
+        kind: str = "dp",
+    ) -> None:
+        self.comm, self.numel, self.codec, self.kind = comm, numel, codec, kind
+        self.sizes = chunk_sizes(numel, comm.size)
+        self.offsets = [sum(self.sizes[:j]) for j in range(comm.size)]
+        self.server_ef = ErrorFeedback() if server_feedback else None
+
+    def contexts(self, step: int, seed: int) -> list[CodecContext]:
+        """One context per chunk: the same on every rank but for the rounding noise."""
+        return [
+            CodecContext(step=step, seed=derive_seed(seed, j), rank=self.comm.rank)
+            for j in range(self.comm.size)
+        ]
+
+    def __call__(
+        self, x: torch.Tensor, step: int, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(average, sent)``: the decoded global average, and what this rank's
+        own contribution decodes to (for worker-side error feedback)."""
+        if x.numel() != self.numel:
+            raise ValueError(f"expected {self.numel} elements, got {x.numel()}")
+        x = x.reshape(-1).float()
+        n, r = self.comm.size, self.comm.rank
+        if n == 1:  # nothing crosses a link
+            return x.clone(), x.clone()
+        ctxs = chunk_contexts(step, seed, n, r)
+        payloads = [self.codec.encode(self._chunk(x, j), ctxs[j]) for j in range(n)]
+        sent = torch.cat([self.codec.decode(p, c) for p, c in zip(payloads, ctxs, strict=True)])
+        received = self._exchange(payloads, [self._expected(r, ctxs)] * n)
+        mine = torch.stack(
+            [
+                sent[self.offsets[r] : self.offsets[r] + self.sizes[r]]
+                if i == r
+                else self.codec.decode(received[i], ctxs[r])
+                for i in range(n)
+            ]
+        ).mean(dim=0)
+        if self.server_ef is not None:
+            mine = self.server_ef.compensate(mine)
+        agg_payload = self.codec.encode(mine, ctxs[r])
+        agg_mine = self.codec.decode(agg_payload, ctxs[r])
+        if self.server_ef is not None:
+            self.server_ef.update(mine, agg_mine)
+        aggregates = self._exchange([agg_payload] * n, [self._expected(j, ctxs) for j in range(n)])
+        average = torch.cat(
+            [agg_mine if j == r else self.codec.decode(aggregates[j], ctxs[j]) for j in range(n)]
+        )
+        return average, sent
+
+    def state_dict(self) -> dict:
+        return {"server_ef": self.server_ef.state_dict() if self.server_ef else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.server_ef is not None and state.get("server_ef") is not None:
+            self.server_ef.load_state_dict(state["server_ef"])
+
+    # -- helpers ---------------------------------------------------------------
+    def _chunk(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        return x[self.offsets[j] : self.offsets[j] + self.sizes[j]]
+
+    def _exchange(
+        self, payloads: list[torch.Tensor], expect: list[int | None]
+    ) -> list[torch.Tensor]:
+        """Send ``payloads[j]`` to rank ``j``; return what each rank sent us.
+
+        ``expect[i]`` is the size rank ``i``'s payload will have, from the codec's size
+        formula; when any is unknown the sizes are exchanged first."""
+        n, r = self.comm.size, self.comm.rank
+        in_len = [0 if j == r else payloads[j].numel() for j in range(n)]
+        out_len = [0 if i == r else expect[i] for i in range(n)]
+        if any(v is None for v in out_len):
+            got = torch.empty(n, dtype=torch.int64)
+            self.comm.all_to_all(got, torch.tensor(in_len, dtype=torch.int64), kind=self.kind)
+            out_len = got.tolist()
+        inp = torch.cat([payloads[j] for j in range(n) if j != r])
+        out = torch.empty(sum(out_len), dtype=torch.uint8, device=inp.device)
+        self.comm.all_to_all(out, inp, kind=self.kind, out_splits=out_len, in_splits=in_len)
+        parts = list(torch.split(out, out_len))
+        parts[r] = payloads[r]
+        return parts
+
+    def _expected(self, chunk: int, ctxs: list[CodecContext]) -> int | None:
+        return self.codec.payload_nbytes(self.sizes[chunk], ctxs[chunk])

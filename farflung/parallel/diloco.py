@@ -1,0 +1,128 @@
+"""DiLoCo: many local steps, then one outer Nesterov step on the averaged pseudo-gradient.
+
+Every rank trains its own copy ``x_i`` of the model with the inner optimizer (the
+AdamW the training loop steps) and keeps a flat fp32 copy of the *global* model
+``x̄``, the same on every rank. Every ``local_steps`` (H) steps:
+
+    Δ_i = x̄ − x_i                          the pseudo-gradient (flat)
+    Δ   = mean_i C(Δ_i)                     sharded all-reduce through the codec
+    x̄  ← OuterSGD(x̄, grad=Δ)              Nesterov, lr ``outer_lr``, ``outer_momentum``
+    x_i ← x̄                                every rank restarts from the global model
+
+With ``outer_lr = 1`` and no momentum this is plain model averaging every H steps.
+Traffic is one pseudo-gradient every H steps instead of one gradient every step.
+
+With a lossy codec and ``error_feedback``, each worker adds what compression dropped
+from its previous pseudo-gradient to the next one (worker-side error feedback), and
+the owner of each chunk keeps its re-compression error (server side, see
+:class:`~farflung.comm.sharded.ShardedAllReduce`). The identity codec (the default)
+is exact and keeps no error buffers.
+
+The inner optimizer's state is kept across outer steps, as in DiLoCo. Between syncs
+the ranks hold different weights; :meth:`eval_parameters` swaps the global weights in,
+so evaluation and the run's checkpointed model are the last synced global model (the
+inner steps since then are not in it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from farflung.comm.sharded import ShardedAllReduce
+from farflung.compress import ErrorFeedback, make_codec
+from farflung.parallel.base import DataParallel, register
+from farflung.parallel.flat import flat_params, set_params, trainable
+
+MASK_SEED = 0xD110C0
+"""Seed of the codec contexts (random-k masks); the same on every rank."""
+
+
+@register("diloco")
+class DiLoCo(DataParallel):
+    """DiLoCo (REFERENCES.md section 5) as a data-parallel strategy."""
+
+    replicas_identical = False
+    default_codec = "identity"
+    kind = "dp"
+
+    def setup(self) -> None:
+        super().setup()  # everyone starts from rank 0's weights
+        cfg = self.cfg
+        self.params = trainable(self.model)
+        self.global_flat = flat_params(self.params)
+        self.codec = make_codec(cfg.codec or self.default_codec)
+        lossy = self.codec.spec != "identity"
+        feedback = lossy and cfg.error_feedback
+        self.error_feedback = ErrorFeedback() if feedback else None
+        self.op = ShardedAllReduce(
+            self.comm,
+            self.global_flat.numel(),
+            self.codec,
+            server_feedback=feedback,
+            kind=self.kind,
+        )
+        momentum = cfg.outer_momentum
+        # Nesterov needs a non-zero momentum; with none the outer step is plain SGD
+        self.outer_optimizer = torch.optim.SGD(
+            [self.global_flat], lr=cfg.outer_lr, momentum=momentum, nesterov=momentum > 0
+        )
+
+    def after_step(self, step: int) -> None:
+        if step % self.cfg.local_steps == 0:
+            self.outer_step(step // self.cfg.local_steps)
+
+    @torch.no_grad()
+    def outer_step(self, round_index: int) -> None:
+        """Average the pseudo-gradients, step the global model, restart from it."""
+        pseudo = self.global_flat - flat_params(self.params).to(self.global_flat.device)
+        if self.error_feedback is not None:
+            pseudo = self.error_feedback.compensate(pseudo)
+        average, sent = self.op(pseudo, step=round_index, seed=MASK_SEED)
+        if self.error_feedback is not None:
+            self.error_feedback.update(pseudo, sent)
+        self.global_flat.grad = average
+        self.outer_optimizer.step()
+        self.global_flat.grad = None
+        set_params(self.params, self.global_flat)
+
+    @contextlib.contextmanager
+    def eval_parameters(self) -> Iterator[nn.Module]:
+        """The model with the global weights; the local weights come back afterwards."""
+        local = flat_params(self.params)
+        set_params(self.params, self.global_flat)
+        try:
+            yield self.model
+        finally:
+            set_params(self.params, local)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "global": self.global_flat.detach().clone(),
+            "outer_optimizer": self.outer_optimizer.state_dict(),
+            "error_feedback": (
+                self.error_feedback.state_dict() if self.error_feedback is not None else None
+            ),
+            "sharded": self.op.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"global", "outer_optimizer", "sharded"} - set(state)
+        if missing:
+            raise ValueError(f"diloco state lacks {sorted(missing)}")
+        saved = state["global"]
+        if saved.numel() != self.global_flat.numel():
+            raise ValueError(
+                f"diloco state holds a global model of {saved.numel()} elements, this model "
+                f"has {self.global_flat.numel()}"
+            )
+        with torch.no_grad():
+            self.global_flat.copy_(saved.reshape(-1))
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        if self.error_feedback is not None and state.get("error_feedback") is not None:
+            self.error_feedback.load_state_dict(state["error_feedback"])
+        self.op.load_state_dict(state["sharded"])

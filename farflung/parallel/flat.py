@@ -1,0 +1,55 @@
+"""Views of a model's parameters and gradients as one flat fp32 vector."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def flat_params(params: list[nn.Parameter]) -> torch.Tensor:
+    """A new flat fp32 copy of the parameters."""
+    return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+
+def flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
+    """A new flat fp32 copy of the gradients (zeros where a parameter has none)."""
+    return torch.cat(
+        [
+            p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel())
+            for p in params
+        ]
+    )
+
+
+def _views(params: list[nn.Parameter], flat: torch.Tensor):
+    offset = 0
+    for p in params:
+        n = p.numel()
+        yield p, flat[offset : offset + n].view_as(p)
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} elements, parameters {offset}")
+
+
+def set_params(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    with torch.no_grad():
+        for p, v in _views(params, flat):
+            p.copy_(v)
+
+
+def add_to_params(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    with torch.no_grad():
+        for p, v in _views(params, flat):
+            p.add_(v)
+
+
+def set_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    for p, v in _views(params, flat):
+        if p.grad is None:
+            p.grad = v.clone().to(p.dtype)
+        else:
+            p.grad.copy_(v)
