@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import train
 
 # name -> config overrides; every run shares the rest of the config
 VARIANTS: dict[str, list[str]] = {
@@ -41,33 +41,14 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def run(name: str, args: argparse.Namespace, out: Path) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "farflung.cli.main",
-        "train",
-        args.config,
-        "--workers",
-        str(args.workers),
-        "--out",
-        str(out),
-        "--quiet",
-        "--force",
-        "--set",
-        f"train.steps={args.steps}",
-        "--set",
-        "train.eval_every=0",
-        "--set",
-        "train.checkpoint_every=0",
-        "--set",
-        f"train.eval_batches={args.eval_batches}",
-    ]
-    for item in VARIANTS[name] + args.set:
-        cmd += ["--set", item]
     print(f"[dp_convergence] {name}: {' '.join(VARIANTS[name])}", file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    summary = json.loads((out / "summary.json").read_text())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records, summary = train(
+        args.config,
+        args.workers,
+        args.steps,
+        out,
+        VARIANTS[name] + [f"train.eval_batches={args.eval_batches}", *args.set],
+    )
     dp_bytes = sum(r["bytes_by_kind"]["dp"] for r in records)
     return {
         "algorithm": name,
@@ -75,6 +56,9 @@ def run(name: str, args: argparse.Namespace, out: Path) -> dict:
         "train_loss_last10": sum(r["loss"] for r in records[-10:]) / min(10, len(records)),
         # data-parallel traffic only (telemetry is the same small amount for everyone)
         "bytes_per_step": dp_bytes / len(records) / args.workers,
+        "step_s": statistics.median(r["wall_s"] for r in records[3:]),
+        # encoding/decoding time (on any thread) as a share of the step time
+        "codec_share": statistics.median(r.get("codec_s", 0.0) / r["wall_s"] for r in records[3:]),
         "tokens": summary["tokens"],
         "wall_s": summary["wall_s"],
     }

@@ -13,43 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import train
+
 WARMUP = 3
 
 
 def run(config: str, workers: int, steps: int, out: Path, extra: list[str]) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "farflung.cli.main",
-        "train",
-        config,
-        "--workers",
-        str(workers),
-        "--out",
-        str(out),
-        "--quiet",
-        "--force",
-        "--set",
-        f"train.steps={steps}",
-        "--set",
-        "train.eval_every=0",
-        "--set",
-        "train.checkpoint_every=0",
-        "--set",
-        "train.eval_batches=1",
-    ]
-    for item in extra:
-        cmd += ["--set", item]
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records, summary = train(config, workers, steps, out, extra)
     timed = records[WARMUP:]
-    summary = json.loads((out / "summary.json").read_text())
     step_s = statistics.median(r["wall_s"] for r in timed)
     tokens_per_step = timed[0]["tokens"] - records[WARMUP - 1]["tokens"]
     return {

@@ -35,6 +35,7 @@ def sharded_worker(rank: int, world: int, spec: str) -> dict:
         "x": x,
         "bytes_sent": snap.sent,
         "bytes_recv": snap.recv,
+        "codec_s": snap.work["codec"],
     }
 
 
@@ -54,6 +55,7 @@ def test_identity_equals_all_reduce_average(world):
     for r, res in enumerate(results):
         torch.testing.assert_close(res["avg"], res["ref"], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(res["sent"], res["x"])
+        assert res["codec_s"] > 0  # encoding/decoding time is accounted
         assert res["bytes_sent"] == expected_bytes("identity", world, r)
     # every byte sent is received by someone
     assert sum(r["bytes_sent"] for r in results) == sum(r["bytes_recv"] for r in results)

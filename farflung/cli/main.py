@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from farflung.cli import net
 from farflung.config import ConfigError, check_batch, load_config
 from farflung.data import DataError
 from farflung.train.checkpoint import CheckpointError
@@ -26,6 +27,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
 def cmd_train(args: argparse.Namespace) -> int:
     from farflung.train.launch import launch_local
+    from farflung.train.network import network
 
     cfg = resolve_config(args)
     check_batch(cfg, args.workers)
@@ -38,7 +40,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     for item in args.set:
         worker_args += ["--set", item]
     worker_args += [f for f, on in (("--resume", args.resume), ("--quiet", args.quiet)) if on]
-    return launch_local(worker_args, args.workers)
+    with network(args.netlab, args.link_model, args.workers, out) as placement:
+        if placement.description != "unshaped" and not args.quiet:
+            print(f"farflung: network {placement.description}", file=sys.stderr)
+        return launch_local(worker_args, args.workers, placement=placement)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -76,22 +81,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from farflung.train.report import write_report
+    """Train the demo config with plain all-reduce and with CocktailSGD over the same
+    emulated link, then compare them side by side."""
+    from farflung.train.progress import print_summary
+    from farflung.train.report import load_summaries, write_report
 
-    ns = argparse.Namespace(
-        config=str(DEMO_CONFIG),
-        set=args.set,
-        out=args.out,
-        resume=False,
-        force=True,
-        quiet=False,
-        workers=args.workers,
-    )
-    code = cmd_train(ns)
-    if code == 0:
-        png = write_report([Path(args.out)], Path(args.out) / "report.png")
-        print(f"plot of loss against time and bytes: {png}")
-    return code
+    root = Path(args.out)
+    runs = []
+    for algorithm in args.algorithms:
+        run = root / algorithm
+        print(f"\n== {algorithm} over {args.network} ==", flush=True)
+        ns = argparse.Namespace(
+            config=str(DEMO_CONFIG),
+            set=[*args.set, f"parallel.algorithm={algorithm}"],
+            out=str(run),
+            resume=False,
+            force=True,
+            quiet=False,
+            workers=args.workers,
+            netlab=args.network,
+            link_model=None,
+        )
+        code = cmd_train(ns)
+        if code != 0:
+            return code
+        runs.append(run)
+    png = write_report(runs, root / "report.png")
+    print_summary(load_summaries(runs))
+    print(f"plot of loss against time and against bytes sent: {png}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -105,6 +123,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--netlab",
+        metavar="SPEC",
+        help="run each worker in its own network namespace behind shaped links "
+        "(root; falls back to --link-model): off, BANDWIDTH[,DELAY] such as "
+        "100mbit,20ms, a scenario (datacenter, spot, multi-university, regional, "
+        "world) or a matrix file",
+    )
+    p.add_argument(
+        "--link-model", metavar="SPEC", help="emulate the links in-process only (same SPEC forms)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="farflung", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -112,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with N local worker processes")
     add_train_args(t)
     t.add_argument("--workers", type=int, default=1, help="local worker processes")
+    add_network_args(t)
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("prepare", help="train a tokenizer and write token shards")
@@ -131,9 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
 
-    d = sub.add_parser("demo", help="prepare the bundled corpus and train a small GPT")
+    d = sub.add_parser(
+        "demo",
+        help="all-reduce vs CocktailSGD on the bundled corpus, "
+        "over an emulated slow link, compared in a plot",
+    )
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--out", default="runs/demo")
+    d.add_argument(
+        "--network", default="100mbit,10ms", help="link SPEC for --netlab (off for none)"
+    )
+    d.add_argument("--algorithms", nargs="+", default=["allreduce", "cocktail"])
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     d.set_defaults(func=cmd_demo)
 
@@ -141,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="run folders")
     r.add_argument("--out", default="report.png", help="PNG file to write")
     r.set_defaults(func=cmd_report)
+
+    net.add_parsers(sub, add_network_args)
     return p
 
 

@@ -28,6 +28,9 @@ class MeterSnapshot:
     """What a meter counted since it was last reset."""
 
     by_kind: dict[str, Traffic] = field(default_factory=dict)
+    work: dict[str, float] = field(default_factory=dict)
+    """Seconds of communication-related computation by name (e.g. ``codec``: encoding
+    and decoding payloads), on any thread."""
 
     @property
     def sent(self) -> int:
@@ -53,6 +56,7 @@ class Meter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kinds: dict[str, Traffic] = defaultdict(Traffic)
+        self._work: dict[str, float] = defaultdict(float)
 
     def record(self, kind: str, sent: int = 0, recv: int = 0, seconds: float = 0.0) -> None:
         with self._lock:
@@ -71,14 +75,21 @@ class Meter:
             else:
                 self._kinds[kind].seconds += seconds
 
+    def add_work(self, name: str, seconds: float) -> None:
+        """Account computation done for communication (it is not traffic)."""
+        with self._lock:
+            self._work[name] += seconds
+
     def snapshot(self, reset: bool = False) -> MeterSnapshot:
         with self._lock:
             snap = MeterSnapshot(
                 {
                     k: Traffic(v.sent, v.recv, v.seconds, v.hidden_seconds, v.calls)
                     for k, v in self._kinds.items()
-                }
+                },
+                dict(self._work),
             )
             if reset:
                 self._kinds.clear()
+                self._work.clear()
         return snap

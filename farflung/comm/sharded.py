@@ -18,6 +18,8 @@ each phase.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from farflung.comm.collectives import Comm
@@ -73,6 +75,7 @@ class ShardedAllReduce:
         n, r = self.comm.size, self.comm.rank
         if n == 1:  # nothing crosses a link
             return x.clone(), x.clone()
+        started, self._exchange_s = time.perf_counter(), 0.0
         ctxs = chunk_contexts(step, seed, n, r)
         payloads = [self.codec.encode(self._chunk(x, j), ctxs[j]) for j in range(n)]
         sent = torch.cat([self.codec.decode(p, c) for p, c in zip(payloads, ctxs, strict=True)])
@@ -95,6 +98,8 @@ class ShardedAllReduce:
         average = torch.cat(
             [agg_mine if j == r else self.codec.decode(aggregates[j], ctxs[j]) for j in range(n)]
         )
+        # everything but the exchanges: encoding, decoding, averaging
+        self.comm.meter.add_work("codec", time.perf_counter() - started - self._exchange_s)
         return average, sent
 
     def state_dict(self) -> dict:
@@ -115,6 +120,7 @@ class ShardedAllReduce:
 
         ``expect[i]`` is the size rank ``i``'s payload will have, from the codec's size
         formula; when any is unknown the sizes are exchanged first."""
+        t0 = time.perf_counter()
         n, r = self.comm.size, self.comm.rank
         in_len = [0 if j == r else payloads[j].numel() for j in range(n)]
         out_len = [0 if i == r else expect[i] for i in range(n)]
@@ -127,6 +133,7 @@ class ShardedAllReduce:
         self.comm.all_to_all(out, inp, kind=self.kind, out_splits=out_len, in_splits=in_len)
         parts = list(torch.split(out, out_len))
         parts[r] = payloads[r]
+        self._exchange_s += time.perf_counter() - t0
         return parts
 
     def _expected(self, chunk: int, ctxs: list[CodecContext]) -> int | None:

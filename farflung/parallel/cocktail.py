@@ -35,7 +35,7 @@ from farflung.comm import Comm
 from farflung.comm.sharded import ShardedAllReduce
 from farflung.compress import make_codec
 from farflung.parallel.base import DataParallel, register
-from farflung.parallel.flat import add_to_params, flat_params, set_params, trainable
+from farflung.parallel.flat import add_to_params, flat_params, swapped_params, trainable
 
 MASK_SEED = 0xC0C7
 
@@ -98,12 +98,8 @@ class Cocktail(DataParallel):
     @contextlib.contextmanager
     def eval_parameters(self) -> Iterator[nn.Module]:
         """The global model ``x̄`` (what all ranks agree on), swapped in temporarily."""
-        local = flat_params(self.params)
-        set_params(self.params, self.global_flat)
-        try:
+        with swapped_params(self.params, self.global_flat):
             yield self.model
-        finally:
-            set_params(self.params, local)
 
     def state_dict(self) -> dict[str, Any]:
         result = self._wait()  # an in-flight sync is saved as its result, not applied

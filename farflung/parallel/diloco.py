@@ -36,7 +36,7 @@ from torch import nn
 from farflung.comm.sharded import ShardedAllReduce
 from farflung.compress import ErrorFeedback, make_codec
 from farflung.parallel.base import DataParallel, register
-from farflung.parallel.flat import flat_params, set_params, trainable
+from farflung.parallel.flat import flat_params, set_params, swapped_params, trainable
 
 MASK_SEED = 0xD110C0
 """Seed of the codec contexts (random-k masks); the same on every rank."""
@@ -93,12 +93,8 @@ class DiLoCo(DataParallel):
     @contextlib.contextmanager
     def eval_parameters(self) -> Iterator[nn.Module]:
         """The model with the global weights; the local weights come back afterwards."""
-        local = flat_params(self.params)
-        set_params(self.params, self.global_flat)
-        try:
+        with swapped_params(self.params, self.global_flat):
             yield self.model
-        finally:
-            set_params(self.params, local)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -53,3 +56,15 @@ def set_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
             p.grad = v.clone().to(p.dtype)
         else:
             p.grad.copy_(v)
+
+
+@contextlib.contextmanager
+def swapped_params(params: list[nn.Parameter], flat: torch.Tensor) -> Iterator[None]:
+    """Load ``flat`` into the parameters for the ``with`` block, then put the
+    parameters back as they were (for evaluating a global model on a local replica)."""
+    saved = flat_params(params)
+    set_params(params, flat)
+    try:
+        yield
+    finally:
+        set_params(params, saved)

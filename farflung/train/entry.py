@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from farflung.comm import init_distributed, shutdown_distributed
+from farflung.comm.emulation import install_link_model_from_env
 from farflung.config import Config, ConfigError, load_config
 from farflung.data import DataError, ShardIndex, prepare
 from farflung.parallel import algorithm_names, check_parallel_config
@@ -148,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     out = out_dir(args)
     check_out_dir(out, args.resume, args.force)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    install_link_model_from_env()  # before any Comm exists
     torch.set_num_threads(
         cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
     )

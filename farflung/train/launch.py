@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from farflung.comm import free_port
 from farflung.train.entry import EXIT_FAILED, EXIT_USAGE
@@ -20,14 +21,35 @@ GRACE_S = 10.0  # after SIGTERM, before SIGKILL
 SETTLE_S = 1.0  # after a failure, for the others to exit on their own
 
 
-def worker_env(rank: int, world: int, port: int, extra: dict[str, str] | None = None) -> dict:
+@dataclass
+class Placement:
+    """Where each local worker runs: a command prefix (e.g. ``ip netns exec NS``) and
+    extra environment per rank, and the address rank 0 is reached at."""
+
+    prefixes: list[list[str]]
+    envs: list[dict[str, str]]
+    master_addr: str = "127.0.0.1"
+    description: str = "unshaped"
+
+    @classmethod
+    def plain(cls, workers: int, env: dict[str, str] | None = None) -> Placement:
+        return cls([[] for _ in range(workers)], [dict(env or {}) for _ in range(workers)])
+
+
+def worker_env(
+    rank: int,
+    world: int,
+    port: int,
+    master_addr: str = "127.0.0.1",
+    extra: dict[str, str] | None = None,
+) -> dict:
     env = dict(os.environ)
     env.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world),
         LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=master_addr,
         MASTER_PORT=str(port),
         PYTHONUNBUFFERED="1",
     )
@@ -39,16 +61,23 @@ def launch_local(
     worker_args: Sequence[str],
     workers: int,
     module: str = "farflung.train",
-    extra_env: dict[str, str] | None = None,
+    placement: Placement | None = None,
 ) -> int:
     """Run ``python -m module *worker_args`` as ``workers`` ranks; return an exit code."""
+    place = placement or Placement.plain(workers)
     port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", module, *worker_args],
-            env=worker_env(r, workers, port, extra_env),
-            start_new_session=True,
-        )  # our own Ctrl+C handling, not the tty's
+            [*place.prefixes[r], sys.executable, "-m", module, *worker_args],
+            env=worker_env(
+                r,
+                workers,
+                port,
+                place.master_addr,
+                {**place.envs[r], "FARFLUNG_NETWORK": place.description},
+            ),
+            start_new_session=True,  # our own Ctrl+C handling, not the tty's
+        )
         for r in range(workers)
     ]
     try:

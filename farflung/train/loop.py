@@ -260,6 +260,7 @@ class Worker:
             "world_size": self.info.world_size,
             "params": self.model.num_params(),
             "backend": self.info.backend,
+            "network": os.environ.get("FARFLUNG_NETWORK", "unshaped"),
         }
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

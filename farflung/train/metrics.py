@@ -15,7 +15,9 @@ import torch
 from farflung.comm import Comm, MeterSnapshot
 
 KINDS = ("dp", "pp_fwd", "pp_bwd", "init", "ctrl")
-_FIELDS = ("loss", "wall", "compute", "comm", "sent", "recv") + tuple(f"sent_{k}" for k in KINDS)
+_FIELDS = ("loss", "wall", "compute", "comm", "codec", "sent", "recv") + tuple(
+    f"sent_{k}" for k in KINDS
+)
 
 
 @dataclass
@@ -30,13 +32,14 @@ class StepRecord:
     wall_s: float
     compute_s: float
     comm_s: float
+    codec_s: float
     bytes_sent: int
     bytes_recv: int
     bytes_by_kind: dict[str, int]
 
     def to_json(self) -> str:
         d = dict(self.__dict__)
-        for k in ("loss", "lr", "elapsed_s", "wall_s", "compute_s", "comm_s"):
+        for k in ("loss", "lr", "elapsed_s", "wall_s", "compute_s", "comm_s", "codec_s"):
             d[k] = round(d[k], 6) if k != "lr" else d[k]
         return json.dumps(d)
 
@@ -45,7 +48,7 @@ def gather_step(
     comm: Comm, loss: float, wall: float, compute: float, snap: MeterSnapshot
 ) -> dict[str, Any]:
     """All ranks' numbers for this step: loss averaged, bytes summed, seconds max."""
-    local = [loss, wall, compute, snap.seconds, snap.sent, snap.recv]
+    local = [loss, wall, compute, snap.seconds, snap.work.get("codec", 0.0), snap.sent, snap.recv]
     local += [snap.by_kind[k].sent if k in snap.by_kind else 0 for k in KINDS]
     mine = torch.tensor(local, dtype=torch.float64)
     allr = torch.empty(comm.size, len(_FIELDS), dtype=torch.float64)
@@ -56,6 +59,7 @@ def gather_step(
         "wall_s": col["wall"].max().item(),
         "compute_s": col["compute"].max().item(),
         "comm_s": col["comm"].max().item(),
+        "codec_s": col["codec"].max().item(),
         "bytes_sent": int(col["sent"].sum().item()),
         "bytes_recv": int(col["recv"].sum().item()),
         "bytes_by_kind": {k: int(col[f"sent_{k}"].sum().item()) for k in KINDS},

@@ -1,0 +1,28 @@
+"""The network lab: emulate slow, heterogeneous links on one Linux machine with network
+namespaces, veth pairs, a bridge and tc shaping (root needed). See docs/netlab.md."""
+
+from farflung.comm.netlab.lab import (
+    MAX_HOSTS,
+    NS_PATTERN,
+    PREFIX_PATTERN,
+    Lab,
+    NetlabError,
+    available,
+    list_labs,
+    netlab_down,
+)
+from farflung.comm.netlab.throughput import ThroughputResult, measure_pairs, measure_throughput
+
+__all__ = [
+    "MAX_HOSTS",
+    "NS_PATTERN",
+    "PREFIX_PATTERN",
+    "Lab",
+    "NetlabError",
+    "ThroughputResult",
+    "available",
+    "list_labs",
+    "measure_pairs",
+    "measure_throughput",
+    "netlab_down",
+]

@@ -1,0 +1,594 @@
+"""A network lab on one Linux machine: one network namespace per host, joined by veth
+pairs to a Linux bridge in a namespace of its own, with ``tc`` shaping each host's
+egress to the rates of a :class:`~farflung.comm.link.LinkMatrix`.
+
+Safety rules this module keeps:
+
+- everything it creates lives in namespaces it created; nothing is ever created,
+  changed or shaped in the namespace it was started from (veth pairs are created
+  inside the bridge namespace with their peer placed straight into the host
+  namespace);
+- every name carries a per-run prefix ``ffl<6 hex>`` (:data:`PREFIX_PATTERN`):
+  namespaces ``<prefix>br`` (bridge) and ``<prefix>h<i>`` (hosts); interfaces
+  ``<prefix>h<i>`` (in host i) and ``<prefix>p<i>`` / ``<prefix>br`` (in the bridge
+  namespace);
+- addresses come from 10.213.<k>.0/24, which exists only inside the lab;
+- tear-down runs on ``with`` exit (also after an exception), at interpreter exit
+  (atexit) and on SIGTERM; :func:`netlab_down` removes what crashed runs left behind
+  (names matching the pattern whose owning process is gone) and nothing else.
+
+One-way delay is not emulated here: this kernel has no ``netem``. The lab keeps the
+delay matrix (:meth:`Lab.link_model`, and the file named by ``FARFLUNG_NETLAB_MATRIX``
+in :meth:`Lab.env`) so the comm layer can sleep the delay in-process."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from farflung.comm.link import LinkMatrix, LinkModel
+
+__all__ = [
+    "MAX_HOSTS",
+    "NS_PATTERN",
+    "PREFIX_PATTERN",
+    "Lab",
+    "NetlabError",
+    "available",
+    "list_labs",
+    "netlab_down",
+]
+
+PREFIX_PATTERN = re.compile(r"^ffl[0-9a-f]{6}$")
+# every namespace farflung creates: <prefix>br (bridge), <prefix>h<i> (hosts),
+# <prefix>pr (the short-lived probe of available())
+NS_PATTERN = re.compile(r"^(ffl[0-9a-f]{6})(br|pr|h[0-9]{1,3})$")
+STATE_DIR = Path("/run/farflung-netlab")
+MAX_HOSTS = 254
+SHAPINGS = ("auto", "tbf", "htb")
+
+# tc buckets, chosen by measurement (docs/netlab.md). Up to ~250 mbit: 1 ms of traffic,
+# at least two full frames; that keeps steady goodput within ~1% of the wire rate and
+# lets little through above the rate at the start of a transfer (a 32 KiB bucket made
+# 50 ms transfers at 20 mbit look 27% fast; this one 2%). Faster: 2 ms, at least
+# 96 KiB (buckets of 40-70 KiB lost 5-10% of goodput at 400-550 mbit).
+_SMALL_BURST = (2 * 1514, 0.001)
+_LARGE_BURST = (96 * 1024, 0.002)
+_SMALL_BURST_MAX = 32 * 1024
+_QUEUE_LATENCY = "50ms"
+# A 64 KiB GSO super-packet takes 26 ms at 20 mbit; htb charges it as one unit, which
+# made goodput swing by +-15% at 1-2 mbit. Hosts with a link this slow or slower send
+# plain MTU-sized packets instead (gso_max_segs 1), which caps that host's fastest
+# links at a few hundred Mbit/s of CPU-bound throughput.
+_NO_GSO_BELOW_BPS = 20e6
+# Above that, htb still lets one whole GSO packet out ahead of the rate (made 50 ms
+# transfers at 50 mbit look 15% fast): GSO packets on htb hosts are cut to 2 ms of
+# the host's slowest rate, at least 16 KiB (this costs CPU: with 16 KiB a host's
+# unshaped links top out near 2 Gbit/s, smaller sizes cap them lower).
+# tbf cuts GSO packets to its bucket by itself.
+_GSO_SECONDS = 0.002
+_GSO_MIN = 16 * 1024
+_GSO_MAX = 65536
+
+
+class NetlabError(RuntimeError):
+    """Setting up or tearing down the lab failed; the message says which command."""
+
+
+def _run(
+    argv: Sequence[str], *, input: str | None = None, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(
+            list(argv), input=input, capture_output=True, text=True, timeout=timeout
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NetlabError(f"{' '.join(argv)}: {e}") from None
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise NetlabError(f"{' '.join(argv)} failed ({proc.returncode}): {detail}")
+    return proc
+
+
+def _batch(argv: Sequence[str], lines: Sequence[str], *, check: bool = True) -> None:
+    """Run many ``ip``/``tc`` commands in one process (``-batch -``)."""
+    if lines:
+        _run([*argv, "-batch", "-"], input="\n".join(lines) + "\n", check=check)
+
+
+def _list_netns() -> list[str]:
+    out = _run(["ip", "netns", "list"]).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of a live ``pid`` (tells a live owner from a reused pid);
+    None when there is no such process or it is a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _owner_alive(prefix: str) -> bool:
+    try:
+        state = json.loads((STATE_DIR / f"{prefix}.json").read_text())
+        pid, started = int(state["pid"]), str(state["start_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _start_time(pid) == started
+
+
+def _write_owner(prefix: str, **extra: Any) -> None:
+    """Record that this process owns the namespaces named ``prefix...``."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    state = {"prefix": prefix, "pid": pid, "start_time": _start_time(pid), **extra}
+    (STATE_DIR / f"{prefix}.json").write_text(json.dumps(state) + "\n")
+
+
+def _remove_state(prefix: str) -> None:
+    for suffix in (".json", ".matrix.json"):
+        try:
+            (STATE_DIR / f"{prefix}{suffix}").unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _delete_netns(names: Sequence[str]) -> list[str]:
+    """Delete namespaces by name; returns those that are gone afterwards."""
+    names = [n for n in names if NS_PATTERN.match(n)]  # never anything else
+    if not names:
+        return []
+    _batch(["ip", "-force"], [f"netns del {n}" for n in names], check=False)
+    left = set(_list_netns())
+    for n in names:
+        if n in left:
+            _run(["ip", "netns", "del", n], check=False)
+    left = set(_list_netns())
+    return [n for n in names if n not in left]
+
+
+@functools.cache
+def available() -> tuple[bool, str]:
+    """Whether the lab can run here, and if not, why (for messages and test skips)."""
+    if not sys.platform.startswith("linux"):
+        return False, "the network lab needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return False, "the network lab needs root (ip netns, tc); run as root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return False, f"'{tool}' (iproute2) not found on PATH"
+    prefix = f"ffl{secrets.token_hex(3)}"
+    probe = f"{prefix}pr"
+    try:
+        _write_owner(prefix, hosts=0)  # so a concurrent netlab_down() leaves it alone
+        _run(["ip", "netns", "add", probe])
+        _run(["ip", "-n", probe, "link", "add", "ffa", "type", "veth", "peer", "name", "ffb"])
+        _run(["tc", "-n", probe, "qdisc", "add", "dev", "ffa", "root", "tbf", "rate", "1mbit",
+              "burst", "32kb", "latency", "50ms"])  # fmt: skip
+        _run(["tc", "-n", probe, "qdisc", "replace", "dev", "ffa", "root", "handle", "1:", "htb"])
+    except (NetlabError, OSError) as e:
+        return False, f"cannot create a namespace with shaped veth links: {e}"
+    finally:
+        _delete_netns([probe])
+        _remove_state(prefix)
+    return True, "ok"
+
+
+def netlab_down(*, force: bool = False) -> list[str]:
+    """Remove the namespaces that earlier farflung labs left behind; returns their names.
+
+    Only names matching :data:`NS_PATTERN` are considered. A lab whose owning process
+    is still alive is left alone unless ``force``. Processes still running inside a
+    removed namespace are not killed (the namespace disappears from ``ip netns list``
+    and loses its links; the processes keep running until they exit)."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in _list_netns():
+        m = NS_PATTERN.match(name)
+        if m:
+            groups[m.group(1)].append(name)
+    removed: list[str] = []
+    for prefix, names in sorted(groups.items()):
+        if not force and _owner_alive(prefix):
+            continue
+        removed += _delete_netns(names)
+        if not set(names) & set(_list_netns()):
+            _remove_state(prefix)
+    # state files of labs whose namespaces are already gone
+    if STATE_DIR.is_dir():
+        for f in STATE_DIR.glob("ffl*.json"):
+            prefix = f.name.split(".", 1)[0]
+            if PREFIX_PATTERN.match(prefix) and prefix not in groups and not _owner_alive(prefix):
+                _remove_state(prefix)
+    return sorted(removed)
+
+
+def list_labs() -> list[dict[str, Any]]:
+    """The farflung labs on this machine: ``prefix``, ``namespaces``, ``hosts`` (from the
+    state file, when there is one) and ``owner_alive``."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in _list_netns():
+        m = NS_PATTERN.match(name)
+        if m:
+            groups[m.group(1)].append(name)
+    labs = []
+    for prefix, names in sorted(groups.items()):
+        try:
+            hosts = json.loads((STATE_DIR / f"{prefix}.json").read_text()).get("hosts")
+        except (OSError, ValueError):
+            hosts = None
+        labs.append(
+            {
+                "prefix": prefix,
+                "namespaces": sorted(names),
+                "hosts": hosts,
+                "owner_alive": _owner_alive(prefix),
+            }
+        )
+    return labs
+
+
+# ---- tear-down on exit and SIGTERM ---------------------------------------------------------
+
+_LIVE: dict[str, Lab] = {}
+_LIVE_LOCK = threading.Lock()
+_PREV_SIGTERM: Any = None
+_SIGTERM_INSTALLED = False
+
+
+def _down_all() -> None:
+    with _LIVE_LOCK:
+        labs = list(_LIVE.values())
+    for lab in labs:
+        if lab._owner_pid == os.getpid():  # never from a forked child
+            try:
+                lab.down()
+            except Exception:  # best effort while exiting
+                pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _down_all()
+    prev = _PREV_SIGTERM
+    if callable(prev):
+        prev(signum, frame)
+    elif prev != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_sigterm() -> None:
+    global _PREV_SIGTERM, _SIGTERM_INSTALLED
+    if _SIGTERM_INSTALLED or threading.current_thread() is not threading.main_thread():
+        return
+    _PREV_SIGTERM = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _SIGTERM_INSTALLED = True
+
+
+atexit.register(_down_all)
+
+
+# ---- the lab ---------------------------------------------------------------------------------
+
+
+def _burst_bytes(rate_bps: float) -> int:
+    floor, seconds = _SMALL_BURST
+    burst = max(floor, int(rate_bps / 8 * seconds))
+    if burst >= _SMALL_BURST_MAX:
+        floor, seconds = _LARGE_BURST
+        burst = max(floor, int(rate_bps / 8 * seconds))
+    return burst
+
+
+class Lab:
+    """Hosts in network namespaces with shaped links, as a context manager::
+
+        with Lab(LinkMatrix.uniform(2, "100mbit")) as lab:
+            p = lab.run(1, ["python", "server.py", lab.address(1)])
+            lab.run(0, ["python", "client.py", lab.address(1)]).wait()
+
+    ``shaping``: ``"auto"`` uses ``tbf`` when every pair has the same rate (each host's
+    egress, shared by all its destinations, like a machine's uplink) and ``htb`` with
+    one class per destination otherwise (each pair gets its own rate, independent of
+    the host's other pairs). ``"htb"`` forces per-pair classes for a uniform matrix;
+    ``"tbf"`` needs each host's rates to all destinations to be equal. Unlimited
+    (``inf``) pairs are not shaped."""
+
+    def __init__(self, matrix: LinkMatrix, prefix: str | None = None, *, shaping: str = "auto"):
+        if not isinstance(matrix, LinkMatrix):
+            raise TypeError(f"Lab needs a LinkMatrix, got {type(matrix).__name__}")
+        if matrix.n > MAX_HOSTS:
+            raise ValueError(f"the lab holds at most {MAX_HOSTS} hosts, got {matrix.n}")
+        if prefix is None:
+            prefix = f"ffl{secrets.token_hex(3)}"
+        if not PREFIX_PATTERN.match(prefix):
+            raise ValueError(
+                f"prefix must look like 'ffl' + 6 lower-case hex digits, got {prefix!r}"
+            )
+        if shaping not in SHAPINGS:
+            raise ValueError(f"shaping must be one of {SHAPINGS}, got {shaping!r}")
+        self.matrix = matrix
+        self.prefix = prefix
+        self.shaping = self._choose_shaping(shaping)
+        self._subnet_octet = int(prefix[3:], 16) % MAX_HOSTS + 1
+        self._created: list[str] = []
+        self._procs: list[subprocess.Popen] = []
+        self._owner_pid = os.getpid()
+        self._up = False
+
+    def _choose_shaping(self, requested: str) -> str:
+        m = self.matrix
+        finite = [
+            m.bandwidth_bps[i][j] for i, j in m.pairs() if not math.isinf(m.bandwidth_bps[i][j])
+        ]
+        if not finite:
+            return "none"
+        if requested == "auto":
+            rates = {m.bandwidth_bps[i][j] for i, j in m.pairs()}
+            return "tbf" if len(rates) == 1 else "htb"
+        if requested == "tbf":
+            for i in range(m.n):
+                row = {m.bandwidth_bps[i][j] for j in range(m.n) if j != i}
+                if len(row) > 1:
+                    raise ValueError(
+                        f"shaping='tbf' shapes a host's whole egress at one rate, but host {i} "
+                        "has different rates to different hosts; use 'htb' or 'auto'"
+                    )
+        return requested
+
+    # ---- names ----------------------------------------------------------------------------
+
+    @property
+    def n(self) -> int:
+        return self.matrix.n
+
+    @property
+    def bridge_netns(self) -> str:
+        return f"{self.prefix}br"
+
+    @property
+    def subnet(self) -> str:
+        return f"10.213.{self._subnet_octet}.0/24"
+
+    def _check(self, i: int) -> int:
+        if not isinstance(i, int) or not 0 <= i < self.n:
+            raise IndexError(f"host index {i!r} out of range (the lab has {self.n} hosts)")
+        return i
+
+    def netns(self, i: int) -> str:
+        """Name of host i's network namespace."""
+        return f"{self.prefix}h{self._check(i)}"
+
+    def iface(self, i: int) -> str:
+        """Name of host i's interface inside its namespace (for ``GLOO_SOCKET_IFNAME``)."""
+        return f"{self.prefix}h{self._check(i)}"
+
+    def _port(self, i: int) -> str:
+        return f"{self.prefix}p{i}"
+
+    def address(self, i: int) -> str:
+        """Host i's IPv4 address (reachable from the other lab hosts only)."""
+        return f"10.213.{self._subnet_octet}.{self._check(i) + 1}"
+
+    def exec_prefix(self, i: int) -> list[str]:
+        """``["ip", "netns", "exec", <netns>]``: put it in front of a command line."""
+        return ["ip", "netns", "exec", self.netns(i)]
+
+    def env(self, i: int) -> dict[str, str]:
+        """Environment for a process in host i: the gloo interface, the host index and
+        the matrix file (for in-process delay emulation)."""
+        self._check(i)
+        return {
+            "GLOO_SOCKET_IFNAME": self.iface(i),
+            "FARFLUNG_NETLAB_HOST": str(i),
+            "FARFLUNG_NETLAB_PREFIX": self.prefix,
+            "FARFLUNG_NETLAB_MATRIX": str(STATE_DIR / f"{self.prefix}.matrix.json"),
+        }
+
+    def link_model(self) -> LinkModel:
+        """The in-process model of the same matrix (it carries the delays tc cannot)."""
+        return LinkModel(self.matrix)
+
+    def run(self, i: int, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+        """Start ``argv`` inside host i. The lab terminates it on :meth:`down` if it is
+        still running then."""
+        if not self._up:
+            raise NetlabError("the lab is not up")
+        proc = subprocess.Popen([*self.exec_prefix(i), *argv], **popen_kwargs)
+        self._procs.append(proc)
+        return proc
+
+    # ---- tc -------------------------------------------------------------------------------
+
+    def tc_commands(self, i: int) -> list[str]:
+        """The ``tc`` batch lines that shape host i's egress (empty when unshaped)."""
+        m, dev = self.matrix, self.iface(i)
+        rates = {j: m.bandwidth_bps[i][j] for j in range(self.n) if j != i}
+        finite = {j: r for j, r in rates.items() if not math.isinf(r)}
+        if not finite or self.shaping == "none":
+            return []
+        if self.shaping == "tbf":
+            rate = next(iter(finite.values()))
+            return [
+                f"qdisc add dev {dev} root tbf rate {int(rate)}bit "
+                f"burst {_burst_bytes(rate)} latency {_QUEUE_LATENCY}"
+            ]
+        # htb: one class per shaped destination; unclassified traffic (unlimited pairs,
+        # ARP) bypasses shaping because there is no default class
+        lines = [f"qdisc add dev {dev} root handle 1: htb"]
+        for j, rate in sorted(finite.items()):
+            burst = _burst_bytes(rate)
+            quantum = max(1514, min(200_000, burst))
+            lines.append(
+                f"class add dev {dev} parent 1: classid 1:{j + 1:x} htb rate {int(rate)}bit "
+                f"ceil {int(rate)}bit burst {burst} cburst {burst} quantum {quantum}"
+            )
+            lines.append(
+                f"filter add dev {dev} parent 1: protocol ip prio 1 u32 "
+                f"match ip dst {self.address(j)}/32 flowid 1:{j + 1:x}"
+            )
+        return lines
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    def _write_state(self) -> None:
+        _write_owner(self.prefix, hosts=self.n, shaping=self.shaping, created_at=time.time())
+        self.matrix.to_file(STATE_DIR / f"{self.prefix}.matrix.json")
+
+    def up(self) -> Lab:
+        """Create namespaces, links, addresses and shaping. Idempotent."""
+        if self._up:
+            return self
+        ok, why = available()
+        if not ok:
+            raise NetlabError(f"the network lab is not available: {why}")
+        taken = [n for n in _list_netns() if n.startswith(self.prefix)]
+        if taken:
+            raise NetlabError(f"namespaces with prefix {self.prefix} exist already: {taken}")
+        with _LIVE_LOCK:
+            _LIVE[self.prefix] = self
+        _install_sigterm()
+        self._up = True
+        try:
+            self._write_state()
+            self._create()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _create(self) -> None:
+        names = [self.bridge_netns] + [self.netns(i) for i in range(self.n)]
+        for name in names:  # one by one, so a failure leaves a precise record
+            _run(["ip", "netns", "add", name])
+            self._created.append(name)
+        if Path("/proc/sys/net/ipv6").is_dir() and shutil.which("sysctl"):
+            # IPv4 only inside the lab: no IPv6 chatter on shaped links, and gloo cannot
+            # pick a link-local IPv6 address of GLOO_SOCKET_IFNAME (set before the links
+            # exist, so they inherit it)
+            off = "net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"
+            _batch(["ip"], [f"netns exec {name} sysctl -q -w {off}" for name in names], check=False)
+        br = self.bridge_netns  # the bridge device shares the namespace's name
+        lines = ["link set lo up", f"link add {br} type bridge", f"link set {br} up"]
+        for i in range(self.n):
+            # the veth is born in the bridge namespace with its peer straight in host i
+            lines += [
+                f"link add {self._port(i)} type veth "
+                f"peer name {self.iface(i)} netns {self.netns(i)}",
+                f"link set {self._port(i)} master {br}",
+                f"link set {self._port(i)} up",
+            ]
+        _batch(["ip", "-n", br], lines)
+        for i in range(self.n):
+            lines = [
+                "link set lo up",
+                f"addr add {self.address(i)}/24 dev {self.iface(i)}",
+                f"link set {self.iface(i)} up",
+            ]
+            lines += self._gso_commands(i)
+            _batch(["ip", "-n", self.netns(i)], lines)
+            _batch(["tc", "-n", self.netns(i)], self.tc_commands(i))
+
+    def _gso_commands(self, i: int) -> list[str]:
+        """``ip link`` lines that limit GSO on host i's interface (see the constants)."""
+        if self.shaping == "none":
+            return []
+        slowest = min(
+            [self.matrix.bandwidth_bps[i][j] for j in range(self.n) if j != i] or [math.inf]
+        )
+        if slowest <= _NO_GSO_BELOW_BPS:
+            return [f"link set dev {self.iface(i)} gso_max_segs 1"]
+        if self.shaping == "htb":
+            size = int(min(_GSO_MAX, max(_GSO_MIN, slowest / 8 * _GSO_SECONDS)))
+            if size < _GSO_MAX:
+                return [f"link set dev {self.iface(i)} gso_max_size {size}"]
+        return []
+
+    def down(self) -> None:
+        """Stop processes started by :meth:`run`, delete every namespace this lab made."""
+        if not self._up:
+            return
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=3)
+        self._procs.clear()
+        ours = [n for n in _list_netns() if NS_PATTERN.match(n) and n.startswith(self.prefix)]
+        gone = set(_delete_netns(ours))
+        left = [n for n in ours if n not in gone]
+        self._created = []
+        self._up = False
+        with _LIVE_LOCK:
+            _LIVE.pop(self.prefix, None)
+        if left:
+            raise NetlabError(f"could not delete namespaces {left}; run netlab_down()")
+        _remove_state(self.prefix)
+
+    def detach(self) -> str:
+        """Let the lab outlive this process (``farflung netlab up``): it is no longer
+        torn down at exit or on SIGTERM, processes started by :meth:`run` are left
+        running, and :func:`netlab_down` removes it once this process has ended (or
+        ``Lab.attach(prefix).down()`` at any time). Returns the prefix."""
+        if not self._up:
+            raise NetlabError("the lab is not up")
+        with _LIVE_LOCK:
+            _LIVE.pop(self.prefix, None)
+        self._procs.clear()
+        return self.prefix
+
+    @classmethod
+    def attach(cls, prefix: str) -> Lab:
+        """A handle on a lab that is up already (made by another process, detached).
+        The handle does not tear it down at exit; call :meth:`down` to remove it."""
+        if not PREFIX_PATTERN.match(prefix):
+            raise ValueError(f"not a farflung lab prefix: {prefix!r}")
+        try:
+            state = json.loads((STATE_DIR / f"{prefix}.json").read_text())
+            matrix = LinkMatrix.from_file(STATE_DIR / f"{prefix}.matrix.json")
+        except (OSError, ValueError) as e:
+            raise NetlabError(f"no lab {prefix} here: {e}") from None
+        lab = cls(matrix, prefix, shaping="auto")
+        lab.shaping = str(state.get("shaping", lab.shaping))
+        missing = {lab.bridge_netns, *(lab.netns(i) for i in range(lab.n))} - set(_list_netns())
+        if missing:
+            raise NetlabError(f"lab {prefix} is incomplete, missing {sorted(missing)}")
+        lab._up = True
+        return lab
+
+    @property
+    def is_up(self) -> bool:
+        return self._up
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def __repr__(self) -> str:
+        state = "up" if self._up else "down"
+        return f"Lab({self.prefix}, {self.matrix.describe()}, shaping={self.shaping}, {state})"
