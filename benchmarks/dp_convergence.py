@@ -57,8 +57,10 @@ def run(name: str, args: argparse.Namespace, out: Path) -> dict:
         # data-parallel traffic only (telemetry is the same small amount for everyone)
         "bytes_per_step": dp_bytes / len(records) / args.workers,
         "step_s": statistics.median(r["wall_s"] for r in records[3:]),
-        # encoding/decoding time (on any thread) as a share of the step time
-        "codec_share": statistics.median(r.get("codec_s", 0.0) / r["wall_s"] for r in records[3:]),
+        # encoding/decoding CPU time (on any thread) as a share of the training time;
+        # summed rather than a median, so periodic syncs (diloco) count
+        "codec_share": sum(r.get("codec_s", 0.0) for r in records[3:])
+        / sum(r["wall_s"] for r in records[3:]),
         "tokens": summary["tokens"],
         "wall_s": summary["wall_s"],
     }

@@ -636,3 +636,22 @@ def test_error_feedback_state_dict_round_trip() -> None:
         ef.compensate(randn(10))
     with pytest.raises(CodecError, match="'error'"):
         restored.load_state_dict({})
+
+
+@pytest.mark.parametrize("spec", list(SIZE_FORMULAS))
+def test_decode_into_out_writes_or_adds_in_place(spec):
+    codec = make_codec(spec)
+    x = randn(1000, seed=3)
+    payload = codec.encode(x, CTX)
+    expected = codec.decode(payload, CTX)
+    buf = torch.full((3000,), 7.0)
+    view = buf[1000:2000]  # a slice of a larger buffer, as the sharded all-reduce uses
+    assert codec.decode(payload, CTX, out=view) is view
+    torch.testing.assert_close(view, expected, rtol=0, atol=0)
+    assert (buf[:1000] == 7).all() and (buf[2000:] == 7).all()  # neighbours untouched
+    base = randn(1000, seed=4)
+    acc = base.clone()
+    codec.decode(payload, CTX, out=acc, add=True)
+    torch.testing.assert_close(acc, base + expected)
+    with pytest.raises(CodecError, match="flat float32 tensor of 1000"):
+        codec.decode(payload, CTX, out=torch.zeros(999))

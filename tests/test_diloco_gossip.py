@@ -263,6 +263,9 @@ def diloco_lossy_worker(rank: int, world: int, steps: int = 30) -> dict:
             "end": end,
             "sent": comm.meter.snapshot().by_kind["dp"].sent,
             "numel": sum(p.numel() for p in trainable(model)),
+            # after the last sync (step 30): what the codec did not carry stays local
+            "residual": float((algo.global_flat - flat_params(trainable(model))).norm()),
+            "global": float(algo.global_flat.norm()),
         }
     return out
 
@@ -282,6 +285,9 @@ def test_diloco_with_lossy_codec_trains(diloco_lossy_run, codec):
         assert out["end"] < 0.7 * out["start"]
         # far fewer bytes than 6 uncompressed syncs (2 ranks: 4 bytes/elt per sync)
         assert out["sent"] < 6 * 4 * out["numel"] / 4
+        # the unsent part of the pseudo-gradient stays in the local model (implicit
+        # error feedback) instead of being dropped or counted twice
+        assert 0 < out["residual"] < out["global"]
 
 
 # -- gossip --------------------------------------------------------------------------

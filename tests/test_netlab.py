@@ -20,6 +20,7 @@ from farflung.comm.netlab import (
     NS_PATTERN,
     Lab,
     available,
+    housekeeping,
     list_labs,
     measure_pairs,
     measure_throughput,
@@ -35,19 +36,19 @@ TOLERANCE = 0.15
 def _ours_elsewhere(name: str) -> bool:
     """A namespace of a lab that another live process owns (a concurrent test run)."""
     m = NS_PATTERN.match(name)
-    return bool(m) and m.group(1) not in lab_module._LIVE and lab_module._owner_alive(m.group(1))
+    return bool(m) and m.group(1) not in lab_module._LIVE and housekeeping._owner_alive(m.group(1))
 
 
 def snapshot() -> tuple[frozenset[str], frozenset[str]]:
     """Namespaces (minus other live labs) and the links of the namespace we run in."""
-    ns = frozenset(n for n in lab_module._list_netns() if not _ours_elsewhere(n))
+    ns = frozenset(n for n in housekeeping._list_netns() if not _ours_elsewhere(n))
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     links = frozenset(line.split(":")[1].strip().split("@")[0] for line in out.splitlines())
     return ns, links
 
 
 def with_prefix(prefix: str) -> list[str]:
-    return [n for n in lab_module._list_netns() if n.startswith(prefix)]
+    return [n for n in housekeeping._list_netns() if n.startswith(prefix)]
 
 
 # ---- no root needed -------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def test_available_explains_what_is_missing(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert probe() == (False, "the network lab needs root (ip netns, tc); run as root")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(lab_module.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(housekeeping.shutil, "which", lambda tool: None)
     ok, why = probe()
     assert not ok and "'ip' (iproute2) not found" in why
 
@@ -155,7 +156,7 @@ def test_detach_and_attach():
         assert measure_throughput(again, 1, 0, 100_000).complete
         again.down()
         assert not with_prefix(prefix)
-        with pytest.raises(lab_module.NetlabError, match="no lab"):
+        with pytest.raises(housekeeping.NetlabError, match="no lab"):
             Lab.attach(prefix)
     finally:
         lab.down()
@@ -201,7 +202,7 @@ def test_sigkill_then_netlab_down_removes_leftovers():
             assert len(with_prefix(prefix)) == 3
             proc.send_signal(signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while lab_module._start_time(proc.pid) is not None:  # dead, not yet reaped
+            while housekeeping._start_time(proc.pid) is not None:  # dead, not yet reaped
                 assert time.monotonic() < deadline, "the killed process did not die"
                 time.sleep(0.01)
             assert len(with_prefix(prefix)) == 3  # no chance to clean up
@@ -213,7 +214,7 @@ def test_sigkill_then_netlab_down_removes_leftovers():
             assert not with_prefix(prefix)
             assert len(with_prefix(live.prefix)) == 3  # a live lab survives
         assert snapshot() == before
-        assert not (lab_module.STATE_DIR / f"{prefix}.json").exists()
+        assert not (housekeeping.STATE_DIR / f"{prefix}.json").exists()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,7 +6,10 @@ model, tested in test_emulation.py, is what runs then)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 from test_train_cli import farflung, tiny  # noqa: F401  (fixture)
@@ -58,3 +61,38 @@ def test_probe_in_the_lab_recovers_the_configured_link(tiny):  # noqa: F811
     for i, j in m.pairs():
         assert m.bandwidth(i, j) == pytest.approx(40e6, rel=0.15)
         assert m.delay(i, j) == pytest.approx(0.010, abs=0.003)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_tears_the_lab_down(tiny, sig):  # noqa: F811
+    """Ctrl+C or SIGTERM during `train --netlab` stops the workers and removes the lab."""
+    before = namespaces()
+    out = tiny / f"interrupted_{sig.name}"
+    cmd = [sys.executable, "-m", "farflung.cli.main", "train", str(tiny / "tiny.toml")]
+    cmd += ["--workers", "2", "--out", str(out), "--netlab", "5mbit", "--quiet"]
+    cli = subprocess.Popen(cmd + ["--set", "train.steps=100000"], stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and metrics.read_text().strip()):  # training is under way
+        assert cli.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    assert len(namespaces() - before) == 3  # two hosts and the bridge
+    cli.send_signal(sig)
+    _, err = cli.communicate(timeout=60)
+    assert cli.returncode != 0
+    assert "interrupted" in err
+    assert namespaces() == before
+    workers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
+    assert workers.strip() == ""  # no worker left running
+
+
+def test_netlab_cli_up_status_down(tiny):  # noqa: F811
+    before = namespaces()
+    up = farflung("netlab", "up", "10mbit,5ms", "--hosts", "3", "--seconds", "0.5")
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.count("ip netns exec") == 3 and "torn down" in up.stdout
+    assert namespaces() == before
+    status = farflung("netlab", "status")
+    assert status.returncode == 0
+    bad = farflung("netlab", "up", "10 parsecs")
+    assert bad.returncode == 2 and "10 parsecs" in bad.stderr

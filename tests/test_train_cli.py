@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,28 @@ def test_killed_worker_is_named_and_resume_is_exact(tiny, run_a):
     # restarted from the step-4 checkpoint: steps 5-12 recomputed, bit for bit
     assert losses(out) == losses(run_a)
     assert read_jsonl(out / "eval.jsonl") == read_jsonl(run_a / "eval.jsonl")
+
+
+def test_resume_with_another_algorithm_names_the_key(tiny, run_a):
+    out = tiny / "run_changed"
+    shutil.copytree(run_a, out)
+    before = (out / "metrics.jsonl").read_text()
+    r = farflung(
+        "train",
+        str(tiny / "tiny.toml"),
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+        "--resume",
+        "--set",
+        "parallel.algorithm=cocktail",
+        "--set",
+        "train.steps=16",
+    )
+    assert r.returncode == 2
+    assert "parallel.algorithm = 'allreduce' in the checkpoint, 'cocktail' now" in r.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # nothing lost
 
 
 def test_new_run_refuses_to_overwrite(tiny, run_a):

@@ -9,14 +9,28 @@ import tempfile
 import time
 from pathlib import Path
 
+from farflung.comm.probe import add_probe_args
 from farflung.config import ConfigError
 
 EXIT_USAGE = 2
 
 
 def cmd_netlab(args: argparse.Namespace) -> int:
-    from farflung.comm.netlab import Lab, available, netlab_down
+    from farflung.comm.netlab import Lab, available, list_labs, netlab_down
 
+    if args.action == "status":
+        labs = list_labs()
+        if not labs:
+            print("no farflung network lab on this machine")
+        for lab in labs:
+            owner = (
+                "owner running" if lab["owner_alive"] else "left behind (netlab down removes it)"
+            )
+            print(
+                f"{lab['prefix']}: {lab['hosts']} host(s), "
+                f"{len(lab['namespaces'])} namespaces, {owner}"
+            )
+        return 0
     if args.action == "down":
         removed = netlab_down(force=args.force)
         print(
@@ -83,9 +97,9 @@ def add_parsers(sub: argparse._SubParsersAction, add_network_args) -> None:
     n = sub.add_parser("netlab", help="emulated slow links on this machine (root, Linux)")
     n.add_argument(
         "action",
-        choices=["up", "down", "check"],
+        choices=["up", "down", "check", "status"],
         help="up: create a lab and keep it until Ctrl+C; down: remove leftovers "
-        "of crashed farflung labs; check: can the lab run here?",
+        "of crashed farflung labs; check: can the lab run here? status: the labs present",
     )
     n.add_argument("spec", nargs="?", help="BANDWIDTH[,DELAY], a scenario or a matrix file")
     n.add_argument("--hosts", type=int, default=2, help="emulated hosts (for up)")
@@ -99,12 +113,6 @@ def add_parsers(sub: argparse._SubParsersAction, add_network_args) -> None:
 
     p = sub.add_parser("probe", help="measure bandwidth and latency between workers")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default="links.json", help="matrix file to write")
-    p.add_argument(
-        "--seconds",
-        type=float,
-        default=0.3,
-        help="aim for transfers of about this long per measurement",
-    )
+    add_probe_args(p)
     add_network_args(p)
     p.set_defaults(func=cmd_probe)

@@ -67,7 +67,12 @@ def init_distributed(backend: str = "auto", timeout_s: float = 120.0) -> DistInf
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+            # NCCL: bind the rank to its GPU now rather than guessing it at first use
+            device_id=device if device.type == "cuda" else None,
         )
     return DistInfo(rank, world, local_rank, local_world, backend, device)
 

@@ -141,11 +141,8 @@ def describe(matrix: LinkMatrix) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from farflung.comm.dist import init_distributed, shutdown_distributed
-    from farflung.comm.emulation import install_link_model_from_env
-
-    p = argparse.ArgumentParser(prog="python -m farflung.comm.probe", description=__doc__)
+def add_probe_args(p: argparse.ArgumentParser) -> None:
+    """The probe's options, shared by this module's entry and ``farflung probe``."""
     p.add_argument("--out", default="links.json", help="matrix file to write (rank 0)")
     p.add_argument(
         "--seconds",
@@ -153,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0.3,
         help="aim for transfers of about this long per measurement",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from farflung.comm.dist import init_distributed, shutdown_distributed
+    from farflung.comm.emulation import install_link_model_from_env
+
+    p = argparse.ArgumentParser(prog="python -m farflung.comm.probe", description=__doc__)
+    add_probe_args(p)
     args = p.parse_args(argv)
     info = init_distributed("gloo", timeout_s=120)
     install_link_model_from_env()

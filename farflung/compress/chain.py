@@ -138,7 +138,14 @@ class ChainCodec(Codec):
         header = Header(self.codec_id, flags, flat.numel(), self.fingerprint)
         return torch.cat([header.to_tensor(flat.device), *sections])
 
-    def decode(self, payload: torch.Tensor, ctx: CodecContext | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        payload: torch.Tensor,
+        ctx: CodecContext | None = None,
+        *,
+        out: torch.Tensor | None = None,
+        add: bool = False,
+    ) -> torch.Tensor:
         header = Header.parse(payload)
         self._check_header(header)
         self._need_ctx(ctx)
@@ -157,11 +164,18 @@ class ChainCodec(Codec):
             offset += size
             count = local.numel()
         values = self.value.unpack(payload[offset:], count)
+        if out is None:
+            if positions is None:
+                return values
+            out = torch.zeros(numel, dtype=torch.float32, device=payload.device)
+            out[positions] = values
+            return out
+        _check_out(out, numel)
         if positions is None:
-            return values
-        out = torch.zeros(numel, dtype=torch.float32, device=payload.device)
-        out[positions] = values
-        return out
+            return out.add_(values) if add else out.copy_(values)
+        if not add:
+            out.zero_()
+        return out.index_add_(0, positions.to(out.device), values)
 
     def _check_header(self, header: Header) -> None:
         if header.codec_id != self.codec_id:
@@ -176,3 +190,11 @@ class ChainCodec(Codec):
             )
         if header.flags & ~self._flag_mask:
             raise CodecError(f"{self.spec}: payload sets unknown flag bits 0x{header.flags:02x}")
+
+
+def _check_out(out: torch.Tensor, numel: int) -> None:
+    if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != numel:
+        raise CodecError(
+            f"decode out= must be a flat float32 tensor of {numel} elements, got "
+            f"{out.dtype} of shape {tuple(out.shape)}"
+        )

@@ -69,8 +69,20 @@ class Codec(ABC):
         """Pack ``x`` (any shape, any float dtype) into a 1-D ``uint8`` payload."""
 
     @abstractmethod
-    def decode(self, payload: torch.Tensor, ctx: CodecContext | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        payload: torch.Tensor,
+        ctx: CodecContext | None = None,
+        *,
+        out: torch.Tensor | None = None,
+        add: bool = False,
+    ) -> torch.Tensor:
         """Unpack a payload into a flat ``float32`` tensor of the encoded numel.
+
+        With ``out`` (a flat float32 tensor of that numel, e.g. a slice of a larger
+        buffer) the result is written there, or added to it when ``add``, and ``out``
+        is returned: no dense temporary is made for sparse payloads, which is most of
+        the cost of decoding them.
 
         Raises :class:`CodecError` when the payload is malformed, truncated or was made
         by a different codec.

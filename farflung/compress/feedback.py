@@ -40,11 +40,11 @@ class ErrorFeedback:
 
     def update(self, sent_input: torch.Tensor, decoded: torch.Tensor) -> None:
         """Set ``e = sent_input - decoded`` (``decoded`` may be flat)."""
-        residual = sent_input.detach().float() - decoded.detach().reshape(sent_input.shape)
-        if self._error is not None and self._error.shape == residual.shape:
-            self._error.copy_(residual)
+        decoded = decoded.detach().reshape(sent_input.shape)
+        if self._error is not None and self._error.shape == sent_input.shape:
+            torch.sub(sent_input.detach().float(), decoded, out=self._error)
         else:
-            self._error = residual
+            self._error = sent_input.detach().float() - decoded
 
     def reset(self) -> None:
         """Forget the residual."""

@@ -57,13 +57,17 @@ class Cocktail(DataParallel):
         self.op = ShardedAllReduce(
             self.sync_comm, self.global_flat.numel(), codec, self.cfg.error_feedback
         )
+        # the sync's result buffers, reused: each result is applied before the next sync
+        self.buffers = (torch.empty_like(self.global_flat), torch.empty_like(self.global_flat))
+        self.delta = torch.empty_like(self.global_flat)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cocktail-sync")
         self.pending: Future | None = None
         self.syncs = 0
 
     def after_step(self, step: int) -> None:
         self._apply_pending()
-        delta = flat_params(self.params).sub_(self.global_flat)
+        # one buffer serves every step: the sync reading it was waited for just above
+        delta = flat_params(self.params, out=self.delta).sub_(self.global_flat)
         self.pending = self.executor.submit(self._sync, delta, self.syncs)
         self.syncs += 1
         if not self.cfg.overlap:
@@ -75,7 +79,7 @@ class Cocktail(DataParallel):
             avg = delta.clone()
             self.sync_comm.all_reduce(avg, kind="dp")
             return avg.div_(self.sync_comm.size), delta
-        return self.op(delta, step=k, seed=MASK_SEED)
+        return self.op(delta, step=k, seed=MASK_SEED, out=self.buffers)
 
     def _wait(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The in-flight sync's result; the time spent waiting for it blocks training."""
@@ -92,7 +96,7 @@ class Cocktail(DataParallel):
             return
         avg, sent = result
         self.global_flat.add_(avg)
-        add_to_params(self.params, avg - sent)
+        add_to_params(self.params, sent.neg_().add_(avg))  # Δ − δ̂, in sent's buffer
         self.pending = None
 
     @contextlib.contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from farflung.comm.sharded import ShardedAllReduce
 from farflung.compress import ErrorFeedback, make_codec
 from farflung.parallel.base import DataParallel, register
@@ -28,6 +30,9 @@ class Compressed(DataParallel):
         self.codec = make_codec(self.cfg.codec or self.default_codec)
         self.op = ShardedAllReduce(self.comm, numel, self.codec, self.cfg.error_feedback)
         self.ef = ErrorFeedback() if self.cfg.error_feedback else None
+        device = self.params[0].device
+        # result buffers, reused: both are copied out every step
+        self.buffers = (torch.empty(numel, device=device), torch.empty(numel, device=device))
         self.syncs = 0
 
     def sync_gradients(self) -> None:
@@ -37,7 +42,7 @@ class Compressed(DataParallel):
             avg = grads.div_(self.comm.size)
         else:
             x = self.ef.compensate(grads) if self.ef else grads
-            avg, sent = self.op(x, step=self.syncs, seed=MASK_SEED)
+            avg, sent = self.op(x, step=self.syncs, seed=MASK_SEED, out=self.buffers)
             if self.ef:
                 self.ef.update(x, sent)
         set_grads(self.params, avg)

@@ -13,9 +13,10 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def flat_params(params: list[nn.Parameter]) -> torch.Tensor:
-    """A new flat fp32 copy of the parameters."""
-    return torch.cat([p.detach().reshape(-1).float() for p in params])
+def flat_params(params: list[nn.Parameter], out: torch.Tensor | None = None) -> torch.Tensor:
+    """A flat fp32 copy of the parameters: a new tensor, or written into ``out``."""
+    parts = [p.detach().reshape(-1).float() for p in params]
+    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
 def flat_grads(params: list[nn.Parameter]) -> torch.Tensor:

@@ -76,11 +76,11 @@ class Gossip(DataParallel):
         ctx = CodecContext(step=round_index, seed=MASK_SEED, rank=r)
         x = flat_params(self.params).to(self.public.device)
         payload = self.codec.encode(x - self.public, ctx)
-        self.public += self.codec.decode(payload, ctx)
+        self.codec.decode(payload, ctx, out=self.public, add=True)
         received = self._swap(payload, ctx)
         for peer, q in received.items():
             peer_ctx = CodecContext(step=round_index, seed=MASK_SEED, rank=peer)
-            self.peer_public[peer] += self.codec.decode(q, peer_ctx)
+            self.codec.decode(q, peer_ctx, out=self.peer_public[peer], add=True)
         mix = torch.zeros_like(self.public)
         for peer in self.peers:
             mix += self.peer_public[peer] - self.public

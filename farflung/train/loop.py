@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,19 @@ from typing import Any
 import torch
 
 from farflung.comm import Comm, DistInfo
-from farflung.config import Config, OptimConfig, check_batch, config_to_toml
+from farflung.config import Config, OptimConfig, check_batch, config_from_dict, config_to_toml
 from farflung.data import SampleSet, ShardIndex, TokenStream, batch_ids, rank_slice, val_batch_ids
 from farflung.model import GPT, param_groups
 from farflung.parallel import make_algorithm
 from farflung.train import checkpoint as ckpt
 from farflung.train.metrics import StepRecord, gather_step, truncate_jsonl
 from farflung.train.progress import Progress
+
+# config keys that shape the saved state: a resume must keep them
+STATE_KEYS = {
+    "model": ("n_layer", "n_head", "d_model", "context", "vocab_size"),
+    "parallel": ("algorithm", "codec", "error_feedback"),
+}
 
 FAULT_ENV = "FARFLUNG_FAIL_AT"  # "RANK:STEP": that rank dies at that step (fault-injection tests)
 
@@ -219,6 +226,7 @@ class Worker:
                 f"{path} was written by {manifest['world_size']} workers; resume with "
                 f"--workers {manifest['world_size']}"
             )
+        self._check_resumable(path)
         ckpt.load_model_weights(path, self.model)
         state = ckpt.load_rank_state(path, self.info.rank)
         if "model" in state:
@@ -234,6 +242,28 @@ class Worker:
             truncate_jsonl(self.out / "eval.jsonl", self.step)
         self.comm.barrier()
         return True
+
+    def _check_resumable(self, path: Path) -> None:
+        """Refuse a config whose model or data-parallel state differs from the
+        checkpoint's, naming the keys (the rest, e.g. train.steps, may change)."""
+        saved_file = path / "config.toml"
+        if not saved_file.is_file():
+            return
+        saved = config_from_dict(tomllib.loads(saved_file.read_text()))
+        differ = [
+            f"{section}.{key} = {getattr(getattr(saved, section), key)!r} in the checkpoint, "
+            f"{getattr(getattr(self.cfg, section), key)!r} now"
+            for section in ("model", "parallel")
+            for key in vars(getattr(saved, section))
+            if key in STATE_KEYS[section]
+            and getattr(getattr(saved, section), key) != getattr(getattr(self.cfg, section), key)
+        ]
+        if differ:
+            raise ckpt.CheckpointError(
+                f"{path} cannot continue with this config: "
+                + "; ".join(differ)
+                + f" (resume with the run's own config: {self.out / 'config.toml'})"
+            )
 
     # -- output ------------------------------------------------------------------
     def write_config(self) -> None:
