@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from test_train_cli import farflung, tiny  # noqa: F401  (fixture)
+from test_train_cli import farflung, tiny, train_tiny  # noqa: F401  (fixture)
 
 from farflung.comm.link import LinkMatrix
 from farflung.comm.netlab import available
@@ -30,19 +30,7 @@ def namespaces() -> set[str]:
 def test_training_crosses_the_shaped_link(tiny):  # noqa: F811
     before = namespaces()
     out = tiny / "netlab_run"
-    r = farflung(
-        "train",
-        str(tiny / "tiny.toml"),
-        "--workers",
-        "2",
-        "--out",
-        str(out),
-        "--netlab",
-        "20mbit,5ms",
-        "--set",
-        "train.steps=6",
-        "--quiet",
-    )
+    r = train_tiny(tiny, out, "--netlab", "20mbit,5ms", "--set", "train.steps=6", "--quiet")
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert "netlab" in summary["network"]

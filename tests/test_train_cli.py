@@ -47,6 +47,12 @@ def farflung(*args: str, env: dict | None = None, timeout: float = 180):
     )
 
 
+def train_tiny(tiny: Path, out: Path, *args: str, workers: int = 2, env: dict | None = None):
+    """``farflung train`` on the tiny config."""
+    cfg = str(tiny / "tiny.toml")
+    return farflung("train", cfg, "--workers", str(workers), "--out", str(out), *args, env=env)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny prepared corpus and a config that trains on it in seconds."""
@@ -96,7 +102,7 @@ threads = 1
 def run_a(tiny) -> Path:
     """An uninterrupted 2-worker run every other test compares against."""
     out = tiny / "run_a"
-    r = farflung("train", str(tiny / "tiny.toml"), "--workers", "2", "--out", str(out), "--quiet")
+    r = train_tiny(tiny, out, "--quiet")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -124,29 +130,18 @@ def test_run_folder_contents(run_a):
 
 def test_one_worker_sees_the_same_batches(tiny, run_a):
     out = tiny / "run_one"
-    r = farflung("train", str(tiny / "tiny.toml"), "--workers", "1", "--out", str(out), "--quiet")
+    r = train_tiny(tiny, out, "--quiet", workers=1)
     assert r.returncode == 0, r.stderr
     assert losses(out) == pytest.approx(losses(run_a), rel=1e-5)
 
 
 def test_killed_worker_is_named_and_resume_is_exact(tiny, run_a):
     out = tiny / "run_b"
-    r = farflung(
-        "train",
-        str(tiny / "tiny.toml"),
-        "--workers",
-        "2",
-        "--out",
-        str(out),
-        "--quiet",
-        env={"FARFLUNG_FAIL_AT": "1:6"},
-    )
+    r = train_tiny(tiny, out, "--quiet", env={"FARFLUNG_FAIL_AT": "1:6"})
     assert r.returncode != 0
     assert "worker rank 1 exited" in r.stderr
     assert len(losses(out)) == 6
-    r = farflung(
-        "train", str(tiny / "tiny.toml"), "--workers", "2", "--out", str(out), "--resume", "--quiet"
-    )
+    r = train_tiny(tiny, out, "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
     # restarted from the step-4 checkpoint: steps 5-12 recomputed, bit for bit
     assert losses(out) == losses(run_a)
@@ -157,18 +152,8 @@ def test_resume_with_another_algorithm_names_the_key(tiny, run_a):
     out = tiny / "run_changed"
     shutil.copytree(run_a, out)
     before = (out / "metrics.jsonl").read_text()
-    r = farflung(
-        "train",
-        str(tiny / "tiny.toml"),
-        "--workers",
-        "2",
-        "--out",
-        str(out),
-        "--resume",
-        "--set",
-        "parallel.algorithm=cocktail",
-        "--set",
-        "train.steps=16",
+    r = train_tiny(
+        tiny, out, "--resume", "--set", "parallel.algorithm=cocktail", "--set", "train.steps=16"
     )
     assert r.returncode == 2
     assert "parallel.algorithm = 'allreduce' in the checkpoint, 'cocktail' now" in r.stderr
@@ -176,7 +161,7 @@ def test_resume_with_another_algorithm_names_the_key(tiny, run_a):
 
 
 def test_new_run_refuses_to_overwrite(tiny, run_a):
-    r = farflung("train", str(tiny / "tiny.toml"), "--workers", "1", "--out", str(run_a))
+    r = train_tiny(tiny, run_a, workers=1)
     assert r.returncode == 2
     assert "already holds a run" in r.stderr
 

@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, raise_interrupt)
+    # Ctrl+C must stop a run even when farflung was started from a script in the
+    # background, where the shell makes SIGINT ignored and Python would keep it so
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if getattr(args, "workers", 1) < 1:
         print("farflung: --workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
