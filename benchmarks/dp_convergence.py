@@ -13,6 +13,7 @@ fewer bytes it sends); ``val_loss_ratio`` is the algorithm's loss over allreduce
 
     python benchmarks/dp_convergence.py [--config configs/small.toml] [--steps 150]
                                         [--workers 2] [--only cocktail diloco]
+                                        [--cocktail-codec SPEC ...]
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def run(name: str, args: argparse.Namespace, out: Path) -> dict:
     }
 
 
+def _folder(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/small.toml")
@@ -80,11 +85,21 @@ def main() -> None:
     )
     p.add_argument("--set", action="append", default=[], help="extra overrides for every run")
     p.add_argument("--keep", help="keep the run folders here (for `farflung report`)")
+    p.add_argument(
+        "--cocktail-codec",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also run cocktail with this codec (a row named cocktail[SPEC]); repeatable",
+    )
     args = p.parse_args()
+    for spec in args.cocktail_codec:
+        VARIANTS[f"cocktail[{spec}]"] = ["parallel.algorithm=cocktail", f"parallel.codec={spec}"]
     names = ["allreduce"] + [n for n in (args.only or VARIANTS) if n != "allreduce"]
+    names += [f"cocktail[{spec}]" for spec in args.cocktail_codec if args.only]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
-        results = [run(n, args, root / n.replace("+", "_")) for n in names]
+        results = [run(n, args, root / _folder(n)) for n in names]
     base = results[0]
     for r in results:
         r["val_loss_ratio"] = r["val_loss"] / base["val_loss"]
