@@ -42,9 +42,12 @@ def test_collectives_take_the_modelled_time(world):
     # ring all-reduce: 2(n-1) steps of delay + (bytes/n) / bandwidth
     expect_ar = 2 * (world - 1) * (DELAY + 8 * 1e6 / world / BW)
     expect_ex = DELAY + 8 * 100_000 / BW
+    # The lower bound is the property (a transfer never beats its link). The upper one
+    # only catches gross errors, such as the delay paid per message part: it is loose
+    # because a loaded 2-core CI machine can make the real transfer itself slow.
     for res in run_distributed(timed_collectives, world):
-        assert expect_ar <= res["allreduce"] < expect_ar * 1.3 + 0.05
-        assert expect_ex <= res["exchange"] < expect_ex * 1.3 + 0.05
+        assert expect_ar <= res["allreduce"] < expect_ar * 2 + 0.2
+        assert expect_ex <= res["exchange"] < expect_ex * 2 + 0.2
         # the emulated waiting counts as time blocked on communication
         assert res["blocked"] >= 2 * expect_ar + expect_ex
 

@@ -36,19 +36,19 @@ TOLERANCE = 0.15
 def _ours_elsewhere(name: str) -> bool:
     """A namespace of a lab that another live process owns (a concurrent test run)."""
     m = NS_PATTERN.match(name)
-    return bool(m) and m.group(1) not in lab_module._LIVE and housekeeping._owner_alive(m.group(1))
+    return bool(m) and m.group(1) not in lab_module._LIVE and housekeeping.owner_alive(m.group(1))
 
 
 def snapshot() -> tuple[frozenset[str], frozenset[str]]:
     """Namespaces (minus other live labs) and the links of the namespace we run in."""
-    ns = frozenset(n for n in housekeeping._list_netns() if not _ours_elsewhere(n))
+    ns = frozenset(n for n in housekeeping.list_netns() if not _ours_elsewhere(n))
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     links = frozenset(line.split(":")[1].strip().split("@")[0] for line in out.splitlines())
     return ns, links
 
 
 def with_prefix(prefix: str) -> list[str]:
-    return [n for n in housekeeping._list_netns() if n.startswith(prefix)]
+    return [n for n in housekeeping.list_netns() if n.startswith(prefix)]
 
 
 # ---- no root needed -------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_sigkill_then_netlab_down_removes_leftovers():
             assert len(with_prefix(prefix)) == 3
             proc.send_signal(signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while housekeeping._start_time(proc.pid) is not None:  # dead, not yet reaped
+            while housekeeping.start_time(proc.pid) is not None:  # dead, not yet reaped
                 assert time.monotonic() < deadline, "the killed process did not die"
                 time.sleep(0.01)
             assert len(with_prefix(prefix)) == 3  # no chance to clean up

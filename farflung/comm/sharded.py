@@ -56,10 +56,6 @@ class ShardedAllReduce:
         self.sizes = chunk_sizes(numel, comm.size)
         self.offsets = [sum(self.sizes[:j]) for j in range(comm.size)]
         self.server_ef = ErrorFeedback() if server_feedback else None
-        # codec work is timed in CPU seconds of the calling thread for CPU tensors, so
-        # a background sync preempted by training on a busy core is not charged for
-        # the wait; in wall-clock seconds on GPUs, where the work runs off the CPU
-        self._clock = time.thread_time
 
     def contexts(self, step: int, seed: int) -> list[CodecContext]:
         """One context per chunk: the same on every rank but for the rounding noise."""
@@ -88,6 +84,9 @@ class ShardedAllReduce:
         n, r = self.comm.size, self.comm.rank
         if n == 1:  # nothing crosses a link
             return x.clone(), x.clone()
+        # codec work is timed in CPU seconds of the calling thread for CPU tensors, so
+        # a background sync preempted by training on a busy core is not charged for
+        # the wait; in wall-clock seconds on GPUs, where the work runs off the CPU
         self._clock = time.perf_counter if x.is_cuda else time.thread_time
         started, self._exchange_s = self._clock(), 0.0
         ctxs = chunk_contexts(step, seed, n, r)

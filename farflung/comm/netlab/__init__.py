@@ -1,16 +1,15 @@
 """The network lab: emulate slow, heterogeneous links on one Linux machine with network
 namespaces, veth pairs, a bridge and tc shaping (root needed). See docs/netlab.md."""
 
-from farflung.comm.netlab.lab import (
-    MAX_HOSTS,
+from farflung.comm.netlab.housekeeping import (
     NS_PATTERN,
     PREFIX_PATTERN,
-    Lab,
     NetlabError,
     available,
     list_labs,
     netlab_down,
 )
+from farflung.comm.netlab.lab import MAX_HOSTS, Lab
 from farflung.comm.netlab.throughput import ThroughputResult, measure_pairs, measure_throughput
 
 __all__ = [

@@ -28,7 +28,7 @@ class NetlabError(RuntimeError):
     """Setting up or tearing down the lab failed; the message says which command."""
 
 
-def _run(
+def run_cmd(
     argv: Sequence[str], *, input: str | None = None, check: bool = True, timeout: float = 60
 ) -> subprocess.CompletedProcess:
     try:
@@ -43,18 +43,18 @@ def _run(
     return proc
 
 
-def _batch(argv: Sequence[str], lines: Sequence[str], *, check: bool = True) -> None:
+def run_batch(argv: Sequence[str], lines: Sequence[str], *, check: bool = True) -> None:
     """Run many ``ip``/``tc`` commands in one process (``-batch -``)."""
     if lines:
-        _run([*argv, "-batch", "-"], input="\n".join(lines) + "\n", check=check)
+        run_cmd([*argv, "-batch", "-"], input="\n".join(lines) + "\n", check=check)
 
 
-def _list_netns() -> list[str]:
-    out = _run(["ip", "netns", "list"]).stdout
+def list_netns() -> list[str]:
+    out = run_cmd(["ip", "netns", "list"]).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """The kernel's start time of a live ``pid`` (tells a live owner from a reused pid);
     None when there is no such process or it is a zombie."""
     try:
@@ -65,24 +65,24 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
-def _owner_alive(prefix: str) -> bool:
+def owner_alive(prefix: str) -> bool:
     try:
         state = json.loads((STATE_DIR / f"{prefix}.json").read_text())
         pid, started = int(state["pid"]), str(state["start_time"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return _start_time(pid) == started
+    return start_time(pid) == started
 
 
-def _write_owner(prefix: str, **extra: Any) -> None:
+def write_owner(prefix: str, **extra: Any) -> None:
     """Record that this process owns the namespaces named ``prefix...``."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
-    state = {"prefix": prefix, "pid": pid, "start_time": _start_time(pid), **extra}
+    state = {"prefix": prefix, "pid": pid, "start_time": start_time(pid), **extra}
     (STATE_DIR / f"{prefix}.json").write_text(json.dumps(state) + "\n")
 
 
-def _remove_state(prefix: str) -> None:
+def remove_state(prefix: str) -> None:
     for suffix in (".json", ".matrix.json"):
         try:
             (STATE_DIR / f"{prefix}{suffix}").unlink()
@@ -90,17 +90,17 @@ def _remove_state(prefix: str) -> None:
             pass
 
 
-def _delete_netns(names: Sequence[str]) -> list[str]:
+def delete_netns(names: Sequence[str]) -> list[str]:
     """Delete namespaces by name; returns those that are gone afterwards."""
     names = [n for n in names if NS_PATTERN.match(n)]  # never anything else
     if not names:
         return []
-    _batch(["ip", "-force"], [f"netns del {n}" for n in names], check=False)
-    left = set(_list_netns())
+    run_batch(["ip", "-force"], [f"netns del {n}" for n in names], check=False)
+    left = set(list_netns())
     for n in names:
         if n in left:
-            _run(["ip", "netns", "del", n], check=False)
-    left = set(_list_netns())
+            run_cmd(["ip", "netns", "del", n], check=False)
+    left = set(list_netns())
     return [n for n in names if n not in left]
 
 
@@ -117,17 +117,18 @@ def available() -> tuple[bool, str]:
     prefix = f"ffl{secrets.token_hex(3)}"
     probe = f"{prefix}pr"
     try:
-        _write_owner(prefix, hosts=0)  # so a concurrent netlab_down() leaves it alone
-        _run(["ip", "netns", "add", probe])
-        _run(["ip", "-n", probe, "link", "add", "ffa", "type", "veth", "peer", "name", "ffb"])
-        _run(["tc", "-n", probe, "qdisc", "add", "dev", "ffa", "root", "tbf", "rate", "1mbit",
+        write_owner(prefix, hosts=0)  # so a concurrent netlab_down() leaves it alone
+        run_cmd(["ip", "netns", "add", probe])
+        run_cmd(["ip", "-n", probe, "link", "add", "ffa", "type", "veth", "peer", "name", "ffb"])
+        run_cmd(["tc", "-n", probe, "qdisc", "add", "dev", "ffa", "root", "tbf", "rate", "1mbit",
               "burst", "32kb", "latency", "50ms"])  # fmt: skip
-        _run(["tc", "-n", probe, "qdisc", "replace", "dev", "ffa", "root", "handle", "1:", "htb"])
+        htb = ["qdisc", "replace", "dev", "ffa", "root", "handle", "1:", "htb"]
+        run_cmd(["tc", "-n", probe, *htb])
     except (NetlabError, OSError) as e:
         return False, f"cannot create a namespace with shaped veth links: {e}"
     finally:
-        _delete_netns([probe])
-        _remove_state(prefix)
+        delete_netns([probe])
+        remove_state(prefix)
     return True, "ok"
 
 
@@ -139,23 +140,23 @@ def netlab_down(*, force: bool = False) -> list[str]:
     removed namespace are not killed (the namespace disappears from ``ip netns list``
     and loses its links; the processes keep running until they exit)."""
     groups: dict[str, list[str]] = defaultdict(list)
-    for name in _list_netns():
+    for name in list_netns():
         m = NS_PATTERN.match(name)
         if m:
             groups[m.group(1)].append(name)
     removed: list[str] = []
     for prefix, names in sorted(groups.items()):
-        if not force and _owner_alive(prefix):
+        if not force and owner_alive(prefix):
             continue
-        removed += _delete_netns(names)
-        if not set(names) & set(_list_netns()):
-            _remove_state(prefix)
+        removed += delete_netns(names)
+        if not set(names) & set(list_netns()):
+            remove_state(prefix)
     # state files of labs whose namespaces are already gone
     if STATE_DIR.is_dir():
         for f in STATE_DIR.glob("ffl*.json"):
             prefix = f.name.split(".", 1)[0]
-            if PREFIX_PATTERN.match(prefix) and prefix not in groups and not _owner_alive(prefix):
-                _remove_state(prefix)
+            if PREFIX_PATTERN.match(prefix) and prefix not in groups and not owner_alive(prefix):
+                remove_state(prefix)
     return sorted(removed)
 
 
@@ -163,7 +164,7 @@ def list_labs() -> list[dict[str, Any]]:
     """The farflung labs on this machine: ``prefix``, ``namespaces``, ``hosts`` (from the
     state file, when there is one) and ``owner_alive``."""
     groups: dict[str, list[str]] = defaultdict(list)
-    for name in _list_netns():
+    for name in list_netns():
         m = NS_PATTERN.match(name)
         if m:
             groups[m.group(1)].append(name)
@@ -178,7 +179,7 @@ def list_labs() -> list[dict[str, Any]]:
                 "prefix": prefix,
                 "namespaces": sorted(names),
                 "hosts": hosts,
-                "owner_alive": _owner_alive(prefix),
+                "owner_alive": owner_alive(prefix),
             }
         )
     return labs

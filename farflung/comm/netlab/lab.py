@@ -43,27 +43,16 @@ from farflung.comm.netlab.housekeeping import (
     PREFIX_PATTERN,
     STATE_DIR,
     NetlabError,
-    _batch,
-    _delete_netns,
-    _list_netns,
-    _remove_state,
-    _run,
-    _write_owner,
     available,
-    list_labs,
-    netlab_down,
+    delete_netns,
+    list_netns,
+    remove_state,
+    run_batch,
+    run_cmd,
+    write_owner,
 )
 
-__all__ = [
-    "MAX_HOSTS",
-    "NS_PATTERN",
-    "PREFIX_PATTERN",
-    "Lab",
-    "NetlabError",
-    "available",
-    "list_labs",
-    "netlab_down",
-]
+__all__ = ["MAX_HOSTS", "Lab"]
 
 MAX_HOSTS = 254
 SHAPINGS = ("auto", "tbf", "htb")
@@ -297,7 +286,7 @@ class Lab:
     # ---- life cycle ------------------------------------------------------------------------
 
     def _write_state(self) -> None:
-        _write_owner(self.prefix, hosts=self.n, shaping=self.shaping, created_at=time.time())
+        write_owner(self.prefix, hosts=self.n, shaping=self.shaping, created_at=time.time())
         self.matrix.to_file(STATE_DIR / f"{self.prefix}.matrix.json")
 
     def up(self) -> Lab:
@@ -307,7 +296,7 @@ class Lab:
         ok, why = available()
         if not ok:
             raise NetlabError(f"the network lab is not available: {why}")
-        taken = [n for n in _list_netns() if n.startswith(self.prefix)]
+        taken = [n for n in list_netns() if n.startswith(self.prefix)]
         if taken:
             raise NetlabError(f"namespaces with prefix {self.prefix} exist already: {taken}")
         with _LIVE_LOCK:
@@ -325,14 +314,15 @@ class Lab:
     def _create(self) -> None:
         names = [self.bridge_netns] + [self.netns(i) for i in range(self.n)]
         for name in names:  # one by one, so a failure leaves a precise record
-            _run(["ip", "netns", "add", name])
+            run_cmd(["ip", "netns", "add", name])
             self._created.append(name)
         if Path("/proc/sys/net/ipv6").is_dir() and shutil.which("sysctl"):
             # IPv4 only inside the lab: no IPv6 chatter on shaped links, and gloo cannot
             # pick a link-local IPv6 address of GLOO_SOCKET_IFNAME (set before the links
             # exist, so they inherit it)
             off = "net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"
-            _batch(["ip"], [f"netns exec {name} sysctl -q -w {off}" for name in names], check=False)
+            sysctls = [f"netns exec {name} sysctl -q -w {off}" for name in names]
+            run_batch(["ip"], sysctls, check=False)
         br = self.bridge_netns  # the bridge device shares the namespace's name
         lines = ["link set lo up", f"link add {br} type bridge", f"link set {br} up"]
         for i in range(self.n):
@@ -343,7 +333,7 @@ class Lab:
                 f"link set {self._port(i)} master {br}",
                 f"link set {self._port(i)} up",
             ]
-        _batch(["ip", "-n", br], lines)
+        run_batch(["ip", "-n", br], lines)
         for i in range(self.n):
             lines = [
                 "link set lo up",
@@ -351,8 +341,8 @@ class Lab:
                 f"link set {self.iface(i)} up",
             ]
             lines += self._gso_commands(i)
-            _batch(["ip", "-n", self.netns(i)], lines)
-            _batch(["tc", "-n", self.netns(i)], self.tc_commands(i))
+            run_batch(["ip", "-n", self.netns(i)], lines)
+            run_batch(["tc", "-n", self.netns(i)], self.tc_commands(i))
 
     def _gso_commands(self, i: int) -> list[str]:
         """``ip link`` lines that limit GSO on host i's interface (see the constants)."""
@@ -383,8 +373,8 @@ class Lab:
                 proc.kill()
                 proc.wait(timeout=3)
         self._procs.clear()
-        ours = [n for n in _list_netns() if NS_PATTERN.match(n) and n.startswith(self.prefix)]
-        gone = set(_delete_netns(ours))
+        ours = [n for n in list_netns() if NS_PATTERN.match(n) and n.startswith(self.prefix)]
+        gone = set(delete_netns(ours))
         left = [n for n in ours if n not in gone]
         self._created = []
         self._up = False
@@ -392,7 +382,7 @@ class Lab:
             _LIVE.pop(self.prefix, None)
         if left:
             raise NetlabError(f"could not delete namespaces {left}; run netlab_down()")
-        _remove_state(self.prefix)
+        remove_state(self.prefix)
 
     def detach(self) -> str:
         """Let the lab outlive this process (``farflung netlab up``): it is no longer
@@ -419,7 +409,7 @@ class Lab:
             raise NetlabError(f"no lab {prefix} here: {e}") from None
         lab = cls(matrix, prefix, shaping="auto")
         lab.shaping = str(state.get("shaping", lab.shaping))
-        missing = {lab.bridge_netns, *(lab.netns(i) for i in range(lab.n))} - set(_list_netns())
+        missing = {lab.bridge_netns, *(lab.netns(i) for i in range(lab.n))} - set(list_netns())
         if missing:
             raise NetlabError(f"lab {prefix} is incomplete, missing {sorted(missing)}")
         lab._up = True
