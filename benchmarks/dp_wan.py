@@ -1,6 +1,7 @@
 """Step time of the data-parallel algorithms over emulated slow links.
 
-For every link in {unshaped, 1gbit, 500mbit, 100mbit} and every algorithm in
+For every link in {unshaped, 1gbit, 500mbit, 100mbit, 100mbit with 50 ms one-way
+delay} and every algorithm in
 {allreduce, compressed, cocktail, diloco}, trains ``configs/small.toml`` with 2 local
 workers behind that link (``--netlab``: namespaces + tc when root, else the
 in-process link model — the JSON says which) and reports the step time, the slowdown
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from common import train
 
-LINKS = ["unshaped", "1gbit", "500mbit", "100mbit"]
+LINKS = ["unshaped", "1gbit", "500mbit", "100mbit", "100mbit,50ms"]
 ALGORITHMS = {
     "allreduce": ["parallel.algorithm=allreduce"],
     "compressed": ["parallel.algorithm=compressed", "parallel.codec=quantize:bits=4"],
@@ -40,7 +41,8 @@ WARMUP = 2
 
 def run(algorithm: str, link: str, args: argparse.Namespace, out: Path) -> dict:
     print(f"[dp_wan] {algorithm} @ {link}", file=sys.stderr, flush=True)
-    net = [] if link == "unshaped" else [f"--{args.mode}", f"{link},{args.delay}"]
+    spec = link if "," in link else f"{link},{args.delay}"  # a link may name its own delay
+    net = [] if link == "unshaped" else [f"--{args.mode}", spec]
     records, summary = train(
         args.config, args.workers, args.steps, out, ALGORITHMS[algorithm] + args.set, net
     )
@@ -85,7 +87,7 @@ def main() -> None:
     for r in results:
         r["slowdown"] = r["step_s"] / base[r["algorithm"]]
         print(
-            f"{r['algorithm']:>10} @ {r['link']:>8}: {r['step_s']:.2f} s/step "
+            f"{r['algorithm']:>10} @ {r['link']:>12}: {r['step_s']:.2f} s/step "
             f"({r['slowdown']:.2f}x), {r['bytes_per_step'] / 1e6:.2f} MB/step/rank, "
             f"{r['tokens_per_s']:,.0f} tok/s  [{r['network']}]",
             file=sys.stderr,

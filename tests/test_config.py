@@ -107,3 +107,18 @@ def test_docs_page_is_current():
 
     page = (ROOT / "docs" / "configs.md").read_text()
     assert page == render_markdown(), "regenerate: python -m farflung.config.docs > docs/configs.md"
+
+
+@pytest.mark.parametrize(
+    "override", ["optim.lr=nan", "parallel.timeout_s=inf", "optim.grad_clip=-inf"]
+)
+def test_non_finite_numbers_are_refused(override):
+    """NaN passes every bound check (all comparisons with NaN are false)."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} = .* a finite number"):
+        load_config(ROOT / "configs" / "demo.toml", [override])
+
+
+def test_nonfinite_policy_is_a_choice():
+    with pytest.raises(ConfigError, match="train.on_nonfinite = 'ignore' is not allowed"):
+        load_config(ROOT / "configs" / "demo.toml", ["train.on_nonfinite=ignore"])

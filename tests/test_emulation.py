@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 
 import pytest
 import torch
+import torch.distributed as dist
 from distributed import run_distributed
 
 from farflung.comm import Comm
@@ -50,6 +53,96 @@ def test_collectives_take_the_modelled_time(world):
         assert expect_ex <= res["exchange"] < expect_ex * 2 + 0.2
         # the emulated waiting counts as time blocked on communication
         assert res["blocked"] >= 2 * expect_ar + expect_ex
+
+
+def concurrent_all_reduces(rank: int, world: int) -> dict:
+    set_link_model(LinkModel(LinkMatrix.uniform(world, "100mbit", 0)))
+    comm = Comm()
+    side = Comm(dist.new_group(), comm.meter, background=True)  # as cocktail's sync thread
+    a, b = torch.ones(2_500_000), torch.ones(2_500_000)  # 10 MB of fp32 each
+    comm.barrier()
+    t0 = time.perf_counter()
+    for h in [comm.all_reduce_async(a, "dp"), comm.all_reduce_async(b, "dp")]:
+        h.wait()
+    back_to_back = time.perf_counter() - t0
+    comm.barrier()
+    t0 = time.perf_counter()
+    h = comm.all_reduce_async(a, "dp")
+    thread = threading.Thread(target=side.all_reduce, args=(b, "dp"))
+    thread.start()
+    thread.join()
+    h.wait()
+    two_threads = time.perf_counter() - t0
+    return {"back_to_back": back_to_back, "two_threads": two_threads, "a": a[0], "b": b[0]}
+
+
+def test_concurrent_transfers_share_the_hosts_link():
+    # with 2 ranks each all-reduce puts 10 MB on every rank's egress: 0.8 s at 100 Mbit,
+    # so two at once take the sum, whether from one Comm or from two in two threads
+    for res in run_distributed(concurrent_all_reduces, 2):
+        assert res["a"] == 4 and res["b"] == 4  # both reduced twice
+        assert 1.6 <= res["back_to_back"] < 3 * 1.6
+        assert 1.6 <= res["two_threads"] < 3 * 1.6
+
+
+def one_host_sends_to_two(rank: int, world: int) -> dict:
+    set_link_model(LinkModel(LinkMatrix.uniform(world, "100mbit", "10ms")))
+    comm = Comm()
+    inp = torch.zeros(world * 2_500_000, dtype=torch.uint8)  # 2.5 MB to every rank
+    out = torch.empty_like(inp)
+    comm.barrier()
+    t0 = time.perf_counter()
+    comm.all_to_all(out, inp, kind="dp")
+    all_to_all = time.perf_counter() - t0
+    comm.barrier()
+    t0 = time.perf_counter()
+    comm.broadcast(inp[:2_500_000], src=0, kind="init")
+    return {"all_to_all": all_to_all, "broadcast": time.perf_counter() - t0}
+
+
+def test_messages_out_of_one_host_queue_on_its_egress():
+    # 2.5 MB chunks at 100 Mbit: 0.2 s each, one after the other, then 10 ms of delay
+    one, delay = 8 * 2.5e6 / 100e6, 0.010
+    res = run_distributed(one_host_sends_to_two, 3)
+    for r in res:  # two chunks out and two in per rank
+        assert 2 * one + delay <= r["all_to_all"] < 3 * (2 * one + delay)
+    # broadcast as direct sends: rank 0 sends rank 1's copy, then rank 2's
+    assert 2 * one + delay <= res[0]["broadcast"] < 3 * (2 * one + delay)
+    assert one + delay <= res[1]["broadcast"]
+    assert 2 * one + delay <= res[2]["broadcast"]
+
+
+def delay_after_real_worker(rank: int, world: int, late: float, delay: float) -> dict:
+    # unlimited bandwidth with a delay: the model the network lab installs over tc
+    matrix = LinkMatrix([[math.inf] * world for _ in range(world)], [[delay] * world] * world)
+    set_link_model(LinkModel(matrix))
+    comm = Comm()
+    x = torch.ones(1000)
+    comm.all_reduce(x, kind="dp")  # connections
+    comm.barrier()
+    if rank == 1:
+        time.sleep(late)  # rank 0's real all-reduce cannot finish before this
+    t0 = time.perf_counter()
+    comm.all_reduce(x, kind="dp")
+    slow_real = time.perf_counter() - t0
+    comm.barrier()
+    h = comm.all_reduce_async(x, kind="dp")
+    time.sleep(late + 2 * delay)  # real transfer and its delay are over by now
+    t0 = time.perf_counter()
+    h.wait()
+    return {"slow_real": slow_real, "late_wait": time.perf_counter() - t0}
+
+
+def test_delay_counts_after_the_real_transfer():
+    late, delay = 0.6, 0.3
+    res = run_distributed(delay_after_real_worker, 2, late, delay)
+    # ring of 2: two steps, a delay each, after the real transfer (not overlapping it);
+    # 0.05 s allows for the two ranks leaving the barrier at slightly different times
+    assert res[0]["slow_real"] >= late + 2 * delay - 0.05
+    assert res[1]["slow_real"] >= 2 * delay
+    for r in res:
+        # the delay counts from when the transfer ended, not from a late wait()
+        assert r["late_wait"] < delay
 
 
 def probe_worker(rank: int, world: int, matrix: dict) -> dict:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from test_faults import kill_all, wait_until_training, worker_pids
 from test_train_cli import farflung, losses, run_a, tiny  # noqa: F401  (fixtures)
 
 
@@ -78,3 +81,40 @@ def test_torchrun_runs_the_same_worker(tiny, run_a):  # noqa: F811
     assert r.returncode == 0, r.stderr
     assert losses(out) == losses(run_a)
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_torchrun_worker_names_a_frozen_peer(tiny):  # noqa: F811
+    """Under torchrun (whose agent hosts the store) the worker's own line names the
+    frozen rank within the timeout; torchrun's shutdown afterwards is its own."""
+    timeout_s = 10
+    out = tiny / "torchrun_frozen"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=127.0.0.1:0", "-m", "farflung.train", str(tiny / "tiny.toml"),
+           "--out", str(out), "--quiet"]  # fmt: skip
+    for item in ("train.steps=100000", "train.eval_every=0", "train.checkpoint_every=25",
+                 f"parallel.timeout_s={timeout_s}"):  # fmt: skip
+        cmd += ["--set", item]
+    agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in agent.stderr], daemon=True).start()
+    pids: dict[int, int] = {}
+    try:
+        wait_until_training(agent, out)
+        pids = worker_pids(agent)
+        os.kill(pids[1], signal.SIGSTOP)
+        frozen = time.monotonic()
+        seen = []
+        while time.monotonic() - frozen < timeout_s + 20:
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                continue
+            if "rank 1 stopped responding" in seen[-1]:
+                break
+        took = time.monotonic() - frozen
+        assert "rank 1 stopped responding" in seen[-1], "".join(seen)[-3000:]
+        assert seen[-1].startswith("farflung: rank 0: rank 1 stopped responding (no heartbeat")
+        assert timeout_s - 2 <= took <= timeout_s + 10, f"named {took:.1f} s after the freeze"
+    finally:
+        kill_all(agent, pids)

@@ -394,3 +394,28 @@ def test_wait_for_sleeps_the_right_time():
     slept = lm.wait_for(0, 1, nbytes, started_at=t0)
     assert time.monotonic() - t0 == pytest.approx(0.050, abs=0.020)
     assert slept == pytest.approx(0.020, abs=0.015)
+
+
+def test_a_hosts_links_are_queues():
+    lm = LinkModel(LinkMatrix.uniform(3, "8mbit", "10ms"))  # 1 MB = 1 s on the wire
+    # two messages launched together out of host 0 leave one after the other
+    assert lm.egress(0, 1, 1_000_000, not_before=5.0) == pytest.approx(6.0)
+    assert lm.egress(0, 2, 1_000_000, not_before=5.0) == pytest.approx(7.0)
+    # the same holds for messages coming into one host, whatever their sources
+    assert lm.ingress(1, 2, 500_000, not_before=5.0) == pytest.approx(5.5)
+    assert lm.ingress(0, 2, 500_000, not_before=5.0) == pytest.approx(6.0)
+    # other hosts' links, and host 0's ingress, are not held up by host 0's egress
+    assert lm.egress(1, 0, 1_000_000, not_before=5.0) == pytest.approx(6.0)
+    assert lm.ingress(2, 0, 1_000_000, not_before=5.0) == pytest.approx(6.0)
+    # a message launched after the queue has drained starts at its launch
+    assert lm.egress(0, 1, 1_000_000, not_before=20.0) == pytest.approx(21.0)
+
+
+def test_unlimited_pairs_bypass_the_queue():
+    m = LinkMatrix([[0, 8e6, math.inf], [8e6, 0, 8e6], [8e6, 8e6, 0]])
+    lm = LinkModel(m)
+    assert lm.egress(0, 1, 1_000_000, not_before=0.0) == pytest.approx(1.0)
+    assert lm.egress(0, 2, 10**9, not_before=0.5) == 0.5  # unshaped: no wait, no hold
+    assert lm.egress(0, 1, 1_000_000, not_before=0.5) == pytest.approx(2.0)
+    assert lm.serialization_time(0, 2, 10**9) == 0.0
+    assert lm.serialization_time(1, 1, 10**9) == 0.0

@@ -8,7 +8,15 @@ import torch.distributed as dist
 from distributed import run_distributed
 
 from farflung.comm import Comm
-from farflung.comm.sharded import ShardedAllReduce, chunk_contexts, chunk_sizes
+from farflung.comm.sharded import (
+    OK,
+    SKIPPED,
+    PoisonedSync,
+    ShardedAllReduce,
+    chunk_contexts,
+    chunk_sizes,
+    status_nbytes,
+)
 from farflung.compress import make_codec
 
 NUMEL = 1001  # divisible by none of 2, 3, 4
@@ -41,12 +49,16 @@ def sharded_worker(rank: int, world: int, spec: str) -> dict:
 
 def expected_bytes(spec: str, world: int, rank: int) -> int:
     """Phase 1: our payload for every other owner's chunk; phase 2: our aggregate to
-    every other rank -- the codec's own size formula for each chunk."""
+    every other rank -- the codec's own size formula for each chunk, plus the status
+    in front of each payload (one byte, then a bitmap of 2 bits per rank + 1)."""
     codec = make_codec(spec)
     chunks = chunk_sizes(NUMEL, world)
     ctxs = chunk_contexts(3, 7, world)
     sizes = [codec.payload_nbytes(chunks[j], ctxs[j]) for j in range(world)]
-    return sum(sizes[j] for j in range(world) if j != rank) + (world - 1) * sizes[rank]
+    phase1 = sum(sizes[j] + 1 for j in range(world) if j != rank)
+    bitmap = (2 * world + 1 + 7) // 8
+    assert status_nbytes(2, world) == bitmap
+    return phase1 + (world - 1) * (sizes[rank] + bitmap)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -88,3 +100,45 @@ def test_chunks_cover_everything():
     for n, parts in [(1001, 3), (5, 4), (3, 4), (0, 2)]:
         sizes = chunk_sizes(n, parts)
         assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+
+
+def poisoned_worker(rank: int, world: int, spec: str, bad_value: float) -> dict:
+    """Round 1: rank 1's input holds ``bad_value``; round 2: clean, rank 0 says it
+    skipped a step. Every rank must come through both rounds."""
+    comm = Comm()
+    op = ShardedAllReduce(comm, NUMEL, make_codec(spec), server_feedback=True)
+    op(_inputs(rank), step=0, seed=7)  # fills the server error buffer
+    ef_before = op.server_ef.error.clone()
+    x = _inputs(rank)
+    if rank == 1:
+        x[17] = bad_value
+    try:
+        op(x, step=1, seed=7)
+        first = None
+    except PoisonedSync as e:
+        first = {"bad": e.faults.bad, "aggregate": e.faults.aggregate}
+    ef_after = op.server_ef.error.clone()
+    avg, _ = op(_inputs(rank), step=2, seed=7, status=SKIPPED if rank == 0 else OK)
+    return {
+        "first": first,
+        "ef_kept": torch.equal(ef_before, ef_after),
+        "avg": avg,
+        "skipped": op.last_faults.skipped,
+    }
+
+
+@pytest.mark.parametrize(
+    "spec,bad_value",
+    [("quantize:bits=8", float("nan")), ("cocktail", float("inf")), ("quantize:bits=4", 1e38)],
+    ids=["nan", "inf", "beyond-fp16-scale"],
+)
+def test_a_bad_input_poisons_the_round_on_every_rank(spec, bad_value):
+    """The rank with the bad input does not fail alone (its peers would block): all
+    ranks finish the round, name rank 1, apply nothing, and go on to the next round."""
+    results = run_distributed(poisoned_worker, 3, spec, bad_value)
+    for res in results:
+        assert res["first"] == {"bad": [1], "aggregate": False}
+        assert res["ef_kept"]  # the dropped round left the server error buffer alone
+        assert torch.isfinite(res["avg"]).all()
+        assert res["skipped"] == [0]
+        torch.testing.assert_close(res["avg"], results[0]["avg"])

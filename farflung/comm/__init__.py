@@ -4,7 +4,9 @@ from farflung.comm.collectives import Comm, Handle, nbytes
 from farflung.comm.dist import (
     DistInfo,
     free_port,
+    group_timeout,
     init_distributed,
+    new_group,
     pick_backend,
     shutdown_distributed,
 )
@@ -18,8 +20,10 @@ __all__ = [
     "MeterSnapshot",
     "Traffic",
     "free_port",
+    "group_timeout",
     "init_distributed",
     "nbytes",
+    "new_group",
     "pick_backend",
     "shutdown_distributed",
 ]

@@ -1,13 +1,31 @@
 """Metered torch.distributed collectives, optionally slowed to an emulated network.
 
 :class:`Comm` wraps a process group; every call records the bytes this rank puts on
-and takes off its links (from the real tensor sizes and the collective's algorithm)
-and the seconds the caller was blocked. Higher layers communicate only through it,
-so no byte escapes the meter.
+and takes off its links, and the seconds the caller was blocked. Higher layers
+communicate only through it, so no call escapes the meter.
+
+Which byte counts are real and which are computed:
+
+- :meth:`Comm.all_to_all` and :meth:`Comm.exchange` count the real sizes of the
+  tensors handed to the backend (for all-to-all, the split sizes times the element
+  size, this rank's own chunk left out: it crosses no link);
+- :meth:`Comm.all_reduce`, :meth:`Comm.all_gather` and :meth:`Comm.broadcast` count
+  what the collective's textbook algorithm moves for a tensor of that size: ring
+  all-reduce 2(n-1)/n of the payload each way, ring all-gather (n-1) input chunks
+  each way, broadcast as direct sends from the source ((n-1) copies out of it, one
+  into every other rank). The backend may use another algorithm (gloo and NCCL pick
+  their own, trees among them), so these are not what crossed the wire.
+
+No count includes protocol overhead (TCP/IP headers, the backend's framing).
 
 With a link model installed (:func:`set_link_model`), every call also lasts at least
-as long as it would on the emulated links: the real transfer runs, then the caller
-waits out the rest of the modelled time (see :func:`collective_seconds`)."""
+as long as it would on the emulated links: the real transfer runs, and the caller
+then waits until the model says the data has arrived. Each call puts the bytes this
+rank sends through its host's egress queue and the bytes it receives through its
+ingress queue (see :class:`~farflung.comm.link.LinkModel`), so concurrent calls share
+the links. The one-way delay counts from the later of the modelled serialization and
+the real transfer's completion, so over a real shaped link and a delay-only model
+(the network lab) a call takes the shaped time plus the delay."""
 
 from __future__ import annotations
 
@@ -22,16 +40,18 @@ from farflung.comm.meter import Meter
 
 _link_model: LinkModel | None = None
 
+# A part of a collective's modelled time: (when its last byte has left the queue, the
+# delay its arrival still takes after that)
+Leg = tuple[float, float]
+
 
 def set_link_model(model: LinkModel | None) -> None:
-    """Emulate ``model``'s links in every :class:`Comm` of this process (None: off).
-    Host ``i`` of the model is global rank ``i``."""
+    """Emulate ``model``'s links in every :class:`Comm` this process creates from now
+    on (None: off). Process-global: host ``i`` of the model is global rank ``i``, and
+    all of this process's Comms, in every thread, share the model's queues, as the
+    traffic of one host shares its links."""
     global _link_model
     _link_model = model
-
-
-def get_link_model() -> LinkModel | None:
-    return _link_model
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -43,18 +63,41 @@ class Handle:
     """An in-flight asynchronous collective; :meth:`wait` accounts the blocked time,
     including what is left of the emulated link time."""
 
-    def __init__(self, work: dist.Work | None, comm: Comm, kind: str, deadline: float = 0.0):
-        self._work, self._comm, self._kind, self._deadline = work, comm, kind, deadline
+    def __init__(
+        self,
+        work: dist.Work | None,
+        comm: Comm,
+        kind: str,
+        legs: Sequence[Leg] = (),
+        since: float | None = None,
+    ) -> None:
+        self._work, self._comm, self._kind, self._legs = work, comm, kind, legs
+        self._since = since  # a blocking call's launch: its blocked time counts from there
         self._done = False
+        self._real_end: list[float] = []
+        if legs and work is not None and hasattr(work, "get_future"):
+            self._stamp_completion(work)
+
+    def _stamp_completion(self, work: dist.Work) -> None:
+        """Record when the real transfer finishes: an async handle may be waited on
+        long after, and the delay must count from the transfer, not from the wait."""
+        clock = self._comm.link.now
+        try:
+            work.get_future().add_done_callback(lambda _: self._real_end.append(clock()))
+        except RuntimeError:  # gloo's p2p works have no future; wait() time stands in
+            pass
 
     def wait(self) -> None:
         if self._done:
             return
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if self._since is None else self._since
         if self._work is not None:
             self._work.wait()
-        while (left := self._deadline - time.perf_counter()) > 0:
-            time.sleep(left)
+        if self._legs:
+            link = self._comm.link
+            # the callback may still be running right after wait(): then it is now
+            real_end = self._real_end[0] if self._real_end else link.now()
+            link.sleep_until(max(max(s, real_end) + d for s, d in self._legs))
         self._comm.account(self._kind, time.perf_counter() - t0)
         self._done = True
 
@@ -81,22 +124,29 @@ class Comm:
 
     # -- collectives -------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, kind: str, op=dist.ReduceOp.SUM) -> None:
-        self.all_reduce_async(t, kind, op).wait()
+        self._all_reduce(t, kind, op, blocking=True).wait()
 
     def all_reduce_async(self, t: torch.Tensor, kind: str, op=dist.ReduceOp.SUM) -> Handle:
-        """Ring all-reduce: each rank sends and receives 2(n-1)/n of the payload."""
+        """Counted (not measured) as a ring all-reduce: each rank sends and receives
+        2(n-1) chunks of 1/n of the payload, whatever algorithm the backend runs."""
+        return self._all_reduce(t, kind, op, blocking=False)
+
+    def _all_reduce(self, t: torch.Tensor, kind: str, op, blocking: bool) -> Handle:
         n = self.size
         if n == 1:
             return Handle(None, self, kind)
         share = 2 * (n - 1) * nbytes(t) // n
         self.meter.record(kind, sent=share, recv=share)
-        ring = self._ring_seconds(nbytes(t) / n) * 2 * (n - 1)
         return self._start(
-            kind, ring, lambda: dist.all_reduce(t, op=op, group=self.group, async_op=True)
+            kind,
+            lambda t0: self._ring_legs(nbytes(t) / n, 2 * (n - 1), t0),
+            lambda: dist.all_reduce(t, op=op, group=self.group, async_op=True),
+            blocking,
         )
 
     def broadcast(self, t: torch.Tensor, src: int, kind: str) -> None:
-        """Counted as the source sending the tensor to every other rank."""
+        """Counted (not measured) as direct sends: the source sends (n-1) copies of the
+        payload, every other rank receives it once."""
         n = self.size
         if n == 1:
             return
@@ -105,29 +155,38 @@ class Comm:
             self.meter.record(kind, sent=b * (n - 1))
         else:
             self.meter.record(kind, recv=b)
-        seconds = max(self._seconds(src, j, b) for j in range(n) if j != src)
         self._start(
             kind,
-            seconds,
+            lambda t0: self._broadcast_legs(src, b, t0),
             lambda: dist.broadcast(t, src=self._global(src), group=self.group, async_op=True),
         ).wait()
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, kind: str) -> None:
-        """``out`` holds ``size`` copies of ``inp``'s shape (stacked on a new first dim);
-        ring: each rank sends and receives (n-1) chunks."""
+        """``out`` holds ``size`` copies of ``inp``'s shape (stacked on a new first dim).
+        Counted (not measured) as a ring: each rank sends and receives (n-1) chunks of
+        ``inp``'s size."""
+        self._all_gather(out, inp, kind, blocking=True).wait()
+
+    def all_gather_async(self, out: torch.Tensor, inp: torch.Tensor, kind: str) -> Handle:
+        """:meth:`all_gather` in flight: ``out`` is filled once the handle is waited on."""
+        return self._all_gather(out, inp, kind, blocking=False)
+
+    def _all_gather(
+        self, out: torch.Tensor, inp: torch.Tensor, kind: str, blocking: bool
+    ) -> Handle:
         n = self.size
         if n == 1:
             out.copy_(inp.reshape(out.shape))
-            return
+            return Handle(None, self, kind)
         share = (n - 1) * nbytes(inp)
         self.meter.record(kind, sent=share, recv=share)
         flat_out, flat_in = out.view(-1), inp.reshape(-1)
-        seconds = self._ring_seconds(nbytes(inp)) * (n - 1)
-        self._start(
+        return self._start(
             kind,
-            seconds,
+            lambda t0: self._ring_legs(nbytes(inp), n - 1, t0),
             lambda: dist.all_gather_single(flat_out, flat_in, group=self.group, async_op=True),
-        ).wait()
+            blocking,
+        )
 
     def all_to_all(
         self,
@@ -137,7 +196,8 @@ class Comm:
         out_splits: Sequence[int] | None = None,
         in_splits: Sequence[int] | None = None,
     ) -> None:
-        """Every rank keeps its own chunk and sends the others theirs."""
+        """Every rank keeps its own chunk and sends the others theirs. Counts the real
+        sizes of the chunks handed to the backend, this rank's own left out."""
         n = self.size
         if n == 1:
             out.copy_(inp)
@@ -151,14 +211,14 @@ class Comm:
             sent=(sum(in_splits) - in_splits[r]) * elt,
             recv=(sum(out_splits) - out_splits[r]) * elt,
         )
-        seconds = max(
-            max(self._seconds(r, j, in_splits[j] * elt), self._seconds(j, r, out_splits[j] * elt))
-            for j in range(n)
-            if j != r
-        )
+        peers = [(r + k) % n for k in range(1, n)]  # the order a ring of sends would take
         self._start(
             kind,
-            seconds,
+            lambda t0: self._p2p_legs(
+                {j: in_splits[j] * elt for j in peers},
+                {j: out_splits[j] * elt for j in peers},
+                t0,
+            ),
             lambda: dist.all_to_all_single(
                 out, inp, out_splits, in_splits, group=self.group, async_op=True
             ),
@@ -168,24 +228,23 @@ class Comm:
         self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], kind: str
     ) -> None:
         """Point-to-point: send ``sends[peer]`` to each peer and fill ``recvs[peer]`` from
-        each peer, all at once (``batch_isend_irecv``), then wait for all of them."""
-        ops, seconds = [], 0.0
+        each peer, all at once (``batch_isend_irecv``), then wait for all of them.
+        Counts the real sizes of the tensors sent and received."""
+        ops = []
         for peer, t in sends.items():
             self.meter.record(kind, sent=nbytes(t))
             ops.append(dist.P2POp(dist.isend, t, self._global(peer), self.group))
-            seconds = max(seconds, self._seconds(self.rank, peer, nbytes(t)))
         for peer, t in recvs.items():
             self.meter.record(kind, recv=nbytes(t))
             ops.append(dist.P2POp(dist.irecv, t, self._global(peer), self.group))
-            seconds = max(seconds, self._seconds(peer, self.rank, nbytes(t)))
         if ops:
-            self._start(kind, seconds, lambda: _Works(dist.batch_isend_irecv(ops))).wait()
-
-    def send(self, t: torch.Tensor, dst: int, kind: str) -> None:
-        self.exchange({dst: t}, {}, kind)
-
-    def recv(self, t: torch.Tensor, src: int, kind: str) -> None:
-        self.exchange({}, {src: t}, kind)
+            out = {p: nbytes(t) for p, t in sends.items()}
+            into = {p: nbytes(t) for p, t in recvs.items()}
+            self._start(
+                kind,
+                lambda t0: self._p2p_legs(out, into, t0),
+                lambda: _Works(dist.batch_isend_irecv(ops)),
+            ).wait()
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -196,23 +255,62 @@ class Comm:
         self.meter.add_seconds(kind, seconds, hidden=self.background)
 
     # -- helpers ---------------------------------------------------------------
-    def _start(self, kind: str, link_seconds: float, start: Callable[[], object]) -> Handle:
+    def _start(
+        self,
+        kind: str,
+        legs: Callable[[float], list[Leg]],
+        start: Callable[[], object],
+        blocking: bool = True,
+    ) -> Handle:
+        """Launch the real operation; with a link model, queue its modelled transfers
+        as of now (``legs(launch time)``). A blocking call is waited on at once and its
+        whole duration counts as blocked time, in one piece."""
         t0 = time.perf_counter()
-        work = start()
-        self.account(kind, time.perf_counter() - t0)
-        return Handle(work, self, kind, deadline=t0 + link_seconds if self.link else 0.0)
+        planned = legs(self.link.now()) if self.link is not None else []
+        handle = Handle(start(), self, kind, planned, since=t0 if blocking else None)
+        if not blocking:
+            self.account(kind, time.perf_counter() - t0)
+        return handle
 
-    def _seconds(self, src: int, dst: int, nbytes_: float) -> float:
-        """Emulated time of one message between group ranks (0 without a link model)."""
-        if self.link is None:
-            return 0.0
-        return self.link.transfer_time(self.hosts[src], self.hosts[dst], nbytes_)
+    def _send(self, peer: int, nbytes_: float, t0: float, hops: int = 1) -> Leg:
+        """``nbytes_`` through this host's egress to ``peer``, then ``hops`` delays."""
+        src, dst = self.hosts[self.rank], self.hosts[peer]
+        return self.link.egress(src, dst, nbytes_, t0), hops * self.link.matrix.delay(src, dst)
 
-    def _ring_seconds(self, chunk: float) -> float:
-        """One ring step: every rank passes ``chunk`` bytes on; the slowest edge sets
-        the pace."""
-        n = self.size
-        return max(self._seconds(i, (i + 1) % n, chunk) for i in range(n))
+    def _recv(self, peer: int, nbytes_: float, t0: float, hops: int = 1) -> Leg:
+        """``nbytes_`` from ``peer`` through this host's ingress, then ``hops`` delays."""
+        src, dst = self.hosts[peer], self.hosts[self.rank]
+        return self.link.ingress(src, dst, nbytes_, t0), hops * self.link.matrix.delay(src, dst)
+
+    def _p2p_legs(self, out: dict[int, float], into: dict[int, float], t0: float) -> list[Leg]:
+        """Messages to and from peers, queued one after another on each link."""
+        legs = [self._send(p, b, t0) for p, b in out.items() if p != self.rank]
+        return legs + [self._recv(p, b, t0) for p, b in into.items() if p != self.rank]
+
+    def _ring_legs(self, chunk: float, steps: int, t0: float) -> list[Leg]:
+        """``steps`` ring steps of ``chunk`` bytes: this rank's share goes through its
+        own links, and each step also waits for the slowest edge of the ring, since
+        every rank forwards what its predecessor sent."""
+        n, r = self.size, self.rank
+        h = self.hosts
+        slowest = max(self.link.transfer_time(h[i], h[(i + 1) % n], chunk) for i in range(n))
+        return [
+            self._send((r + 1) % n, steps * chunk, t0, hops=steps),
+            self._recv((r - 1) % n, steps * chunk, t0, hops=steps),
+            (t0 + steps * slowest, 0.0),
+        ]
+
+    def _broadcast_legs(self, src: int, b: float, t0: float) -> list[Leg]:
+        """Direct sends from ``src``, to ranks src+1, src+2, ... in turn; a receiver's
+        copy leaves the source after the copies sent before it."""
+        n, r = self.size, self.rank
+        order = [(src + k) % n for k in range(1, n)]
+        if r == src:
+            return [self._send(j, b, t0) for j in order]
+        up_to_mine = order[: order.index(r) + 1]
+        s = self.hosts[src]
+        queued = sum(self.link.serialization_time(s, self.hosts[j], b) for j in up_to_mine)
+        return [self._recv(src, b, t0), (t0 + queued, self.link.matrix.delay(s, self.hosts[r]))]
 
     def _global(self, group_rank: int) -> int:
         if self.group is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,6 +37,21 @@ def pick_backend(requested: str = "auto") -> str:
     return requested
 
 
+_timeout = timedelta(seconds=120.0)
+
+
+def group_timeout() -> timedelta:
+    """How long any collective of this run may wait for a peer (``parallel.timeout_s``)."""
+    return _timeout
+
+
+def new_group(ranks: list[int] | None = None) -> dist.ProcessGroup:
+    """A process group over ``ranks`` (default: all) on the default group's backend,
+    with the run's timeout: torch's default (30 min on gloo) would let a frozen peer
+    hang the run."""
+    return dist.new_group(ranks=ranks, timeout=_timeout, backend=dist.get_backend())
+
+
 def free_port() -> int:
     """A TCP port on loopback that is free right now."""
     with socket.socket() as s:
@@ -61,6 +77,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 120.0) -> DistInf
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     backend = pick_backend(backend)
+    global _timeout
+    _timeout = timedelta(seconds=timeout_s)
     device = torch.device("cpu")
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
@@ -81,3 +99,17 @@ def shutdown_distributed() -> None:
     """Leave the process group if we are in one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def store_barrier(store: dist.Store, name: str, world: int, poll_s: float = 0.2) -> None:
+    """Wait, with no deadline, until all ``world`` ranks have called this with ``name``.
+
+    For waits whose length is legitimate but unknown (one rank preparing a corpus): a
+    collective barrier would fail at ``parallel.timeout_s``. A dead or frozen rank is
+    caught by the heartbeat watchdog instead (:mod:`farflung.comm.watchdog`), which
+    ends this process. Polls rather than blocking in C++ so that SIGTERM still
+    interrupts it."""
+    key = f"barrier/{name}"
+    store.add(key, 1)
+    while store.add(key, 0) < world:
+        time.sleep(poll_s)

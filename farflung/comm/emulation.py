@@ -3,7 +3,9 @@
 The launcher writes the matrix the workers must emulate in-process to a file and
 names it in ``FARFLUNG_LINK_FILE``; each worker installs it before it communicates.
 In the network lab, tc shapes the bandwidth for real and only the one-way delay is
-emulated in-process (netem is unavailable), so the lab passes a delay-only matrix."""
+emulated in-process (netem is unavailable), so the lab passes a delay-only matrix;
+:class:`~farflung.comm.collectives.Comm` adds those delays after the real (shaped)
+transfer has completed, so a call takes the shaped time plus the delay."""
 
 from __future__ import annotations
 

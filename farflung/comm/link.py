@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -443,15 +444,27 @@ class LinkMatrix:
 
 
 class LinkModel:
-    """In-process emulation of a :class:`LinkMatrix`: how long a message should take,
-    and sleeping until it has.
+    """In-process emulation of a :class:`LinkMatrix`: how long messages should take,
+    and sleeping until they have.
 
-    A message of ``nbytes`` from ``src`` to ``dst`` takes
-    ``delay[src][dst] + 8 * nbytes / bandwidth[src][dst]`` seconds. This differs from a
-    real shaped link in that it knows no congestion or contention (two transfers out of
-    one host, or into one host, each get the full pair rate at the same time), no
-    queueing, no TCP slow start or loss, and no per-packet header overhead (a real link
-    of rate R carries ~0.95 R of TCP payload at MTU 1500)."""
+    One process is one host. The model keeps two FIFO queues per host, its egress
+    (uplink) and its ingress (downlink), each as the time it is next free; every
+    :class:`~farflung.comm.collectives.Comm` of the process, from any thread, queues on
+    the same ones. A message of ``nbytes`` from ``src`` to ``dst`` is serialized
+    (``8 * nbytes / bandwidth[src][dst]`` seconds) once it is launched and the queue is
+    free, and arrives ``delay[src][dst]`` after its last byte left: messages sharing a
+    host's link take the sum of their times, not the maximum. The sender queues on its
+    egress, the receiver on its ingress, each at the pair's rate, so with per-pair
+    rates a host's link runs at whichever pair's rate the current message uses.
+    Unlimited pairs bypass the queues (as unshaped pairs bypass the lab's ``htb``).
+
+    What it still does not model: TCP slow start, loss and retransmission; header
+    overhead (a link of rate R carries about 0.956 R of TCP payload at MTU 1500, the
+    model moves payload at R); contention inside the network between different host
+    pairs (only each host's own two links are queues); and fair sharing: messages
+    queued on one link go one after the other, where TCP would interleave them. The
+    queues exist only in this process, so a receiver knows nothing of its sender's
+    egress queue."""
 
     def __init__(
         self,
@@ -463,24 +476,57 @@ class LinkModel:
         self.matrix = matrix
         self._clock = clock
         self._sleep = sleep
+        self._lock = threading.Lock()  # the queues are shared by every thread's Comm
+        self._free: dict[tuple[str, int], float] = {}  # (link, host) -> next free time
 
-    def transfer_time(self, src: int, dst: int, nbytes: int | float) -> float:
-        """``delay + 8 * nbytes / bandwidth`` seconds (0 from a host to itself)."""
+    def now(self) -> float:
+        """The model's clock (``time.monotonic`` unless given another)."""
+        return self._clock()
+
+    def serialization_time(self, src: int, dst: int, nbytes: int | float) -> float:
+        """``8 * nbytes / bandwidth`` seconds (0 if unlimited or from a host to itself)."""
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        if src == dst:
-            return 0.0
         bw = self.matrix.bandwidth_bps[src][dst]
-        return self.matrix.delay_s[src][dst] + (0.0 if math.isinf(bw) else 8.0 * nbytes / bw)
+        return 0.0 if src == dst or math.isinf(bw) else 8.0 * nbytes / bw
 
-    def wait_for(self, src: int, dst: int, nbytes: int | float, started_at: float) -> float:
-        """Sleep until :meth:`transfer_time` has passed since ``started_at`` (a value of
-        ``time.monotonic()`` taken when the real transfer began), so the real time the
-        transfer took counts toward it. Returns the seconds slept (0 if already late)."""
-        deadline = started_at + self.transfer_time(src, dst, nbytes)
-        first = self._clock()
-        now = first
+    def transfer_time(self, src: int, dst: int, nbytes: int | float) -> float:
+        """``delay + 8 * nbytes / bandwidth`` seconds on idle links (0 to itself)."""
+        ser = self.serialization_time(src, dst, nbytes)
+        return 0.0 if src == dst else self.matrix.delay_s[src][dst] + ser
+
+    def egress(self, src: int, dst: int, nbytes: int | float, not_before: float) -> float:
+        """Queue a message on ``src``'s egress; returns when its last byte has left
+        (add ``matrix.delay(src, dst)`` for its arrival)."""
+        return self._enqueue("egress", src, src, dst, nbytes, not_before)
+
+    def ingress(self, src: int, dst: int, nbytes: int | float, not_before: float) -> float:
+        """Queue a message on ``dst``'s ingress; returns when its last byte has come in
+        at the link's rate (add ``matrix.delay(src, dst)`` for its arrival)."""
+        return self._enqueue("ingress", dst, src, dst, nbytes, not_before)
+
+    def _enqueue(
+        self, link: str, host: int, src: int, dst: int, nbytes: int | float, not_before: float
+    ) -> float:
+        seconds = self.serialization_time(src, dst, nbytes)
+        if seconds == 0.0:
+            return not_before
+        with self._lock:
+            start = max(not_before, self._free.get((link, host), not_before))
+            self._free[(link, host)] = end = start + seconds
+        return end
+
+    def sleep_until(self, deadline: float) -> float:
+        """Sleep until the model's clock reads ``deadline``; returns the seconds slept."""
+        first = now = self._clock()
         while now < deadline:
             self._sleep(deadline - now)
             now = self._clock()
         return now - first
+
+    def wait_for(self, src: int, dst: int, nbytes: int | float, started_at: float) -> float:
+        """Sleep until :meth:`transfer_time` has passed since ``started_at`` (a value of
+        :meth:`now` taken when the real transfer began), so the real time the transfer
+        took counts toward it. Returns the seconds slept (0 if already late). Ignores
+        the queues: for one message on idle links."""
+        return self.sleep_until(started_at + self.transfer_time(src, dst, nbytes))

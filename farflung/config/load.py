@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -62,6 +63,11 @@ def validate(cfg: Config, choices: Mapping[str, Iterable[str]] | None = None) ->
     """Check bounds, choices and cross-field rules; raise :class:`ConfigError`."""
     for name in SECTIONS:
         section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            # NaN passes every bound check (all comparisons are false), so ask first
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}.{f.name} = {v!r} is not allowed; a finite number is")
         for key, allowed in section.CHOICES.items():
             _check_choice(f"{name}.{key}", getattr(section, key), allowed)
         for key, (lo, hi) in section.BOUNDS.items():

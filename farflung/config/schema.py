@@ -126,8 +126,20 @@ class TrainConfig:
     threads: int = 0
     """torch intra-op threads per worker; 0 divides the machine's cores among local
     workers."""
+    log_every: int = 10
+    """Gather every rank's per-step numbers for ``metrics.jsonl`` every this many steps,
+    in the background: the gather launched at step t is collected at step t + log_every,
+    so telemetry never waits on a slow link (and at evaluations, checkpoints and the
+    end). 1 writes each step as soon as the next one is done."""
+    on_nonfinite: str = "skip"
+    """What a NaN/Inf loss, gradient or synchronised tensor does: ``skip`` (every rank
+    drops the update and training goes on, with a warning) or ``stop`` (every rank stops
+    at the same step with a message naming the step and rank, exit code 4)."""
+    max_nonfinite_skips: int = 10
+    """With ``on_nonfinite = "skip"``: stop anyway after this many steps in a row with
+    non-finite numbers (the run has diverged; lower the learning rate)."""
 
-    CHOICES = {}
+    CHOICES = {"on_nonfinite": ("skip", "stop")}
     BOUNDS = {
         "steps": (1, None),
         "batch_size": (1, None),
@@ -137,6 +149,8 @@ class TrainConfig:
         "checkpoint_every": (0, None),
         "keep_checkpoints": (1, None),
         "threads": (0, None),
+        "log_every": (1, None),
+        "max_nonfinite_skips": (1, None),
     }
 
 

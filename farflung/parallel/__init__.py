@@ -10,6 +10,7 @@ from farflung.parallel import (  # noqa: F401  (registry)
 from farflung.parallel.base import (
     REGISTRY,
     DataParallel,
+    NonFiniteStep,
     algorithm_names,
     check_parallel_config,
     distribute,
@@ -20,6 +21,7 @@ from farflung.parallel.base import (
 __all__ = [
     "REGISTRY",
     "DataParallel",
+    "NonFiniteStep",
     "algorithm_names",
     "check_parallel_config",
     "distribute",

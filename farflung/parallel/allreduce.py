@@ -4,25 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from farflung.parallel.base import DataParallel, register
-
-
-def make_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list]:
-    """Group parameters (in reverse order, as backward produces them) into buckets of
-    at most ``bucket_bytes`` (a larger parameter gets a bucket of its own)."""
-    buckets: list[list] = []
-    current: list = []
-    size = 0
-    for p in reversed(params):
-        b = p.numel() * p.element_size()
-        if current and size + b > bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-        current.append(p)
-        size += b
-    if current:
-        buckets.append(current)
-    return buckets
+from farflung.parallel.base import DataParallel, NonFiniteStep, register
+from farflung.parallel.flat import make_buckets
 
 
 @register("allreduce")
@@ -30,40 +13,56 @@ class AllReduce(DataParallel):
     """Every step, all-reduce the gradients in flat buckets and divide by the world size.
 
     Buckets are launched asynchronously one after another so that copying the next
-    bucket overlaps the transfer of the previous one."""
+    bucket overlaps the transfer of the previous one. The last bucket carries one extra
+    element per rank, set by that rank when its loss or gradients were not finite: the
+    sum tells every rank the same thing, and who."""
 
     def setup(self) -> None:
         super().setup()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.buckets = make_buckets(params, int(self.cfg.bucket_mb * (1 << 20)))
+        n = self.comm.size
         self.flats = [
-            torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
-            for b in self.buckets
+            torch.empty(
+                sum(p.numel() for p in b) + (n if i == len(self.buckets) - 1 else 0),
+                dtype=b[0].dtype,
+                device=b[0].device,
+            )
+            for i, b in enumerate(self.buckets)
         ]
 
-    def sync_gradients(self) -> None:
-        handles = []
-        for bucket, flat in zip(self.buckets, self.flats, strict=True):
+    def sync_gradients(self, finite: bool = True) -> None:
+        handles, n = [], self.comm.size
+        for i, (bucket, flat) in enumerate(zip(self.buckets, self.flats, strict=True)):
             offset = 0
             for p in bucket:
-                n = p.numel()
-                dst = flat[offset : offset + n]
+                k = p.numel()
+                dst = flat[offset : offset + k]
                 if p.grad is None:
                     dst.zero_()
                 else:
                     dst.copy_(p.grad.reshape(-1))
-                offset += n
+                offset += k
+            finite = finite and bool(torch.isfinite(flat[:offset]).all())
+            if i == len(self.buckets) - 1:
+                flags = flat[offset:]
+                flags.zero_()
+                flags[self.comm.rank] = 0.0 if finite else 1.0
             handles.append(self.comm.all_reduce_async(flat, kind="dp"))
-        inv = 1.0 / self.comm.size
-        for bucket, flat, h in zip(self.buckets, self.flats, handles, strict=True):
+        for h in handles:
             h.wait()
+        bad = [r for r, v in enumerate(self.flats[-1][-n:].tolist()) if v != 0.0]
+        if bad:  # NaN + x is NaN: the average is useless to everyone
+            raise NonFiniteStep(bad, dropped=True)
+        inv = 1.0 / n
+        for bucket, flat in zip(self.buckets, self.flats, strict=True):
             flat.mul_(inv)
             offset = 0
             for p in bucket:
-                n = p.numel()
-                view = flat[offset : offset + n].view_as(p)
+                k = p.numel()
+                view = flat[offset : offset + k].view_as(p)
                 if p.grad is None:
                     p.grad = view.clone()
                 else:
                     p.grad.copy_(view)
-                offset += n
+                offset += k

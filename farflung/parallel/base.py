@@ -12,8 +12,27 @@ from torch import nn
 
 from farflung.comm import Comm
 from farflung.config import Config, ConfigError, ParallelConfig, validate
+from farflung.parallel.flat import grads_finite, make_buckets, unflatten_into
 
 REGISTRY: dict[str, type[DataParallel]] = {}
+
+SETUP_BUCKET_BYTES = 64 << 20
+"""The start-up broadcast moves the parameters in flat buckets of this size: one round
+trip each rather than one per tensor (a GPT has a dozen tensors per block)."""
+
+
+class NonFiniteStep(Exception):
+    """NaN/Inf in a loss, a gradient or a synchronised tensor; the step's update was not
+    applied where ``dropped``.
+
+    ``local``: only this rank knows yet (a local-step algorithm skipped its own
+    optimizer step; its peers learn it at the next sync, as ``ranks`` of a non-local
+    report). Otherwise every rank raises the same report at the same step."""
+
+    def __init__(self, ranks: list[int], dropped: bool, local: bool = False) -> None:
+        what = "skipped a step with" if not dropped else "sent"
+        super().__init__(f"rank(s) {ranks} {what} non-finite values")
+        self.ranks, self.dropped, self.local = list(ranks), dropped, local
 
 
 def register(name: str) -> Callable[[type[DataParallel]], type[DataParallel]]:
@@ -93,10 +112,15 @@ class DataParallel:
         algo.setup()
         for step in ...:
             loss.backward()            # possibly over several micro-batches
-            algo.sync_gradients()      # e.g. all-reduce, or nothing for local-step methods
+            algo.sync_gradients(math.isfinite(loss))  # e.g. all-reduce; nothing for
+                                                      # local-step methods
             clip, optimizer.step(), optimizer.zero_grad()
             algo.after_step(step)      # e.g. model-delta sync, outer step
         algo.close()
+
+    Either call may raise :class:`NonFiniteStep`; after one from ``sync_gradients`` the
+    caller skips the optimizer step (zeroes the gradients) and still calls
+    ``after_step``, whose syncs every rank must join.
     """
 
     name: ClassVar[str] = "?"
@@ -109,14 +133,40 @@ class DataParallel:
     ) -> None:
         self.model, self.optimizer, self.comm, self.cfg = model, optimizer, comm, cfg
         self.steps_taken = 0  # counted by step(), for users' own loops
+        self.skipped_since_sync = False
 
     def setup(self) -> None:
-        """Make every rank start from rank 0's parameters."""
-        for p in self.model.parameters():
-            self.comm.broadcast(p.data, src=0, kind="init")
+        """Make every rank start from rank 0's parameters, in a few flat buckets."""
+        if self.comm.size == 1:
+            return
+        params = [p.data for p in self.model.parameters()]
+        for bucket in make_buckets(params, SETUP_BUCKET_BYTES):
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for t in bucket:
+                by_dtype.setdefault(t.dtype, []).append(t)
+            for tensors in by_dtype.values():
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+                self.comm.broadcast(flat, src=0, kind="init")
+                unflatten_into(flat, tensors)
 
-    def sync_gradients(self) -> None:
-        """Called once per step after the last backward, before the optimizer step."""
+    def sync_gradients(self, finite: bool = True) -> None:
+        """Called once per step after the last backward, before the optimizer step.
+
+        ``finite``: the caller's verdict on this rank's loss. Raises
+        :class:`NonFiniteStep` when the step must not be applied."""
+
+    def local_check(self, finite: bool) -> None:
+        """For local-step algorithms: skip this rank's own step (and remember to tell
+        the peers) when its loss or gradients are not finite."""
+        if not (finite and grads_finite(self.model)):
+            self.skipped_since_sync = True
+            raise NonFiniteStep([self.comm.rank], dropped=True, local=True)
+
+    def quiesce(self) -> None:
+        """Wait for any background communication to finish (its result stays pending).
+
+        Called before the training thread issues a collective of its own on NCCL, where
+        two communicators used from two threads in different orders can deadlock."""
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (``step`` counts from 1)."""
@@ -134,14 +184,23 @@ class DataParallel:
         if state:
             raise ValueError(f"{self.name} keeps no state but the checkpoint holds {list(state)}")
 
-    def step(self) -> None:
+    def step(self, finite: bool = True) -> None:
         """The whole sync-and-step for a user's loop, after ``loss.backward()``:
-        sync gradients, optimizer step, zero the gradients, then ``after_step``."""
-        self.sync_gradients()
-        self.optimizer.step()
+        sync gradients, optimizer step, zero the gradients, then ``after_step``.
+
+        A step with non-finite numbers is skipped (and :class:`NonFiniteStep` raised
+        once the syncs are done), so nothing non-finite reaches the weights."""
+        skipped = None
+        try:
+            self.sync_gradients(finite)
+            self.optimizer.step()
+        except NonFiniteStep as e:
+            skipped = e
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
         self.after_step(self.steps_taken)
+        if skipped is not None:
+            raise skipped
 
-    def close(self) -> None:
-        """Finish background work."""
+    def close(self, abort: bool = False) -> None:
+        """Finish background work; ``abort``: the run is failing, do not wait for it."""

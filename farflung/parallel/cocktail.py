@@ -16,28 +16,52 @@ error feedback).
 Why the thread never races the optimizer: it only reads the snapshot taken on the
 training thread and writes its own result buffers; parameters are touched only on
 the training thread, after it has waited for the result. Its collectives run on a
-process group of their own, so they cannot interleave with the training thread's.
+process group of their own (created with ``parallel.timeout_s``), so they cannot
+interleave with the training thread's; and waiting for a result is bounded by the same
+timeout, so a frozen peer ends the run instead of hanging it.
+
+Two communicators used from two threads can deadlock on NCCL when ranks issue their
+collectives in different orders. The order is made safe by construction: the training
+thread issues collectives only between steps (telemetry, evaluation, checkpoints), and
+on NCCL the loop calls :meth:`quiesce` first, so no sync is in flight at that moment
+and every rank issues the same sequence. On gloo, whose groups have their own
+connections and threads, the two may run at once.
+
+Non-finite numbers: a rank whose loss or gradients are not finite skips its own step
+and says so in its next sync; a rank whose delta is not finite poisons the round,
+which every rank then drops (see :class:`~farflung.comm.sharded.PoisonedSync`), and
+that rank restarts from ``x̄``. Either way every rank raises the same
+:class:`~farflung.parallel.base.NonFiniteStep` at the same step.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from farflung.comm import Comm
-from farflung.comm.sharded import ShardedAllReduce
+from farflung.comm import Comm, new_group
+from farflung.comm.sharded import OK, SKIPPED, PoisonedSync, ShardedAllReduce, SyncFaults
 from farflung.compress import make_codec
-from farflung.parallel.base import DataParallel, register
-from farflung.parallel.flat import add_to_params, flat_params, swapped_params, trainable
+from farflung.parallel.base import DataParallel, NonFiniteStep, register
+from farflung.parallel.flat import (
+    add_to_params,
+    flat_params,
+    set_params,
+    swapped_params,
+    trainable,
+)
 
 MASK_SEED = 0xC0C7
+
+SyncResult = tuple[torch.Tensor | None, torch.Tensor | None, SyncFaults]
 
 
 @register("cocktail")
@@ -51,8 +75,10 @@ class Cocktail(DataParallel):
         super().setup()
         self.params = trainable(self.model)
         self.global_flat = flat_params(self.params)
-        group = dist.new_group(backend=dist.get_backend()) if self.comm.size > 1 else None
-        self.sync_comm = Comm(group, self.comm.meter, background=self.cfg.overlap)
+        group = new_group() if self.comm.size > 1 else None
+        # always a background Comm: its seconds are hidden, and the training thread's
+        # wait for the result is what blocks (counted once, by _wait)
+        self.sync_comm = Comm(group, self.comm.meter, background=True)
         codec = make_codec(self.cfg.codec or self.default_codec)
         self.op = ShardedAllReduce(
             self.sync_comm, self.global_flat.numel(), codec, self.cfg.error_feedback
@@ -62,42 +88,93 @@ class Cocktail(DataParallel):
         self.delta = torch.empty_like(self.global_flat)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cocktail-sync")
         self.pending: Future | None = None
+        self.report: SyncFaults | None = None
         self.syncs = 0
+
+    def sync_gradients(self, finite: bool = True) -> None:
+        self.local_check(finite)
 
     def after_step(self, step: int) -> None:
         self._apply_pending()
         # one buffer serves every step: the sync reading it was waited for just above
         delta = flat_params(self.params, out=self.delta).sub_(self.global_flat)
-        self.pending = self.executor.submit(self._sync, delta, self.syncs)
+        status = SKIPPED if self.skipped_since_sync else OK
+        self.skipped_since_sync = False
+        self.pending = self.executor.submit(self._sync, delta, self.syncs, status)
         self.syncs += 1
         if not self.cfg.overlap:
             self._apply_pending()
+        report, self.report = self.report, None
+        if report is not None:  # raised last, so the next sync is already on its way
+            raise NonFiniteStep(report.bad or report.skipped, dropped=report.dropped)
 
-    def _sync(self, delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs on the background thread: (Δ, δ̂) for the snapshot ``delta``."""
-        if k < self.cfg.warmup_steps:
-            avg = delta.clone()
-            self.sync_comm.all_reduce(avg, kind="dp")
-            return avg.div_(self.sync_comm.size), delta
-        return self.op(delta, step=k, seed=MASK_SEED, out=self.buffers)
+    def _sync(self, delta: torch.Tensor, k: int, status: int) -> SyncResult:
+        """Runs on the background thread: (Δ, δ̂, faults) for the snapshot ``delta``;
+        Δ and δ̂ are None when the round was dropped."""
+        try:
+            if k < self.cfg.warmup_steps:
+                avg, sent = self._exact(delta, status)
+            else:
+                avg, sent = self.op(delta, step=k, seed=MASK_SEED, out=self.buffers, status=status)
+        except PoisonedSync as e:
+            return None, None, e.faults
+        return avg, sent, self.op.last_faults
 
-    def _wait(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The in-flight sync's result; the time spent waiting for it blocks training."""
+    def _exact(self, delta: torch.Tensor, status: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A warm-up round: uncompressed, with each rank's status riding along."""
+        n = self.sync_comm.size
+        flags = delta.new_zeros(n)
+        flags[self.sync_comm.rank] = status if torch.isfinite(delta).all() else 1
+        avg = torch.cat([delta, flags])
+        self.sync_comm.all_reduce(avg, kind="dp")
+        codes = avg[-n:].tolist()
+        faults = SyncFaults(
+            bad=[r for r, c in enumerate(codes) if c == 1],
+            skipped=[r for r, c in enumerate(codes) if c == SKIPPED],
+        )
+        if faults.dropped:
+            raise PoisonedSync(faults)
+        self.op.last_faults = faults
+        return avg[:-n].div_(n), delta
+
+    def _wait(self) -> SyncResult | None:
+        """The in-flight sync's result; the time spent waiting for it blocks training.
+        Bounded: the sync's own collectives time out after ``parallel.timeout_s``, and
+        this wait gives up a little after that."""
         if self.pending is None:
             return None
         t0 = time.perf_counter()
-        result = self.pending.result()
+        try:
+            result = self.pending.result(timeout=self.cfg.timeout_s + 10.0)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"cocktail: sync {self.syncs - 1} did not finish within "
+                f"parallel.timeout_s = {self.cfg.timeout_s} s; a peer stopped responding "
+                "or its link is down"
+            ) from None
         self.comm.account("dp", time.perf_counter() - t0)
         return result
 
     def _apply_pending(self) -> None:
         result = self._wait()
+        self.pending = None
         if result is None:
             return
-        avg, sent = result
+        avg, sent, faults = result
+        if faults.bad or faults.skipped or faults.aggregate:
+            self.report = faults
+        if avg is None:  # dropped everywhere; the unsent delta stays in x_i
+            if self.comm.rank in faults.bad:  # but ours is what went wrong: start over
+                set_params(self.params, self.global_flat)
+            return
         self.global_flat.add_(avg)
         add_to_params(self.params, sent.neg_().add_(avg))  # Δ − δ̂, in sent's buffer
-        self.pending = None
+
+    def quiesce(self) -> None:
+        if self.pending is not None:
+            result = self._wait()
+            self.pending = Future()
+            self.pending.set_result(result)
 
     @contextlib.contextmanager
     def eval_parameters(self) -> Iterator[nn.Module]:
@@ -107,10 +184,14 @@ class Cocktail(DataParallel):
 
     def state_dict(self) -> dict[str, Any]:
         result = self._wait()  # an in-flight sync is saved as its result, not applied
+        pending = None
+        if result is not None:
+            avg, sent, faults = result
+            pending = [avg, sent, dataclasses.asdict(faults)]
         return {
             "global": self.global_flat.clone(),
             "syncs": self.syncs,
-            "pending": list(result) if result is not None else None,
+            "pending": pending,
             "op": self.op.state_dict(),
         }
 
@@ -120,10 +201,16 @@ class Cocktail(DataParallel):
         self.op.load_state_dict(state["op"])
         self.pending = None
         if state["pending"] is not None:
+            avg, sent, *rest = state["pending"]  # checkpoints before 0.2 hold two
+            dev = self.global_flat.device  # saved tensors come back on the CPU
+            avg = avg.to(dev) if avg is not None else None
+            sent = sent.to(dev) if sent is not None else None
             self.pending = Future()
-            self.pending.set_result(tuple(state["pending"]))
+            self.pending.set_result((avg, sent, SyncFaults(**rest[0]) if rest else SyncFaults()))
 
-    def close(self) -> None:
-        """Wait for the last sync (its result stays pending, as in a checkpoint)."""
-        self._wait()
-        self.executor.shutdown(wait=True)
+    def close(self, abort: bool = False) -> None:
+        """Wait for the last sync (its result stays pending, as in a checkpoint); on
+        abort, leave it: its peers may be gone."""
+        if not abort:
+            self._wait()
+        self.executor.shutdown(wait=not abort, cancel_futures=abort)

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from farflung.comm.sharded import ShardedAllReduce
+from farflung.comm.sharded import OK, SKIPPED, PoisonedSync, ShardedAllReduce
 from farflung.compress import make_codec
-from farflung.parallel.base import DataParallel, register
+from farflung.parallel.base import DataParallel, NonFiniteStep, register
 from farflung.parallel.flat import flat_params, set_params, swapped_params, trainable
 
 MASK_SEED = 0xD110C0
@@ -77,15 +77,37 @@ class DiLoCo(DataParallel):
             [self.global_flat], lr=cfg.outer_lr, momentum=momentum, nesterov=momentum > 0
         )
 
+    def sync_gradients(self, finite: bool = True) -> None:
+        self.local_check(finite)
+
     def after_step(self, step: int) -> None:
         if step % self.cfg.local_steps == 0:
             self.outer_step(step // self.cfg.local_steps)
 
     @torch.no_grad()
     def outer_step(self, round_index: int) -> None:
-        """Average the pseudo-gradients, step the global model, restart from it."""
+        """Average the pseudo-gradients, step the global model, restart from it.
+
+        A round with a non-finite pseudo-gradient is dropped on every rank: ``x̄`` and
+        the outer momentum stay as they were, the rank at fault restarts from ``x̄``
+        and the others keep training their own models into the next round."""
         pseudo = self.global_flat - flat_params(self.params).to(self.global_flat.device)
-        average, sent = self.op(pseudo, step=round_index, seed=MASK_SEED)
+        status = SKIPPED if self.skipped_since_sync else OK
+        self.skipped_since_sync = False
+        try:
+            average, sent = self.op(pseudo, step=round_index, seed=MASK_SEED, status=status)
+        except PoisonedSync as e:
+            if self.comm.rank in e.faults.bad:
+                set_params(self.params, self.global_flat)
+            raise NonFiniteStep(e.faults.bad or e.faults.skipped, dropped=True) from None
+        self._outer_update(pseudo, average, sent)
+        if self.op.last_faults.skipped:
+            raise NonFiniteStep(self.op.last_faults.skipped, dropped=False)
+
+    def _outer_update(
+        self, pseudo: torch.Tensor, average: torch.Tensor, sent: torch.Tensor
+    ) -> None:
+        """The outer optimizer's step on ``x̄``, then every rank restarts from it."""
         self.global_flat.grad = average
         self.outer_optimizer.step()
         self.global_flat.grad = None

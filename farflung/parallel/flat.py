@@ -9,6 +9,41 @@ import torch
 from torch import nn
 
 
+def make_buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list]:
+    """Group tensors (in reverse order, as backward produces gradients) into buckets of
+    at most ``bucket_bytes`` (a larger tensor gets a bucket of its own)."""
+    buckets: list[list] = []
+    current: list = []
+    size = 0
+    for p in reversed(tensors):
+        b = p.numel() * p.element_size()
+        if current and size + b > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += b
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive pieces of ``flat`` into ``tensors``."""
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def grads_finite(model: nn.Module) -> bool:
+    """True when no gradient holds NaN or Inf (one reduction per tensor, one sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

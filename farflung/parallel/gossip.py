@@ -37,7 +37,7 @@ import torch
 
 from farflung.compress import CodecContext, make_codec
 from farflung.parallel.base import DataParallel, register
-from farflung.parallel.flat import add_to_params, flat_params, trainable
+from farflung.parallel.flat import add_to_params, flat_params, set_params, trainable
 
 MASK_SEED = 0x6055
 """Seed of the codec contexts (random-k masks); the same on every rank."""
@@ -65,6 +65,9 @@ class Gossip(DataParallel):
         self.public = start  # x̂_i
         self.peer_public = {p: start.clone() for p in self.peers}  # x̂_j
 
+    def sync_gradients(self, finite: bool = True) -> None:
+        self.local_check(finite)
+
     def after_step(self, step: int) -> None:
         if self.peers and step % self.cfg.gossip_every == 0:
             self.gossip(step // self.cfg.gossip_every)
@@ -75,6 +78,11 @@ class Gossip(DataParallel):
         r = self.comm.rank
         ctx = CodecContext(step=round_index, seed=MASK_SEED, rank=r)
         x = flat_params(self.params).to(self.public.device)
+        if not torch.isfinite(x).all():
+            # a step we did not skip still overflowed: fall back to our public copy, so
+            # nothing non-finite reaches the neighbours (they hold the same copy)
+            set_params(self.params, self.public)
+            x = self.public.clone()
         payload = self.codec.encode(x - self.public, ctx)
         self.codec.decode(payload, ctx, out=self.public, add=True)
         received = self._swap(payload, ctx)

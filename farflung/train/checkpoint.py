@@ -2,14 +2,20 @@
 
 Layout of ``RUN/checkpoints/step_00000100/``::
 
-    model.safetensors   the run's model (rank 0's view, what `sample` loads)
+    model.safetensors   the run's model (what `sample` loads)
     rank0.pt ...        per-rank state: optimizer, RNG, algorithm state, counters
     config.toml         the resolved config of the run
     tokenizer.json      the tokenizer, so the checkpoint stands on its own
-    manifest.json       step, world size, sha256 of every file above (written last)
+    manifest.json       step, world size, the ranks held here, sha256 of every file
+                        above (written last)
 
-All ranks write into ``step_X.tmp``; rank 0 checksums, writes the manifest and
-renames the folder, so a crash mid-write never leaves a folder that looks complete.
+No shared filesystem is assumed. Every rank writes its own ``rankR.pt`` into
+``step_X.tmp`` under its own ``--out``; ranks that see each other's marker files
+share a filesystem, and the lowest of them (the *committer*) also writes the model,
+config and tokenizer, checksums, writes the manifest and publishes the folder. With
+one shared folder that is rank 0 alone; with a folder per machine, one rank per
+machine. A crash mid-write never leaves a folder that looks complete, and re-saving
+a step swaps folders so that one complete copy exists at every moment.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 MANIFEST = "manifest.json"
+MANIFEST_KEYS = ("step", "world_size", "files")
+_OLD = ".old"  # a published folder being replaced by a new save of the same step
 
 
 class CheckpointError(RuntimeError):
@@ -44,30 +52,56 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (with a manifest), oldest first."""
+    """Complete checkpoints (with a manifest), oldest first. A ``step_X.old`` left by a
+    crash between the two renames of a re-save stands in for its missing ``step_X``."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = {}
+    for p in root.glob("step_*"):
+        if not (p.is_dir() and (p / MANIFEST).is_file()):
+            continue
+        if p.suffix == "":
+            found[p.name] = p
+        elif p.suffix == _OLD:
+            found.setdefault(p.with_suffix("").name, p)
+    return [found[k] for k in sorted(found)]
 
 
 def latest_checkpoint(path: Path) -> Path | None:
     """``path`` may be a run folder, its ``checkpoints`` folder, or one checkpoint."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = list_checkpoints(root)
+    found = candidates(path)
     return found[-1] if found else None
 
 
-def begin(root: Path, step: int) -> Path:
-    """Create the temporary folder all ranks write into (rank 0 only)."""
-    tmp = step_dir(root, step).with_suffix(".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+def candidates(path: Path) -> list[Path]:
+    """The checkpoints ``path`` names (a run, its ``checkpoints`` folder, or one
+    checkpoint), oldest first."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return [path]
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return list_checkpoints(root)
+
+
+def step_of(ckpt: Path) -> int:
+    return int(Path(ckpt).name.split("_")[1].split(".")[0])
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def tmp_dir(root: Path, step: int) -> Path:
+    return step_dir(root, step).with_suffix(".tmp")
+
+
+def mark_present(tmp: Path, rank: int) -> None:
+    """Say "rank R writes here"; ranks that see each other's marks share a folder."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / f".rank{rank}").touch()
+
+
+def ranks_present(tmp: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in tmp.glob(".rank*"))
 
 
 def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
@@ -78,37 +112,81 @@ def write_model(tmp: Path, model: nn.Module) -> None:
     save_model(model, str(tmp / "model.safetensors"))
 
 
-def commit(tmp: Path, step: int, world_size: int, extra: dict[str, Any], keep: int) -> Path:
-    """Checksum everything, write the manifest, publish the folder, prune old ones."""
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    manifest = {"step": step, "world_size": world_size, "files": files, **extra}
+def commit(
+    tmp: Path, step: int, world_size: int, ranks: list[int], extra: dict[str, Any], keep: int
+) -> Path:
+    """Checksum the shared files and ``ranks``' files, write the manifest, publish the
+    folder atomically, prune old ones (committer only)."""
+    names = ["model.safetensors", "config.toml", "tokenizer.json"]
+    names += [f"rank{r}.pt" for r in ranks]
+    missing = [n for n in names if not (tmp / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{tmp}: {missing} were not written")
+    files = {n: sha256_file(tmp / n) for n in names}
+    manifest = {"step": step, "world_size": world_size, "ranks": ranks, "files": files, **extra}
+    for marker in tmp.glob(".rank*"):
+        marker.unlink()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     final = tmp.with_suffix("")
-    if final.exists():
-        shutil.rmtree(final)
+    old = final.with_suffix(_OLD)
+    if final.exists():  # re-saving a step: keep one complete copy at every moment
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
     tmp.rename(final)
-    for old in list_checkpoints(final.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in list_checkpoints(final.parent)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def read_manifest(ckpt: Path, verify: bool = True) -> dict[str, Any]:
-    """Load the manifest and check every listed file against its sha256."""
+# -- reading ---------------------------------------------------------------------------
+
+
+def read_manifest(ckpt: Path, verify: bool = True, rank: int | None = None) -> dict[str, Any]:
+    """Load the manifest and check the files against their sha256: all of them, or
+    only the shared ones and ``rank``'s own."""
     mpath = Path(ckpt) / MANIFEST
     if not mpath.is_file():
         raise CheckpointError(f"{ckpt}: no {MANIFEST}; not a complete checkpoint")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{mpath}: corrupt manifest ({e})") from None
+    lacking = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if lacking or not isinstance(manifest["files"], dict):
+        raise CheckpointError(
+            f"{mpath}: not a farflung manifest (missing {', '.join(lacking) or 'files'}); "
+            f"expected keys {', '.join(MANIFEST_KEYS)}"
+        )
     if verify:
         for name, digest in manifest["files"].items():
+            if rank is not None and name.startswith("rank") and name != f"rank{rank}.pt":
+                continue
             f = Path(ckpt) / name
             if not f.is_file():
                 raise CheckpointError(f"{f}: missing from checkpoint")
             if sha256_file(f) != digest:
                 raise CheckpointError(f"{f}: corrupt (sha256 does not match the manifest)")
+    if rank is not None and f"rank{rank}.pt" not in manifest["files"]:
+        raise CheckpointError(
+            f"{ckpt} holds no state of rank {rank} (ranks here: {manifest.get('ranks')}); "
+            "each machine resumes from its own --out"
+        )
     return manifest
+
+
+def newest_valid(path: Path, rank: int | None = None) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under ``path`` that verifies (for ``rank``), and one line
+    for each newer one that did not."""
+    problems = []
+    for ckpt in reversed(candidates(path)):
+        try:
+            read_manifest(ckpt, rank=rank)
+            return ckpt, problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    return None, problems
 
 
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:
@@ -127,4 +205,7 @@ def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
     path = Path(ckpt) / f"rank{rank}.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (checkpoint written by another world size?)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle and zip errors of many kinds
+        raise CheckpointError(f"{path}: cannot load ({e})") from None

@@ -6,25 +6,43 @@ both describe the job through RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import json
 import os
+import re
 import shutil
 import signal
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from farflung.comm import init_distributed, shutdown_distributed
+from farflung.comm import DistInfo, init_distributed, shutdown_distributed
+from farflung.comm import watchdog as wd
+from farflung.comm.dist import store_barrier
 from farflung.comm.emulation import install_link_model_from_env
+from farflung.comm.errors import NonFiniteError
 from farflung.config import Config, ConfigError, load_config
-from farflung.data import DataError, ShardIndex, prepare
+from farflung.data import INDEX_FILE, DataError, ShardIndex, prepare
 from farflung.parallel import algorithm_names, check_parallel_config
 from farflung.train.checkpoint import CheckpointError
 from farflung.train.progress import print_summary
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
+# Exit codes, most telling first (the local launcher explains a failed run by the
+# most telling exit among its workers: bad input, then non-finite numbers, then a
+# crash, then the lost-peer exits that the others' failures cause).
+EXIT_USAGE = 2  # bad config, data or checkpoint
+EXIT_NONFINITE = 4  # NaN/Inf with train.on_nonfinite = "stop"
+EXIT_FAILED = 1  # a crash (Python's own exit code for an uncaught exception)
+EXIT_PEER_LOST = wd.EXIT_PEER_LOST  # 3: a peer or its link stopped responding
+EXIT_INTERRUPTED = 130  # SIGTERM or Ctrl+C
+
+REPORT_ENV = "FARFLUNG_REPORT_DIR"
+"""Set by the local launcher: a private folder where a failing worker leaves
+``rank<R>.json`` ({"rank", "kind", "code", "message", ...}) before it exits."""
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -65,20 +83,52 @@ def check_out_dir(out: Path, resume: bool, force: bool) -> None:
         )
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path``; a filesystem without locks gets none."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)  # releases the GIL: heartbeats go on
+        except OSError:
+            pass
+        yield
+
+
 def ensure_data(cfg: Config, show_progress: bool = True) -> ShardIndex:
-    """Prepare the configured corpus when its folder holds no index yet."""
-    if not (Path(cfg.data.dir) / "index.json").is_file():
-        d = cfg.data
-        prepare(
-            d.sources,
-            d.dir,
-            d.vocab_size,
-            d.val_fraction,
-            d.shard_tokens,
-            seed=cfg.train.seed,
-            progress=show_progress,
-        )
+    """Prepare the configured corpus when its folder holds no index yet. A lock file in
+    the folder makes processes that share it (nodes on a shared filesystem, two runs)
+    prepare it once: the others wait, then find the index."""
+    folder = Path(cfg.data.dir)
+    if not (folder / INDEX_FILE).is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with _file_lock(folder / ".prepare.lock"):
+            if not (folder / INDEX_FILE).is_file():
+                d = cfg.data
+                prepare(
+                    d.sources,
+                    d.dir,
+                    d.vocab_size,
+                    d.val_fraction,
+                    d.shard_tokens,
+                    seed=cfg.train.seed,
+                    progress=show_progress,
+                )
     return ShardIndex.load(cfg.data.dir)
+
+
+def prepare_data_on_node(cfg: Config, info: DistInfo, show_progress: bool) -> None:
+    """Every node gets ``data.dir`` without assuming a shared filesystem: LOCAL_RANK 0
+    prepares it when missing, its node peers wait for the index file, then all ranks
+    wait for each other with no deadline (a first preparation may take much longer than
+    ``parallel.timeout_s``; a dead or frozen rank is the watchdog's to catch)."""
+    if info.local_rank == 0:
+        ensure_data(cfg, show_progress=show_progress)
+    else:
+        while not (Path(cfg.data.dir) / INDEX_FILE).is_file():
+            time.sleep(0.2)
+    dog = wd.active()
+    if dog is not None:
+        store_barrier(dog.store, "data", info.world_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,49 +147,106 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guarded(args: argparse.Namespace, rank: int) -> int:
-    """Run, turning expected failures into one line and an exit code."""
+    """Run, turning expected failures into one line, a report and an exit code."""
     try:
         return _run(args)
     except ConfigError as e:
-        _say(rank, f"config error: {e}")
-        return EXIT_USAGE
+        return _fail(rank, "usage", EXIT_USAGE, f"config error: {e}")
     except (DataError, CheckpointError) as e:
-        _say(rank, f"error: {e}")
-        return EXIT_USAGE
+        return _fail(rank, "usage", EXIT_USAGE, f"error: {e}")
     except KeyboardInterrupt:
         _say(rank, "interrupted; continue later with --resume (from the last checkpoint)")
         return EXIT_INTERRUPTED
-    except (RuntimeError, torch.distributed.DistError) as e:
-        if not is_comm_failure(e):
-            raise
-        _say(
-            rank,
-            f"rank {rank}: communication failed ({_first_line(e)}); a peer may have "
-            "died or its link is down",
-            always=True,
-        )
-        return EXIT_FAILED
+    except NonFiniteError as e:  # every rank raises it at the same step: rank 0 says it
+        return _fail(rank, "nonfinite", EXIT_NONFINITE, f"error: {e}")
+    except Exception as e:
+        if is_comm_failure(e):
+            return _comm_failed(rank, e)
+        write_report(rank, "crash", EXIT_FAILED, f"{type(e).__name__}: {_first_line(e)}")
+        raise
 
 
-_COMM_WORDS = (
-    "gloo",
-    "nccl",
-    "connection",
-    "timed out",
-    "timeout",
+def _fail(rank: int, kind: str, code: int, msg: str) -> int:
+    _say(rank, msg)
+    write_report(rank, kind, code, msg)
+    return code
+
+
+def _comm_failed(rank: int, e: BaseException) -> int:
+    """A collective failed: name the peer whose heartbeat stopped, if one did."""
+    dog = wd.active()
+    lost = None
+    try:
+        lost = dog.diagnose() if dog is not None else None
+    except KeyboardInterrupt:  # the launcher is stopping us already
+        pass
+    if lost is not None:
+        msg, said = lost.message, f"{lost.message}; a collective failed ({_first_line(e)})"
+        extra = {"lost": lost.ranks, "via": lost.via, "silent_s": lost.silent_s}
+    else:
+        msg = f"communication failed ({_first_line(e)}); a peer may have died or its link is down"
+        said, extra = msg, {"lost": [], "via": "comm"}
+    _say(rank, f"rank {rank}: {said}", always=True)
+    write_report(rank, "lost_peer", EXIT_PEER_LOST, msg, **extra)
+    return EXIT_PEER_LOST
+
+
+# gloo (torch 2.13, CPU) raises plain RuntimeError, not a DistError, from collectives:
+# "[.../gloo/transport/tcp/pair.cc] Connection closed by peer" for a dead peer,
+# "Timed out waiting 15000ms for recv operation to complete" for a frozen one or a cut
+# link, "Rank 1 failed to pass monitoredBarrier". Only for those plain RuntimeErrors
+# are these fragments matched; every typed error (NCCL's DistBackendError, the store's
+# DistNetworkError / DistStoreError) is classified by its type.
+_GLOO_FRAGMENTS = (
+    "gloo/transport/",
+    "connection closed by peer",
+    "connection reset by peer",
+    "timed out waiting",
+    "failed to pass monitoredbarrier",
     "broken pipe",
-    "peer",
-    "socket",
-    "closed",
 )
 
 
 def is_comm_failure(e: BaseException) -> bool:
-    """True for errors raised by a collective whose peer or link failed."""
-    if isinstance(e, torch.distributed.DistError):
+    """True for errors raised by a collective or the store whose peer or link failed,
+    and for a wait on a peer that gave up at its deadline (TimeoutError: cocktail's
+    wait for its background sync)."""
+    if isinstance(e, (torch.distributed.DistError, TimeoutError)):
         return True
+    if type(e) is not RuntimeError:  # subclasses (NonFiniteError, ...) mean something else
+        return False
     text = str(e).lower()
-    return any(w in text for w in _COMM_WORDS)
+    return any(f in text for f in _GLOO_FRAGMENTS)
+
+
+def write_report(rank: int, kind: str, code: int, message: str, **extra: object) -> None:
+    """Leave this worker's conclusion for the local launcher (no-op elsewhere)."""
+    folder = os.environ.get(REPORT_ENV)
+    if not folder:
+        return
+    record = {"rank": rank, "kind": kind, "code": code, "message": message, **extra}
+    path = Path(folder) / f"rank{rank}.json"
+    try:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)  # the launcher never reads half a report
+    except OSError:
+        pass  # the launcher falls back to the exit code
+
+
+def _on_lost(rank: int) -> Callable[[wd.Lost], None]:
+    def report(lost: wd.Lost) -> None:
+        write_report(
+            rank,
+            "lost_peer",
+            EXIT_PEER_LOST,
+            lost.message,
+            lost=lost.ranks,
+            via=lost.via,
+            silent_s=lost.silent_s,
+        )
+
+    return report
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -149,20 +256,25 @@ def _run(args: argparse.Namespace) -> int:
     out = out_dir(args)
     check_out_dir(out, args.resume, args.force)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    dog = wd.start_watchdog(
+        info.rank, info.world_size, cfg.parallel.timeout_s, on_lost=_on_lost(info.rank)
+    )
     install_link_model_from_env()  # before any Comm exists
     torch.set_num_threads(
         cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
     )
-    if info.rank == 0:
-        if args.force and out.exists() and not args.resume:
-            shutil.rmtree(out)
-        ensure_data(cfg, show_progress=not args.quiet)
-    torch.distributed.barrier()
+    if info.local_rank == 0 and args.force and out.exists() and not args.resume:
+        # each node clears its own --out (no shared filesystem assumed); nodes that
+        # do share one may race here, so files already gone are fine
+        shutil.rmtree(out, ignore_errors=True)
+    prepare_data_on_node(cfg, info, show_progress=not args.quiet)
     worker = Worker(cfg, out, info, show_progress=not args.quiet)
     if args.resume and worker.resume():
         _say(info.rank, f"resumed {out} at step {worker.step}")
     worker.write_config()
     summary = worker.run()
+    if dog is not None:
+        dog.stop()  # says "done" first: slower peers must not report this rank as lost
     if info.rank == 0 and not args.quiet:
         print_summary({out.name: summary})
     return 0
@@ -180,4 +292,6 @@ def _say(rank: int, msg: str, always: bool = False) -> None:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    # gloo starts its messages with its source location: "[/.../pair.cc:553] "
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", text[0]) if text else ""
+    return line[:200] or type(e).__name__

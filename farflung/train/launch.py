@@ -1,24 +1,37 @@
 """farflung's own launcher for N local worker processes.
 
 It sets the same environment torchrun would, watches the workers, and when one
-dies it stops the rest at once and says which one it was, so a lost worker never
-leaves the others waiting on a collective. Ctrl+C stops them all."""
+fails it stops the rest at once and says why, so a lost worker never leaves the
+others waiting on a collective. Workers leave a small JSON report of what they
+concluded (a lost peer, non-finite numbers, a crash) in a private folder named by
+``FARFLUNG_REPORT_DIR``; the launcher prints the most telling one. Ctrl+C stops
+them all."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from farflung.comm import free_port
-from farflung.train.entry import EXIT_FAILED, EXIT_USAGE
+from farflung.train.entry import (
+    EXIT_INTERRUPTED,
+    EXIT_NONFINITE,
+    EXIT_PEER_LOST,
+    EXIT_USAGE,
+    REPORT_ENV,
+)
 
-GRACE_S = 10.0  # after SIGTERM, before SIGKILL
-SETTLE_S = 1.0  # after a failure, for the others to exit on their own
+GRACE_S = 10.0  # after SIGTERM (and SIGCONT), before SIGKILL
+SETTLE_S = 1.0  # after a failure, for the others to exit (and report) on their own
 
 
 @dataclass
@@ -66,63 +79,126 @@ def launch_local(
     """Run ``python -m module *worker_args`` as ``workers`` ranks; return an exit code."""
     place = placement or Placement.plain(workers)
     port = free_port()
-    procs = [
-        subprocess.Popen(
-            [*place.prefixes[r], sys.executable, "-m", module, *worker_args],
-            env=worker_env(
-                r,
-                workers,
-                port,
-                place.master_addr,
-                {**place.envs[r], "FARFLUNG_NETWORK": place.description},
-            ),
-            start_new_session=True,  # our own Ctrl+C handling, not the tty's
-        )
-        for r in range(workers)
-    ]
+    reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
+    procs: list[subprocess.Popen] = []
     try:
-        return _watch(procs)
+        for r in range(workers):
+            extra = {**place.envs[r], "FARFLUNG_NETWORK": place.description}
+            extra[REPORT_ENV] = str(reports)
+            procs.append(
+                subprocess.Popen(
+                    [*place.prefixes[r], sys.executable, "-m", module, *worker_args],
+                    env=worker_env(r, workers, port, place.master_addr, extra),
+                    start_new_session=True,  # our own Ctrl+C handling, not the tty's
+                )
+            )
+        return _watch(procs, reports)
     except KeyboardInterrupt:
         print("farflung: interrupted; stopping workers", file=sys.stderr, flush=True)
         _stop(procs, signal.SIGTERM)
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        _stop(procs, signal.SIGTERM)  # nothing is left behind, whatever happened
+        shutil.rmtree(reports, ignore_errors=True)
 
 
-def _watch(procs: list[subprocess.Popen]) -> int:
+def _watch(procs: list[subprocess.Popen], reports: Path) -> int:
     while True:
         codes = [p.poll() for p in procs]
         if any(c not in (None, 0) for c in codes):
-            return _on_failure(procs)
+            return _on_failure(procs, reports)
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
 
 
-def _on_failure(procs: list[subprocess.Popen]) -> int:
-    """Name the worker that failed first in cause, stop the others, return its code."""
+def _on_failure(procs: list[subprocess.Popen], reports: Path) -> int:
+    """Say why the run failed (the most telling failure), stop the others, return
+    the failed worker's code."""
     deadline = time.monotonic() + SETTLE_S  # peers failing the same way exit by themselves
     while time.monotonic() < deadline and any(p.poll() is None for p in procs):
         time.sleep(0.05)
     alive = [r for r, p in enumerate(procs) if p.poll() is None]
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-    # a bad-input exit outranks a crash, which outranks the comm failures it causes
-    rank, code = min(failed, key=lambda rc: (rc[1] != EXIT_USAGE, rc[1] == EXIT_FAILED, rc[0]))
+    failed = {r: p.returncode for r, p in enumerate(procs) if p.returncode not in (None, 0)}
+    found = read_reports(reports)
+    rank = most_telling(failed, found)
     stopping = f"; stopping ranks {alive}" if alive else ""
-    print(
-        f"farflung: worker rank {rank} exited with code {code}{stopping}",
-        file=sys.stderr,
-        flush=True,
-    )
+    why = explain(rank, failed[rank], found)
+    print(f"farflung: {why}{stopping}", file=sys.stderr, flush=True)
     _stop(procs, signal.SIGTERM)
+    code = failed[rank]
     return code if code > 0 else 1
 
 
+def read_reports(folder: Path) -> dict[int, dict]:
+    """The workers' reports by rank (see farflung.train.entry.write_report)."""
+    found = {}
+    for path in folder.glob("rank*.json"):
+        try:
+            record = json.loads(path.read_text())
+            found[int(record["rank"])] = record
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a torn or foreign file: the exit code still tells something
+    return found
+
+
+# the order in which failures explain a run: bad input first, then non-finite
+# numbers, then a crash, then the lost-peer exits that a crash or a freeze causes
+_RANK_OF_CODE = {EXIT_USAGE: 0, EXIT_NONFINITE: 1, EXIT_PEER_LOST: 3, EXIT_INTERRUPTED: 4}
+# among lost-peer reports: a rank that read the store and saw a peer fall silent is
+# a better witness than one that lost the store itself (both sides of a cut link
+# report), and either is better than a failed collective alone
+_RANK_OF_VIA = {"heartbeat": 0, "store": 1}
+
+
+_SAID_BY_RANK_0 = {"usage": "bad input, see above", "nonfinite": "non-finite numbers, see above"}
+
+
+def most_telling(failed: dict[int, int], reports: dict[int, dict]) -> int:
+    """The rank whose failure (exit code by rank) best explains the run's."""
+
+    def order(rank: int) -> tuple[int, int, int]:
+        report = reports.get(rank)
+        via = _RANK_OF_VIA.get(report.get("via", ""), 2) if report else 3
+        return (_RANK_OF_CODE.get(failed[rank], 2), via, rank)
+
+    return min(failed, key=order)
+
+
+def explain(rank: int, code: int, reports: dict[int, dict]) -> str:
+    """One line on why worker ``rank`` failed with ``code``, from its report if any."""
+    report = reports.get(rank)
+    if code < 0:
+        exited = f"worker rank {rank} was killed by {signal.Signals(-code).name}"
+    else:
+        exited = f"worker rank {rank} exited with code {code}"
+    if report is None:
+        return exited + (" (lost a peer)" if code == EXIT_PEER_LOST else "")
+    if report.get("kind") != "lost_peer":
+        # rank 0 printed its bad-input or non-finite message itself already
+        said = _SAID_BY_RANK_0.get(report.get("kind", "")) if rank == 0 else None
+        return f"{exited} ({said or report['message']})"
+    if report.get("via") == "comm":
+        return f"worker rank {rank}: {report['message']}"
+    lost = [int(r) for r in report.get("lost", [])]
+    why = f"{report['message']}, noticed by rank {rank}"
+    # both ends of a cut link report each other: say so rather than pick a culprit
+    mutual = [r for r in lost if rank in reports.get(r, {}).get("lost", [])]
+    if mutual:
+        them = ", ".join(str(r) for r in mutual)
+        why += f"; rank {them} lost contact with rank {rank} too: the link between them may be down"
+    return why
+
+
 def _stop(procs: list[subprocess.Popen], sig: int) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(sig)
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        p.send_signal(sig)
+    for p in alive:
+        # a stopped (SIGSTOPped) worker acts on SIGTERM only once continued
+        p.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + GRACE_S
-    for p in procs:
+    for p in alive:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:

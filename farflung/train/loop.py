@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import tomllib
 from dataclasses import replace
@@ -12,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from farflung.comm import Comm, DistInfo
+from farflung.comm import Comm, DistInfo, new_group
+from farflung.comm.errors import NonFiniteError
 from farflung.config import Config, OptimConfig, check_batch, config_from_dict, config_to_toml
 from farflung.data import SampleSet, ShardIndex, TokenStream, batch_ids, rank_slice, val_batch_ids
 from farflung.model import GPT, param_groups
-from farflung.parallel import make_algorithm
+from farflung.parallel import NonFiniteStep, make_algorithm
 from farflung.train import checkpoint as ckpt
-from farflung.train.metrics import StepRecord, gather_step, truncate_jsonl
+from farflung.train.metrics import StepRecord, Telemetry, aggregate, local_row, truncate_jsonl
 from farflung.train.progress import Progress
 
 # config keys that shape the saved state: a resume must keep them
@@ -29,6 +32,7 @@ STATE_KEYS = {
 }
 
 FAULT_ENV = "FARFLUNG_FAIL_AT"  # "RANK:STEP": that rank dies at that step (fault-injection tests)
+NAN_ENV = "FARFLUNG_NAN_AT"  # "RANK:STEP[,STEP...]": that rank's loss is NaN at those steps
 
 
 def lr_at(step: int, total: int, o: OptimConfig) -> float:
@@ -83,41 +87,68 @@ class Worker:
         }
         self.last_val: float | None = None
         self.fail_at = _parse_fault(os.environ.get(FAULT_ENV), info.rank)
+        self.nan_at = _parse_steps(os.environ.get(NAN_ENV), info.rank)
+        self.nccl = info.backend == "nccl"
+        self.nonfinite_streak = 0
+        telemetry_comm = Comm(new_group() if info.world_size > 1 else None, self.comm.meter)
+        self.telemetry = Telemetry(
+            telemetry_comm, cfg.train.log_every, self._on_record, info.device
+        )
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg = self.cfg.train
         steps_before = self.step
-        t_start = time.perf_counter() - self.totals["elapsed_s"]
+        self.t_start = time.perf_counter() - self.totals["elapsed_s"]
         self.comm.meter.snapshot(reset=True)  # set-up traffic is not a step's
-        bar = Progress(cfg.steps, self.step, enabled=self.show_progress)
+        self.bar = Progress(cfg.steps, self.step, enabled=self.show_progress)
+        finished = False
         try:
+            self.mark = time.perf_counter()
             while self.step < cfg.steps:
-                rec = self.train_step(t_start)
-                bar.update(rec, self.step)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.train_step()
+                last = self.step >= cfg.steps
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                     self.evaluate()
-                if (
-                    cfg.checkpoint_every
-                    and self.step % cfg.checkpoint_every == 0
-                    and self.step < cfg.steps
-                ):
+                    self.mark = time.perf_counter()  # no step pays for evaluation
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
                     self.save()
+                    self.mark = time.perf_counter()
+            self.drain()
+            finished = True
         finally:
-            bar.close()
-        self.algo.close()
+            self.bar.close()
+            # on a failure, do not wait for background syncs with peers that may be gone
+            self.algo.close(abort=not finished)
         self.evaluate()
         self.save()
-        self.totals["elapsed_s"] = time.perf_counter() - t_start
+        self.totals["elapsed_s"] = time.perf_counter() - self.t_start
         return self.summary(self.step - steps_before)
 
-    def train_step(self, t_start: float) -> StepRecord:
+    def train_step(self) -> None:
+        """One optimizer step; its numbers go to the telemetry buffer. A step's wall
+        time runs from the end of the previous step (or of the evaluation or
+        checkpoint after it) to the end of this one, telemetry included."""
         if self.fail_at is not None and self.step == self.fail_at:
             os._exit(17)
-        t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        loss = self._forward_backward()
+        self.step += 1
+        skipped = self._update(math.isfinite(loss))
+        now = time.perf_counter()
+        wall, self.mark = now - self.mark, now
+        snap = self.comm.meter.snapshot(reset=True)
+        tokens = self.totals["tokens"] + self.cfg.train.batch_size * self.cfg.model.context
+        row = local_row(self.step, lr, tokens, now - self.t_start, loss, wall, snap, skipped)
+        self.bar.update(aggregate(torch.tensor([row], dtype=torch.float64)), self.step)
+        if self.nccl and len(self.telemetry.rows) + 1 >= self.telemetry.every:
+            self.algo.quiesce()  # see DataParallel.quiesce
+        self.telemetry.add(row)
+
+    def _forward_backward(self) -> float:
+        """This rank's slice of the step's global batch; returns its mean loss."""
         ids = rank_slice(
             batch_ids(
                 self.step, self.cfg.train.batch_size, len(self.train_set), self.cfg.train.seed
@@ -129,38 +160,88 @@ class Worker:
         for i in range(self.accum):
             x, y = self.train_set.batch(ids[i * self.micro : (i + 1) * self.micro])
             _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
+            if self.step + 1 in self.nan_at:
+                loss = loss * float("nan")  # fault injection: poisons the gradients too
             (loss / self.accum).backward()
             loss_sum += loss.item()
-        self.algo.sync_gradients()
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        return loss_sum / self.accum
+
+    def _update(self, finite: bool) -> bool:
+        """Sync, clip, step. Returns True when this rank did not apply the step."""
+        skipped = None
+        try:
+            self.algo.sync_gradients(finite)
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+        except NonFiniteStep as e:
+            skipped = e  # no update from this step: nothing non-finite reaches the weights
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.algo.after_step(self.step)
-        wall = time.perf_counter() - t0
-        snap = self.comm.meter.snapshot(reset=True)
-        agg = gather_step(self.comm, loss_sum / self.accum, wall, wall - snap.seconds, snap)
-        tokens = self.cfg.train.batch_size * self.cfg.model.context
-        self.totals["tokens"] += tokens
-        self.totals["train_s"] += agg["wall_s"]
-        self.totals["bytes_sent"] += agg["bytes_sent"]
-        self.totals["bytes_recv"] += agg["bytes_recv"]
-        rec = StepRecord(
-            step=self.step,
-            lr=lr,
-            tokens=self.totals["tokens"],
-            elapsed_s=time.perf_counter() - t_start,
-            **agg,
-        )
+        reported = None
+        try:
+            self.algo.after_step(self.step)  # every rank joins the syncs, skipped or not
+        except NonFiniteStep as e:
+            reported = e
+        for e in (skipped, reported):
+            if e is not None:
+                self._nonfinite(e)
+        if skipped is None and reported is None:
+            self.nonfinite_streak = 0
+        return skipped is not None
+
+    def _nonfinite(self, e: NonFiniteStep) -> None:
+        """Say what happened; stop every rank at the same step when told to."""
+        step, mode = self.step, self.cfg.train.on_nonfinite
+        if e.local:  # only this rank knows yet; all learn it at the next sync
+            print(
+                f"farflung: rank {self.info.rank}: step {step}: non-finite loss or "
+                "gradients; this rank skips the step",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.nonfinite_streak += 1
+        what = "dropped the step's update" if e.dropped else "skipped a local step"
+        if mode == "stop" or self.nonfinite_streak > self.cfg.train.max_nonfinite_skips:
+            why = (
+                "train.on_nonfinite = 'stop'"
+                if mode == "stop"
+                else f"{self.nonfinite_streak} steps in a row (train.max_nonfinite_skips)"
+            )
+            raise NonFiniteError(
+                f"non-finite loss or gradients from rank(s) {e.ranks} at step {step}; "
+                f"stopping ({why})",
+                step,
+                e.ranks,
+            )
+        if self.is_main:
+            print(
+                f"farflung: warning: step {step}: non-finite values from rank(s) {e.ranks}; "
+                f"{what} (train.on_nonfinite = 'skip')",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _on_record(self, rec: StepRecord) -> None:
+        """An aggregated step record, on every rank: totals, and rank 0's file."""
+        self.totals["tokens"] = rec.tokens
+        self.totals["train_s"] += rec.wall_s
+        self.totals["bytes_sent"] += rec.bytes_sent
+        self.totals["bytes_recv"] += rec.bytes_recv
         if self.is_main:
             self._append("metrics.jsonl", rec.to_json())
-        return rec
+
+    def drain(self) -> None:
+        """Bring telemetry up to date (all ranks: it holds a collective)."""
+        if self.nccl:
+            self.algo.quiesce()
+        self.telemetry.drain()
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        self.drain()  # the record of this step's tokens, and a sync point anyway
         b = self.cfg.train.batch_size
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.info.device)
         with self.algo.eval_parameters() as model:
             model.eval()
             for i in range(self.cfg.train.eval_batches):
@@ -185,21 +266,38 @@ class Worker:
 
     # -- checkpoints -------------------------------------------------------------
     def save(self) -> None:
-        root = self.out / "checkpoints"
-        tmp = ckpt.step_dir(root, self.step).with_suffix(".tmp")
-        if self.is_main:
-            ckpt.begin(root, self.step)
+        """Every rank writes its own state under its own ``--out``; one rank per
+        filesystem (the lowest that shares it) writes the model and commits."""
+        self.drain()
+        with self.algo.eval_parameters() as model:
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise NonFiniteError(
+                    f"step {self.step}: the model holds non-finite weights; refusing to "
+                    "checkpoint them",
+                    self.step,
+                    [self.info.rank],
+                )
+        tmp = ckpt.tmp_dir(self.out / "checkpoints", self.step)
+        ckpt.mark_present(tmp, self.info.rank)
+        self.comm.barrier()
+        here = ckpt.ranks_present(tmp)
+        committer = here[0] == self.info.rank
+        ckpt.write_rank_state(tmp, self.info.rank, self._rank_state())
+        if committer:
             with self.algo.eval_parameters() as model:
                 ckpt.write_model(tmp, model)
             (tmp / "config.toml").write_text(config_to_toml(self.cfg))
             (tmp / "tokenizer.json").write_bytes(self.tokenizer_path.read_bytes())
         self.comm.barrier()
-        ckpt.write_rank_state(tmp, self.info.rank, self._rank_state())
-        self.comm.barrier()
-        if self.is_main:
+        if committer:
             extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": self.last_val}
             ckpt.commit(
-                tmp, self.step, self.info.world_size, extra, self.cfg.train.keep_checkpoints
+                tmp,
+                self.step,
+                self.info.world_size,
+                here,
+                extra,
+                self.cfg.train.keep_checkpoints,
             )
         self.comm.barrier()
 
@@ -211,16 +309,19 @@ class Worker:
             "rng": torch.get_rng_state(),
             "totals": dict(self.totals),
         }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
         if not self.algo.replicas_identical:
             state["model"] = self.model.state_dict()
         return state
 
     def resume(self) -> bool:
-        """Load the newest checkpoint of this run; False when there is none."""
-        path = ckpt.latest_checkpoint(self.out / "checkpoints")
+        """Load the newest checkpoint that every rank holds intact; False when no rank
+        has one. A corrupt newer checkpoint is passed over with a warning."""
+        path = self._agree_on_checkpoint()
         if path is None:
             return False
-        manifest = ckpt.read_manifest(path)
+        manifest = ckpt.read_manifest(path, verify=False)
         if manifest["world_size"] != self.info.world_size:
             raise ckpt.CheckpointError(
                 f"{path} was written by {manifest['world_size']} workers; resume with "
@@ -234,6 +335,8 @@ class Worker:
         self.optimizer.load_state_dict(state["optimizer"])
         self.algo.load_state_dict(state["algorithm"])
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         self.totals.update(state["totals"])
         self.last_val = manifest.get("val_loss")
@@ -242,6 +345,43 @@ class Worker:
             truncate_jsonl(self.out / "eval.jsonl", self.step)
         self.comm.barrier()
         return True
+
+    def _agree_on_checkpoint(self) -> Path | None:
+        """Each rank checks its own folder, newest first; all take the newest step
+        every rank holds intact."""
+        root = self.out / "checkpoints"
+        valid: dict[int, Path] = {}
+        problems: list[str] = []
+        for path in reversed(ckpt.candidates(root)):
+            try:
+                ckpt.read_manifest(path, rank=self.info.rank)
+                valid[ckpt.step_of(path)] = path
+            except ckpt.CheckpointError as e:
+                problems.append(str(e))
+        mine = (sorted(valid), problems, bool(ckpt.candidates(root)))
+        everyone: list[Any] = [None] * self.info.world_size
+        if self.info.world_size > 1:
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        if not any(has_any for _, _, has_any in everyone):
+            return None
+        common = set(everyone[0][0]).intersection(*(set(v) for v, _, _ in everyone))
+        for rank, (_, probs, _) in enumerate(everyone):
+            for problem in probs:
+                if self.is_main:
+                    print(f"farflung: warning: rank {rank}: {problem}", file=sys.stderr)
+        if not common:
+            raise ckpt.CheckpointError(
+                f"{root}: no checkpoint is intact on every rank ("
+                + "; ".join(p for _, probs, _ in everyone for p in probs)
+                + ")"
+            )
+        step = max(common)
+        newest = max(max(v, default=-1) for v, _, _ in everyone)
+        if self.is_main and (step < newest or any(p for _, p, _ in everyone)):
+            print(f"farflung: warning: resuming from step {step}", file=sys.stderr)
+        return valid[step]
 
     def _check_resumable(self, path: Path) -> None:
         """Refuse a config whose model or data-parallel state differs from the
@@ -299,6 +439,13 @@ class Worker:
     def _append(self, name: str, line: str) -> None:
         with open(self.out / name, "a") as f:
             f.write(line + "\n")
+
+
+def _parse_steps(spec: str | None, rank: int) -> set[int]:
+    if not spec:
+        return set()
+    r, steps = spec.split(":")
+    return {int(v) for v in steps.split(",")} if int(r) == rank else set()
 
 
 def _parse_fault(spec: str | None, rank: int) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -13,11 +14,15 @@ from farflung.train import checkpoint as ckpt
 
 
 def load_for_inference(path: str | Path) -> tuple[GPT, Tokenizer]:
-    """Model and tokenizer from a checkpoint folder or a run folder (newest checkpoint)."""
-    found = ckpt.latest_checkpoint(Path(path))
-    if found is None:
+    """Model and tokenizer from a checkpoint folder or a run folder (its newest valid
+    checkpoint; a corrupt newer one is reported and passed over)."""
+    if not ckpt.candidates(Path(path)):
         raise ckpt.CheckpointError(f"{path}: no checkpoint found")
-    ckpt.read_manifest(found)
+    found, problems = ckpt.newest_valid(Path(path))
+    if found is None:
+        raise ckpt.CheckpointError("; ".join(problems))
+    for problem in problems:
+        print(f"farflung: warning: {problem}; using {found.name}", file=sys.stderr)
     cfg = load_config(found / "config.toml")
     model = GPT(cfg.model)
     ckpt.load_model_weights(found, model)
