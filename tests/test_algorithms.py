@@ -132,10 +132,10 @@ def slow_sync_worker(rank: int, world: int, delay: float) -> dict:
     original = Cocktail._sync
     seen_threads = set()
 
-    def slow(self, delta, k):
+    def slow(self, delta, k, status):
         seen_threads.add(threading.current_thread().name)
         time.sleep(delay)
-        return original(self, delta, k)
+        return original(self, delta, k, status)
 
     Cocktail._sync = slow
     try:

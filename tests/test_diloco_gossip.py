@@ -227,11 +227,13 @@ def test_diloco_traffic_is_the_sharded_formula(diloco_run):
     numel = ours[0]["flats"][0].size
     sizes = chunk_sizes(numel, world)
     for r in range(world):
-        # phase 1: the n-1 chunks other ranks own; phase 2: our chunk's average to n-1 ranks
-        phase1 = sum(HEADER_NBYTES + 4 * sizes[j] for j in range(world) if j != r)
-        phase2 = (world - 1) * (HEADER_NBYTES + 4 * sizes[r])
-        phase2_in = sum(HEADER_NBYTES + 4 * sizes[j] for j in range(world) if j != r)
-        phase1_in = (world - 1) * (HEADER_NBYTES + 4 * sizes[r])
+        # phase 1: the n-1 chunks other ranks own; phase 2: our chunk's average to n-1
+        # ranks; each payload behind its status (1 byte, then a (2n+1)-bit bitmap)
+        s1, s2 = 1, (2 * world + 1 + 7) // 8
+        phase1 = sum(s1 + HEADER_NBYTES + 4 * sizes[j] for j in range(world) if j != r)
+        phase2 = (world - 1) * (s2 + HEADER_NBYTES + 4 * sizes[r])
+        phase2_in = sum(s2 + HEADER_NBYTES + 4 * sizes[j] for j in range(world) if j != r)
+        phase1_in = (world - 1) * (s1 + HEADER_NBYTES + 4 * sizes[r])
         for step in range(H * ROUNDS):
             if (step + 1) % H == 0:
                 assert ours[r]["sent"][step] == phase1 + phase2

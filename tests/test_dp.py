@@ -94,3 +94,29 @@ def test_allreduce_matches_single_process_and_ddp(world, reference):
     numel = ours[0]["numel"]
     expected = STEPS * 2 * (world - 1) * numel * 4 // world
     assert abs(ours[0]["dp_sent"] - expected) <= STEPS * 64  # integer division per bucket
+
+
+def setup_worker(rank: int, world: int) -> dict:
+    torch.manual_seed(rank)  # every rank starts from different weights
+    model = GPT(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    comm = Comm()
+    make_algorithm("allreduce", model, opt, comm, ParallelConfig()).setup()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    init = comm.meter.snapshot().by_kind["init"]
+    return {"flat": flat, "calls": init.calls, "sent": init.sent, "recv": init.recv}
+
+
+def test_setup_broadcast_is_coalesced():
+    """Rank 0's weights reach every rank in one message, not one per tensor (a round
+    trip each over a WAN): the GPT here has 20+ tensors and fits one 64 MiB bucket."""
+    results = run_distributed(setup_worker, 3)
+    torch.manual_seed(0)
+    expected = torch.cat([p.detach().reshape(-1) for p in GPT(CFG).parameters()])
+    size = expected.numel() * 4
+    for r, res in enumerate(results):
+        torch.testing.assert_close(res["flat"], expected, rtol=0, atol=0)
+        assert res["calls"] == 1
+        assert res["recv"] == (0 if r == 0 else size)
+    assert len(list(GPT(CFG).parameters())) > 20
+    assert sum(res["sent"] for res in results) == 2 * size  # a tree: n - 1 copies in all

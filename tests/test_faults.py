@@ -351,20 +351,24 @@ def test_slow_first_preparation_does_not_time_out_peers(tiny, tmp_path):  # noqa
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     words = [f"w{i}{chr(97 + i % 26)}" for i in range(3000)]
-    for i in range(150):  # ~2 MB: several seconds to prepare here
-        text = " ".join(words[(i * 7919 + j * 104729) % len(words)] for j in range(2000))
-        (corpus / f"d{i}.txt").write_text(text + "\n")
     config = (tiny / "tiny.toml").read_text().replace(str(tiny / "data"), str(tmp_path / "data"))
     config = config.replace("[data]\n", f'[data]\nsources = ["{corpus}"]\nvocab_size = 300\n')
-    timeout_s = 2.0
+    timeout_s = 1.0  # the smallest allowed
     (tmp_path / "slow.toml").write_text(config + f"\n[parallel]\ntimeout_s = {timeout_s}\n")
     d = load_config(tmp_path / "slow.toml").data
-    t0 = time.monotonic()  # the same preparation, elsewhere: is it slow enough to test?
-    prepare(
-        d.sources, tmp_path / "probe", d.vocab_size, d.val_fraction, d.shard_tokens, progress=False
-    )
-    prep_s = time.monotonic() - t0
-    assert prep_s > 2 * timeout_s, f"the corpus prepares too fast ({prep_s:.1f} s) to test"
+    docs = 0
+    for attempt in range(5):  # grow the corpus until its preparation is slow enough here
+        for i in range(docs, 150 * 2**attempt):
+            text = " ".join(words[(i * 7919 + j * 104729) % len(words)] for j in range(2000))
+            (corpus / f"d{i}.txt").write_text(text + "\n")
+        docs = 150 * 2**attempt
+        t0 = time.monotonic()  # the same preparation, elsewhere
+        probe = tmp_path / f"probe{attempt}"
+        prepare(d.sources, probe, d.vocab_size, d.val_fraction, d.shard_tokens, progress=False)
+        prep_s = time.monotonic() - t0
+        if prep_s > 3 * timeout_s:
+            break
+    assert prep_s > 3 * timeout_s, f"the corpus prepares too fast ({prep_s:.1f} s) to test"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
            "--rdzv-endpoint=127.0.0.1:0", "-m", "farflung.train",

@@ -12,9 +12,10 @@ Which byte counts are real and which are computed:
 - :meth:`Comm.all_reduce`, :meth:`Comm.all_gather` and :meth:`Comm.broadcast` count
   what the collective's textbook algorithm moves for a tensor of that size: ring
   all-reduce 2(n-1)/n of the payload each way, ring all-gather (n-1) input chunks
-  each way, broadcast as direct sends from the source ((n-1) copies out of it, one
-  into every other rank). The backend may use another algorithm (gloo and NCCL pick
-  their own, trees among them), so these are not what crossed the wire.
+  each way, broadcast as gloo's binomial tree (NCCL's as a chain). The network lab's
+  interface counters agree with these for gloo at 2, 3 and 4 ranks within the
+  headers (tests/test_netlab_bytes.py); on NCCL, which picks its own algorithms, they
+  are the textbook figures.
 
 No count includes protocol overhead (TCP/IP headers, the backend's framing).
 
@@ -121,6 +122,7 @@ class Comm:
         self.size = dist.get_world_size(group)
         self.link = _link_model
         self.hosts = [self._global(r) for r in range(self.size)]  # link-model host ids
+        self._nccl = dist.get_backend(group) == "nccl"
 
     # -- collectives -------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, kind: str, op=dist.ReduceOp.SUM) -> None:
@@ -145,16 +147,18 @@ class Comm:
         )
 
     def broadcast(self, t: torch.Tensor, src: int, kind: str) -> None:
-        """Counted (not measured) as direct sends: the source sends (n-1) copies of the
-        payload, every other rank receives it once."""
+        """Counted (not measured) as gloo's binomial tree, which the lab's interface
+        counters confirm: every rank but the source receives the payload once, and a
+        rank sends one copy to each of its children (the source ``ceil(log2 n)`` at
+        most, a leaf none). NCCL's ring is counted as a chain: every rank but the last
+        sends one copy."""
         n = self.size
         if n == 1:
             return
         b = nbytes(t)
-        if self.rank == src:
-            self.meter.record(kind, sent=b * (n - 1))
-        else:
-            self.meter.record(kind, recv=b)
+        v = (self.rank - src) % n  # position in the tree rooted at the source
+        copies = 1 if self._nccl and v < n - 1 else len(tree_children(v, n))
+        self.meter.record(kind, sent=b * copies, recv=0 if v == 0 else b)
         self._start(
             kind,
             lambda t0: self._broadcast_legs(src, b, t0),
@@ -219,24 +223,52 @@ class Comm:
                 {j: out_splits[j] * elt for j in peers},
                 t0,
             ),
-            lambda: dist.all_to_all_single(
-                out, inp, out_splits, in_splits, group=self.group, async_op=True
-            ),
+            lambda: self._all_to_all(out, inp, out_splits, in_splits, peers),
         ).wait()
+
+    def _all_to_all(
+        self, out: torch.Tensor, inp: torch.Tensor, out_splits: list, in_splits: list, peers: list
+    ) -> object:
+        """On gloo, as point-to-point with every receive posted before any send: gloo
+        sends a payload only once its peer has announced the receive, and that notice
+        queues behind data in the same stream, so its own send-then-receive all-to-all
+        made the two directions take turns (half the rate each way, measured in the
+        lab: tests/test_netlab.py)."""
+        if self._nccl:
+            return dist.all_to_all_single(
+                out, inp, out_splits, in_splits, group=self.group, async_op=True
+            )
+        outs, ins = torch.split(out, out_splits), torch.split(inp, in_splits)
+        outs[self.rank].copy_(ins[self.rank])
+        # an empty chunk is skipped on both ends: the sender's size is the receiver's
+        ops = [
+            dist.P2POp(dist.irecv, outs[j], self._global(j), self.group)
+            for j in peers
+            if outs[j].numel()
+        ]
+        ops += [
+            dist.P2POp(dist.isend, ins[j], self._global(j), self.group)
+            for j in peers
+            if ins[j].numel()
+        ]
+        if not ops:
+            return None
+        return _Works(dist.batch_isend_irecv(ops))
 
     def exchange(
         self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], kind: str
     ) -> None:
         """Point-to-point: send ``sends[peer]`` to each peer and fill ``recvs[peer]`` from
-        each peer, all at once (``batch_isend_irecv``), then wait for all of them.
+        each peer, all at once (``batch_isend_irecv``, receives posted first), then wait
+        for all of them.
         Counts the real sizes of the tensors sent and received."""
-        ops = []
-        for peer, t in sends.items():
-            self.meter.record(kind, sent=nbytes(t))
-            ops.append(dist.P2POp(dist.isend, t, self._global(peer), self.group))
+        ops = []  # receives first: see _all_to_all
         for peer, t in recvs.items():
             self.meter.record(kind, recv=nbytes(t))
             ops.append(dist.P2POp(dist.irecv, t, self._global(peer), self.group))
+        for peer, t in sends.items():
+            self.meter.record(kind, sent=nbytes(t))
+            ops.append(dist.P2POp(dist.isend, t, self._global(peer), self.group))
         if ops:
             out = {p: nbytes(t) for p, t in sends.items()}
             into = {p: nbytes(t) for p, t in recvs.items()}
@@ -301,21 +333,46 @@ class Comm:
         ]
 
     def _broadcast_legs(self, src: int, b: float, t0: float) -> list[Leg]:
-        """Direct sends from ``src``, to ranks src+1, src+2, ... in turn; a receiver's
-        copy leaves the source after the copies sent before it."""
-        n, r = self.size, self.rank
-        order = [(src + k) % n for k in range(1, n)]
-        if r == src:
-            return [self._send(j, b, t0) for j in order]
-        up_to_mine = order[: order.index(r) + 1]
-        s = self.hosts[src]
-        queued = sum(self.link.serialization_time(s, self.hosts[j], b) for j in up_to_mine)
-        return [self._recv(src, b, t0), (t0 + queued, self.link.matrix.delay(s, self.hosts[r]))]
+        """The binomial tree: a rank's copy leaves its parent once the parent has its
+        own and has sent the copies queued before it; then it forwards to its
+        children in turn."""
+        n = self.size
+        v = (self.rank - src) % n
+        rank_of = [(src + u) % n for u in range(n)]
+        arrival, ready = t0, t0  # ready: when our copy is complete here
+        path = tree_path(v, n)
+        for parent, child in zip(path, path[1:], strict=False):
+            p, c = self.hosts[rank_of[parent]], self.hosts[rank_of[child]]
+            siblings = tree_children(parent, n)
+            queued = sum(
+                self.link.serialization_time(p, self.hosts[rank_of[k]], b)
+                for k in siblings[: siblings.index(child) + 1]
+            )
+            arrival = ready + queued
+            ready = arrival + self.link.matrix.delay(p, c)
+        legs = [] if v == 0 else [(arrival, ready - arrival)]
+        return legs + [self._send(rank_of[c], b, ready) for c in tree_children(v, n)]
 
     def _global(self, group_rank: int) -> int:
         if self.group is None:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
+
+
+def tree_children(v: int, n: int) -> list[int]:
+    """Children of position ``v`` in gloo's binomial broadcast tree over ``n`` ranks
+    (positions counted from the root): ``v + 2**i`` for ``bit_length(v) <= i <
+    ceil(log2 n)``."""
+    dim = (n - 1).bit_length()
+    return [v + (1 << i) for i in range(v.bit_length(), dim) if v + (1 << i) < n]
+
+
+def tree_path(v: int, n: int) -> list[int]:
+    """Positions from the root down to ``v`` (each parent clears the top bit)."""
+    path = [v]
+    while path[-1]:
+        path.append(path[-1] - (1 << (path[-1].bit_length() - 1)))
+    return path[::-1]
 
 
 class _Works:

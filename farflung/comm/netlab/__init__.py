@@ -10,7 +10,12 @@ from farflung.comm.netlab.housekeeping import (
     netlab_down,
 )
 from farflung.comm.netlab.lab import MAX_HOSTS, Lab
-from farflung.comm.netlab.throughput import ThroughputResult, measure_pairs, measure_throughput
+from farflung.comm.netlab.throughput import (
+    ThroughputResult,
+    measure_duplex,
+    measure_pairs,
+    measure_throughput,
+)
 
 __all__ = [
     "MAX_HOSTS",
@@ -21,6 +26,7 @@ __all__ = [
     "ThroughputResult",
     "available",
     "list_labs",
+    "measure_duplex",
     "measure_pairs",
     "measure_throughput",
     "netlab_down",
