@@ -115,6 +115,7 @@ def test_run_folder_contents(run_a):
     records = read_jsonl(run_a / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 13))
     assert all(STEP_FIELDS <= set(r) for r in records)
+    assert [r["tokens"] for r in records] == [8 * 16 * s for s in range(1, 13)]  # cumulative
     assert all(r["bytes_sent"] > 0 and r["bytes_by_kind"]["dp"] > 0 for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
     summary = json.loads((run_a / "summary.json").read_text())

@@ -140,8 +140,11 @@ class Worker:
         now = time.perf_counter()
         wall, self.mark = now - self.mark, now
         snap = self.comm.meter.snapshot(reset=True)
-        tokens = self.totals["tokens"] + self.cfg.train.batch_size * self.cfg.model.context
-        row = local_row(self.step, lr, tokens, now - self.t_start, loss, wall, snap, skipped)
+        # counted here, not from the gathered records, which arrive log_every steps late
+        self.totals["tokens"] += self.cfg.train.batch_size * self.cfg.model.context
+        row = local_row(
+            self.step, lr, self.totals["tokens"], now - self.t_start, loss, wall, snap, skipped
+        )
         self.bar.update(aggregate(torch.tensor([row], dtype=torch.float64)), self.step)
         if self.nccl and len(self.telemetry.rows) + 1 >= self.telemetry.every:
             self.algo.quiesce()  # see DataParallel.quiesce
@@ -224,7 +227,6 @@ class Worker:
 
     def _on_record(self, rec: StepRecord) -> None:
         """An aggregated step record, on every rank: totals, and rank 0's file."""
-        self.totals["tokens"] = rec.tokens
         self.totals["train_s"] += rec.wall_s
         self.totals["bytes_sent"] += rec.bytes_sent
         self.totals["bytes_recv"] += rec.bytes_recv
