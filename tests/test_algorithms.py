@@ -191,3 +191,36 @@ def test_state_dict_resume_is_exact(name):
     for res in run_distributed(resume_worker, 2, name, pcfg):
         assert res["straight"] == res["resumed"]
         assert torch.equal(res["final"], res["resumed_final"])
+
+
+def unoverlapped_worker(rank: int, world: int) -> dict:
+    from farflung.comm.collectives import set_link_model
+    from farflung.comm.link import LinkMatrix, LinkModel
+
+    set_link_model(LinkModel(LinkMatrix.uniform(world, "1gbit", "100ms")))
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        comm = Comm()
+        algo = make_algorithm("cocktail", model, opt, comm, ParallelConfig(overlap=False))
+        algo.setup()
+        comm.meter.snapshot(reset=True)
+        t0 = time.perf_counter()
+        algo.after_step(1)  # the sync runs and is applied before this returns
+        elapsed = time.perf_counter() - t0
+        dp = comm.meter.snapshot().by_kind["dp"]
+        algo.close()
+        return {"elapsed": elapsed, "blocked": dp.seconds, "hidden": dp.hidden_seconds}
+    finally:
+        set_link_model(None)
+
+
+def test_cocktail_without_overlap_counts_its_wait_once():
+    """With overlap off the training thread waits for the whole sync (two phases, a
+    100 ms delay each): that wait is the blocked time, counted once. It used to be
+    counted twice, once more as the sync thread's own."""
+    for res in run_distributed(unoverlapped_worker, 2):
+        assert res["blocked"] >= 0.2  # it did wait for both phases
+        assert res["blocked"] <= res["elapsed"] + 0.01
+        assert res["hidden"] >= 0.2  # the thread's own time, not blocking
