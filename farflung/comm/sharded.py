@@ -77,6 +77,29 @@ def chunk_contexts(step: int, seed: int, parts: int, rank: int = 0) -> list[Code
     return [CodecContext(step=step, seed=derive_seed(seed, j), rank=rank) for j in range(parts)]
 
 
+def exact_average(
+    comm: Comm, x: torch.Tensor, status: int = OK, kind: str = "dp"
+) -> tuple[torch.Tensor, SyncFaults]:
+    """The uncompressed counterpart of :class:`ShardedAllReduce` (warm-up rounds): a
+    plain all-reduce average of ``x``, one status slot per rank riding in the same
+    message, with the same verdicts. Raises :class:`PoisonedSync` on every rank when
+    any input is not finite or declared :data:`BAD`."""
+    n = comm.size
+    codes = x.new_zeros(n, dtype=torch.float32)
+    finite = status != BAD and bool(torch.isfinite(x).all())
+    codes[comm.rank] = status if finite else BAD
+    buf = torch.cat([x.reshape(-1).float(), codes])
+    comm.all_reduce(buf, kind=kind)
+    summed = buf[-n:].tolist()
+    faults = SyncFaults(
+        bad=[r for r, c in enumerate(summed) if c == BAD],
+        skipped=[r for r, c in enumerate(summed) if c == SKIPPED],
+    )
+    if faults.dropped:
+        raise PoisonedSync(faults)
+    return buf[:-n].div_(n), faults
+
+
 def status_nbytes(phase: int, world: int) -> int:
     """Bytes of status in front of each payload: one in phase 1; in phase 2 two bitmaps
     of ``world`` bits (bad, skipped) and one overflow bit."""

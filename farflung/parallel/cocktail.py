@@ -48,7 +48,14 @@ import torch
 from torch import nn
 
 from farflung.comm import Comm, new_group
-from farflung.comm.sharded import OK, SKIPPED, PoisonedSync, ShardedAllReduce, SyncFaults
+from farflung.comm.sharded import (
+    OK,
+    SKIPPED,
+    PoisonedSync,
+    ShardedAllReduce,
+    SyncFaults,
+    exact_average,
+)
 from farflung.compress import make_codec
 from farflung.parallel.base import DataParallel, NonFiniteStep, register
 from farflung.parallel.flat import (
@@ -112,30 +119,13 @@ class Cocktail(DataParallel):
         """Runs on the background thread: (Δ, δ̂, faults) for the snapshot ``delta``;
         Δ and δ̂ are None when the round was dropped."""
         try:
-            if k < self.cfg.warmup_steps:
-                avg, sent = self._exact(delta, status)
-            else:
-                avg, sent = self.op(delta, step=k, seed=MASK_SEED, out=self.buffers, status=status)
+            if k < self.cfg.warmup_steps:  # uncompressed: δ̂ is the delta itself
+                avg, faults = exact_average(self.sync_comm, delta, status)
+                return avg, delta, faults
+            avg, sent = self.op(delta, step=k, seed=MASK_SEED, out=self.buffers, status=status)
         except PoisonedSync as e:
             return None, None, e.faults
         return avg, sent, self.op.last_faults
-
-    def _exact(self, delta: torch.Tensor, status: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A warm-up round: uncompressed, with each rank's status riding along."""
-        n = self.sync_comm.size
-        flags = delta.new_zeros(n)
-        flags[self.sync_comm.rank] = status if torch.isfinite(delta).all() else 1
-        avg = torch.cat([delta, flags])
-        self.sync_comm.all_reduce(avg, kind="dp")
-        codes = avg[-n:].tolist()
-        faults = SyncFaults(
-            bad=[r for r, c in enumerate(codes) if c == 1],
-            skipped=[r for r, c in enumerate(codes) if c == SKIPPED],
-        )
-        if faults.dropped:
-            raise PoisonedSync(faults)
-        self.op.last_faults = faults
-        return avg[:-n].div_(n), delta
 
     def _wait(self) -> SyncResult | None:
         """The in-flight sync's result; the time spent waiting for it blocks training.
@@ -161,7 +151,7 @@ class Cocktail(DataParallel):
         if result is None:
             return
         avg, sent, faults = result
-        if faults.bad or faults.skipped or faults.aggregate:
+        if faults.dropped or faults.skipped:
             self.report = faults
         if avg is None:  # dropped everywhere; the unsent delta stays in x_i
             if self.comm.rank in faults.bad:  # but ours is what went wrong: start over
@@ -171,10 +161,7 @@ class Cocktail(DataParallel):
         add_to_params(self.params, sent.neg_().add_(avg))  # Δ − δ̂, in sent's buffer
 
     def quiesce(self) -> None:
-        if self.pending is not None:
-            result = self._wait()
-            self.pending = Future()
-            self.pending.set_result(result)
+        self._wait()  # the future keeps its result for _apply_pending
 
     @contextlib.contextmanager
     def eval_parameters(self) -> Iterator[nn.Module]:

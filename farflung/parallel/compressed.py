@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from farflung.comm.sharded import BAD, OK, PoisonedSync, ShardedAllReduce
+from farflung.comm.sharded import BAD, OK, PoisonedSync, ShardedAllReduce, exact_average
 from farflung.compress import ErrorFeedback, make_codec
 from farflung.parallel.base import DataParallel, NonFiniteStep, register
 from farflung.parallel.flat import flat_grads, set_grads, trainable
@@ -38,29 +38,19 @@ class Compressed(DataParallel):
     def sync_gradients(self, finite: bool = True) -> None:
         grads = flat_grads(self.params)
         self.syncs += 1  # a dropped round still used its step's masks
-        if self.syncs <= self.cfg.warmup_steps:
-            flag = grads.new_zeros(self.comm.size)
-            flag[self.comm.rank] = 0.0 if finite and torch.isfinite(grads).all() else 1.0
-            grads = torch.cat([grads, flag])  # one message: who failed travels with it
-            self.comm.all_reduce(grads, kind="dp")
-            bad = [r for r, v in enumerate(grads[-self.comm.size :].tolist()) if v]
-            if bad:
-                raise NonFiniteStep(bad, dropped=True)
-            avg = grads[: -self.comm.size].div_(self.comm.size)
-        else:
-            x = self.ef.compensate(grads) if self.ef else grads
-            try:
+        status = OK if finite else BAD
+        try:
+            if self.syncs <= self.cfg.warmup_steps:
+                avg, _ = exact_average(self.comm, grads, status)
+            else:
+                x = self.ef.compensate(grads) if self.ef else grads
                 avg, sent = self.op(
-                    x,
-                    step=self.syncs - 1,
-                    seed=MASK_SEED,
-                    out=self.buffers,
-                    status=OK if finite else BAD,
+                    x, step=self.syncs - 1, seed=MASK_SEED, out=self.buffers, status=status
                 )
-            except PoisonedSync as e:  # the residual keeps its last good value
-                raise NonFiniteStep(e.faults.bad or list(range(self.comm.size)), True) from None
-            if self.ef:
-                self.ef.update(x, sent)
+                if self.ef:
+                    self.ef.update(x, sent)
+        except PoisonedSync as e:  # the residual keeps its last good value
+            raise NonFiniteStep(e.faults.bad or list(range(self.comm.size)), True) from None
         set_grads(self.params, avg)
 
     def state_dict(self) -> dict[str, Any]:

@@ -67,12 +67,6 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [found[k] for k in sorted(found)]
 
 
-def latest_checkpoint(path: Path) -> Path | None:
-    """``path`` may be a run folder, its ``checkpoints`` folder, or one checkpoint."""
-    found = candidates(path)
-    return found[-1] if found else None
-
-
 def candidates(path: Path) -> list[Path]:
     """The checkpoints ``path`` names (a run, its ``checkpoints`` folder, or one
     checkpoint), oldest first."""
@@ -176,17 +170,17 @@ def read_manifest(ckpt: Path, verify: bool = True, rank: int | None = None) -> d
     return manifest
 
 
-def newest_valid(path: Path, rank: int | None = None) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint under ``path`` that verifies (for ``rank``), and one line
-    for each newer one that did not."""
-    problems = []
-    for ckpt in reversed(candidates(path)):
+def verified(path: Path, rank: int | None = None) -> tuple[dict[int, Path], list[str]]:
+    """The checkpoints under ``path`` that verify (for ``rank``), by step, and one
+    line for each that does not."""
+    valid, problems = {}, []
+    for ckpt in candidates(path):
         try:
             read_manifest(ckpt, rank=rank)
-            return ckpt, problems
+            valid[step_of(ckpt)] = ckpt
         except CheckpointError as e:
             problems.append(str(e))
-    return None, problems
+    return valid, problems
 
 
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:

@@ -349,39 +349,31 @@ class Worker:
         return True
 
     def _agree_on_checkpoint(self) -> Path | None:
-        """Each rank checks its own folder, newest first; all take the newest step
-        every rank holds intact."""
+        """Each rank checks its own folder; all take the newest step every rank holds
+        intact."""
         root = self.out / "checkpoints"
-        valid: dict[int, Path] = {}
-        problems: list[str] = []
-        for path in reversed(ckpt.candidates(root)):
-            try:
-                ckpt.read_manifest(path, rank=self.info.rank)
-                valid[ckpt.step_of(path)] = path
-            except ckpt.CheckpointError as e:
-                problems.append(str(e))
-        mine = (sorted(valid), problems, bool(ckpt.candidates(root)))
-        everyone: list[Any] = [None] * self.info.world_size
+        valid, problems = ckpt.verified(root, rank=self.info.rank)
+        mine = (sorted(valid), problems)
+        everyone: list[Any] = [mine]
         if self.info.world_size > 1:
+            everyone = [None] * self.info.world_size
             dist.all_gather_object(everyone, mine)
-        else:
-            everyone = [mine]
-        if not any(has_any for _, _, has_any in everyone):
-            return None
-        common = set(everyone[0][0]).intersection(*(set(v) for v, _, _ in everyone))
-        for rank, (_, probs, _) in enumerate(everyone):
+        if not any(steps or probs for steps, probs in everyone):
+            return None  # no rank has any checkpoint: a fresh start
+        for rank, (_, probs) in enumerate(everyone):
             for problem in probs:
                 if self.is_main:
                     print(f"farflung: warning: rank {rank}: {problem}", file=sys.stderr)
+        common = set.intersection(*(set(steps) for steps, _ in everyone))
         if not common:
             raise ckpt.CheckpointError(
                 f"{root}: no checkpoint is intact on every rank ("
-                + "; ".join(p for _, probs, _ in everyone for p in probs)
+                + "; ".join(p for _, probs in everyone for p in probs)
                 + ")"
             )
         step = max(common)
-        newest = max(max(v, default=-1) for v, _, _ in everyone)
-        if self.is_main and (step < newest or any(p for _, p, _ in everyone)):
+        newest = max(max(steps, default=-1) for steps, _ in everyone)
+        if self.is_main and (step < newest or any(probs for _, probs in everyone)):
             print(f"farflung: warning: resuming from step {step}", file=sys.stderr)
         return valid[step]
 

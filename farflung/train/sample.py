@@ -18,9 +18,10 @@ def load_for_inference(path: str | Path) -> tuple[GPT, Tokenizer]:
     checkpoint; a corrupt newer one is reported and passed over)."""
     if not ckpt.candidates(Path(path)):
         raise ckpt.CheckpointError(f"{path}: no checkpoint found")
-    found, problems = ckpt.newest_valid(Path(path))
-    if found is None:
+    valid, problems = ckpt.verified(Path(path))
+    if not valid:
         raise ckpt.CheckpointError("; ".join(problems))
+    found = valid[max(valid)]
     for problem in problems:
         print(f"farflung: warning: {problem}; using {found.name}", file=sys.stderr)
     cfg = load_config(found / "config.toml")
