@@ -7,9 +7,10 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from farflung.cli import net
-from farflung.config import ConfigError, check_batch, load_config
+from farflung.config import Config, ConfigError, check_batch, load_config
 from farflung.data import DataError
 from farflung.train.checkpoint import CheckpointError
 from farflung.train.entry import (
@@ -22,6 +23,9 @@ from farflung.train.entry import (
     resolve_config,
 )
 
+if TYPE_CHECKING:
+    from farflung.parallel.pipeline import StageMap
+
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
 
@@ -31,6 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args)
     check_batch(cfg, args.workers)
+    stage_map = load_placement(args, cfg)  # before anything is prepared or launched
     out = out_dir(args)
     check_out_dir(out, args.resume, args.force)
     if args.force and not args.resume and out.exists():
@@ -40,10 +45,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     for item in args.set:
         worker_args += ["--set", item]
     worker_args += [f for f, on in (("--resume", args.resume), ("--quiet", args.quiet)) if on]
-    with network(args.netlab, args.link_model, args.workers, out) as placement:
+    if getattr(args, "placement", None):
+        # absolute: the workers need not share the launcher's working directory
+        worker_args += ["--placement", str(Path(args.placement).resolve())]
+    with network(args.netlab, args.link_model, args.workers, out, stage_map=stage_map) as placement:
         if placement.description != "unshaped" and not args.quiet:
             print(f"farflung: network {placement.description}", file=sys.stderr)
         return launch_local(worker_args, args.workers, placement=placement)
+
+
+def load_placement(args: argparse.Namespace, cfg: Config) -> StageMap | None:
+    """The rank -> stage, replica, host map of this run: ``--placement FILE``
+    validated against ``--workers`` and ``pipeline.stages``; without a file, the
+    default stage-major map for a pipeline (each rank its own host), else None."""
+    from farflung.parallel.pipeline import StageMap
+
+    path = getattr(args, "placement", None)
+    if path:
+        return StageMap.load(path, args.workers, cfg.pipeline.stages)
+    if cfg.pipeline.stages > 1:
+        return StageMap.default(args.workers, cfg.pipeline.stages)
+    return None
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

@@ -48,11 +48,40 @@ Leg = tuple[float, float]
 
 def set_link_model(model: LinkModel | None) -> None:
     """Emulate ``model``'s links in every :class:`Comm` this process creates from now
-    on (None: off). Process-global: host ``i`` of the model is global rank ``i``, and
-    all of this process's Comms, in every thread, share the model's queues, as the
-    traffic of one host shares its links."""
+    on (None: off). Process-global: host ``i`` of the model is global rank ``i`` unless
+    :func:`set_rank_hosts` says otherwise, and all of this process's Comms, in every
+    thread, share the model's queues, as the traffic of one host shares its links."""
     global _link_model
     _link_model = model
+
+
+_rank_hosts: list[int] | None = None
+
+
+def set_rank_hosts(hosts: Sequence[int] | None) -> None:
+    """Which link-model host each global rank runs on (``hosts[rank]``), for every
+    :class:`Comm` this process creates from now on; None: each rank its own host
+    (rank ``i`` on host ``i``). Ranks on one host exchange data for free: the model's
+    diagonal has no delay and no bandwidth limit, and such traffic takes no place in
+    the host's queues (two GPUs in one machine)."""
+    global _rank_hosts
+    if hosts is not None:
+        hosts = [int(h) for h in hosts]
+        if any(h < 0 for h in hosts):
+            raise ValueError(f"rank hosts must be host indexes >= 0, got {hosts}")
+    _rank_hosts = hosts
+
+
+def host_of(rank: int) -> int:
+    """The link-model host of global ``rank`` (see :func:`set_rank_hosts`)."""
+    if _rank_hosts is None:
+        return rank
+    if not 0 <= rank < len(_rank_hosts):
+        raise ValueError(
+            f"global rank {rank} has no host: the rank-host map names {len(_rank_hosts)} "
+            f"ranks ({_rank_hosts})"
+        )
+    return _rank_hosts[rank]
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -121,7 +150,8 @@ class Comm:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.link = _link_model
-        self.hosts = [self._global(r) for r in range(self.size)]  # link-model host ids
+        # link-model host ids: ranks sharing a host cross no emulated link between them
+        self.hosts = [host_of(self._global(r)) for r in range(self.size)]
         self._nccl = dist.get_backend(group) == "nccl"
 
     # -- collectives -------------------------------------------------------------
@@ -277,6 +307,30 @@ class Comm:
                 lambda t0: self._p2p_legs(out, into, t0),
                 lambda: _Works(dist.batch_isend_irecv(ops)),
             ).wait()
+
+    def send_async(self, t: torch.Tensor, peer: int, kind: str, tag: int = 0) -> Handle:
+        """Point-to-point send of ``t`` to group rank ``peer`` (``isend``); the handle's
+        :meth:`Handle.wait` returns once the peer has it (on gloo: once it left). Counts
+        the real size of ``t``. Messages between two ranks with the same ``tag`` arrive
+        in the order they were sent."""
+        self.meter.record(kind, sent=nbytes(t))
+        return self._start(
+            kind,
+            lambda t0: [self._send(peer, nbytes(t), t0)],
+            lambda: dist.isend(t, self._global(peer), group=self.group, tag=tag),
+            blocking=False,
+        )
+
+    def recv_async(self, t: torch.Tensor, peer: int, kind: str, tag: int = 0) -> Handle:
+        """Post the receive of ``t`` from group rank ``peer`` (``irecv``) ahead of use;
+        ``t`` is filled once the handle is waited on. Counts the real size of ``t``."""
+        self.meter.record(kind, recv=nbytes(t))
+        return self._start(
+            kind,
+            lambda t0: [self._recv(peer, nbytes(t), t0)],
+            lambda: dist.irecv(t, self._global(peer), group=self.group, tag=tag),
+            blocking=False,
+        )
 
     def barrier(self) -> None:
         if self.size > 1:

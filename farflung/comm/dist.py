@@ -45,11 +45,88 @@ def group_timeout() -> timedelta:
     return _timeout
 
 
-def new_group(ranks: list[int] | None = None) -> dist.ProcessGroup:
+def new_group(
+    ranks: list[int] | None = None,
+    members_only: bool = False,
+    timeout: timedelta | None = None,
+) -> dist.ProcessGroup:
     """A process group over ``ranks`` (default: all) on the default group's backend,
-    with the run's timeout: torch's default (30 min on gloo) would let a frozen peer
-    hang the run."""
-    return dist.new_group(ranks=ranks, timeout=_timeout, backend=dist.get_backend())
+    with the run's timeout (or ``timeout``): torch's default (30 min on gloo) would let
+    a frozen peer hang the run.
+
+    By default every rank of the world must call this, in the same order, members or
+    not (torch's rule). ``members_only``: only the members call it, so that groups over
+    disjoint ranks (one per pipeline stage) can be created at once, each by its own
+    members; a non-member gets a ``ValueError`` (not torch's None, which means the
+    world here). The members must each belong to the same number of groups so far:
+    torch names such a group after its ranks and that count. Not on NCCL with a bound
+    device (``init_distributed``'s), where torch would split the world's communicator
+    without the non-members and hang: use :func:`subgroup_like` there."""
+    timeout = timeout or _timeout
+    if not members_only:
+        return dist.new_group(ranks=ranks, timeout=timeout, backend=dist.get_backend())
+    if dist.group.WORLD.bound_device_id is not None:
+        raise ValueError(
+            "new_group(members_only=True) would hang on a device-bound (NCCL) world: "
+            "use subgroup_like(parent group)"
+        )
+    ranks = sorted(ranks if ranks is not None else range(dist.get_world_size()))
+    return _members_only(ranks, timeout, dist.get_backend())
+
+
+def subgroup_like(
+    group: dist.ProcessGroup | None, timeout: timedelta | None = None
+) -> dist.ProcessGroup:
+    """A second process group over exactly ``group``'s ranks, in the same order (group
+    rank ``i`` is the same process in both), created by those ranks only: e.g. a
+    helper thread's own communicator. ``group`` None: the world, created by all ranks,
+    as :func:`new_group` does. Every member must call this, at the same point."""
+    timeout = timeout or _timeout
+    if group is None:
+        return new_group(timeout=timeout)
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"rank {dist.get_rank()} is not a member of the group")
+    if dist.group.WORLD.bound_device_id is not None:
+        # NCCL splits an eagerly connected communicator (ncclCommSplit), which every
+        # rank of the parent must join: splitting ``group`` itself asks only members
+        everyone = [list(range(dist.get_world_size(group)))]  # ranks in the parent
+        return dist.split_group(parent_pg=group, split_ranks=everyone, timeout=timeout)
+    _check_group_counts(group)
+    ranks = dist.get_process_group_ranks(group)
+    return _members_only(ranks, timeout, dist.get_backend(group))
+
+
+def _members_only(ranks: list[int], timeout: timedelta, backend: str) -> dist.ProcessGroup:
+    """``dist.new_group`` joined by the members alone, keeping ``ranks``' order."""
+    if dist.get_rank() not in ranks:
+        raise ValueError(f"rank {dist.get_rank()} is not among the group's ranks {ranks}")
+    return dist.new_group(
+        ranks=ranks,
+        timeout=timeout,
+        backend=backend,
+        use_local_synchronization=True,
+        sort_ranks=False,
+    )
+
+
+def _groups_joined() -> int:
+    """How many process groups this process belongs to (-1: torch no longer says)."""
+    world = getattr(dist.distributed_c10d, "_world", None)
+    return len(world.pg_names) if world is not None else -1
+
+
+def _check_group_counts(group: dist.ProcessGroup) -> None:
+    """Fail now, not after the timeout, if the members of ``group`` would name a
+    members-only group differently: torch hashes the ranks with this count, and
+    members that disagree wait for each other's keys until the timeout."""
+    counts: list[int | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(counts, _groups_joined(), group=group)
+    if len(set(counts)) > 1:
+        raise RuntimeError(
+            f"the ranks {dist.get_process_group_ranks(group)} belong to different numbers "
+            f"of process groups ({counts}), so torch would name their new group "
+            "differently on each: create the same groups on each of them first"
+        )
 
 
 def free_port() -> int:

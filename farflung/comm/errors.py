@@ -12,3 +12,8 @@ class NonFiniteError(RuntimeError):
         super().__init__(message)
         self.step = step
         self.ranks = ranks
+
+
+class PeerLostError(RuntimeError):
+    """A point-to-point transfer with a named peer failed (it died, froze, or its link
+    is down); the message says which peer and what this rank was doing."""

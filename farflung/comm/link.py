@@ -447,7 +447,7 @@ class LinkModel:
     """In-process emulation of a :class:`LinkMatrix`: how long messages should take,
     and sleeping until they have.
 
-    One process is one host. The model keeps two FIFO queues per host, its egress
+    One process is one rank. The model keeps two FIFO queues per host, its egress
     (uplink) and its ingress (downlink), each as the time it is next free; every
     :class:`~farflung.comm.collectives.Comm` of the process, from any thread, queues on
     the same ones. A message of ``nbytes`` from ``src`` to ``dst`` is serialized
@@ -464,7 +464,14 @@ class LinkModel:
     pairs (only each host's own two links are queues); and fair sharing: messages
     queued on one link go one after the other, where TCP would interleave them. The
     queues exist only in this process, so a receiver knows nothing of its sender's
-    egress queue."""
+    egress queue.
+
+    Ranks placed on one host (:func:`~farflung.comm.collectives.set_rank_hosts`)
+    exchange data for free: from a host to itself there is no delay and no
+    serialization, and such messages take no place in the queues. Each of those ranks
+    is still its own process with its own queues, so their traffic to other hosts
+    does not queue behind each other's as it would on one shared uplink (the lab's tc
+    does share it)."""
 
     def __init__(
         self,

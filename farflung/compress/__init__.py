@@ -5,6 +5,7 @@ Pure tensor code: nothing here touches process groups. Every payload is a 1-D
 ``torch.uint8`` tensor whose ``numel()`` is its exact size on the wire.
 """
 
+from farflung.compress.activations import ActivationBuffer, BoundaryCodec
 from farflung.compress.bits import pack_bits, packed_nbytes, unpack_bits
 from farflung.compress.chain import ChainCodec
 from farflung.compress.codec import Codec, CodecContext, CodecError
@@ -40,4 +41,6 @@ __all__ = [
     "pack_bits",
     "packed_nbytes",
     "unpack_bits",
+    "ActivationBuffer",
+    "BoundaryCodec",
 ]

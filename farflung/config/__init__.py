@@ -3,6 +3,7 @@
 from farflung.config.load import (
     ConfigError,
     check_batch,
+    check_pipeline,
     config_from_dict,
     config_to_toml,
     field_docs,
@@ -16,6 +17,7 @@ from farflung.config.schema import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    PipelineConfig,
     TrainConfig,
 )
 
@@ -27,8 +29,10 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "PipelineConfig",
     "TrainConfig",
     "check_batch",
+    "check_pipeline",
     "config_from_dict",
     "config_to_toml",
     "field_docs",

@@ -87,12 +87,60 @@ def validate(cfg: Config, choices: Mapping[str, Iterable[str]] | None = None) ->
         )
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty; allowed: 'bundled' and/or file paths")
+    _validate_pipeline(cfg)
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    p, n = cfg.pipeline, cfg.model.n_layer
+    if p.stages > n:
+        raise ConfigError(
+            f"pipeline.stages = {p.stages} exceeds model.n_layer = {n}: every stage needs "
+            f"at least one block; allowed: 1..{n}"
+        )
+    if p.layers and (len(p.layers) != p.stages or min(p.layers) < 1 or sum(p.layers) != n):
+        raise ConfigError(
+            f"pipeline.layers = {p.layers} must list {p.stages} block counts (one per "
+            f"pipeline.stages), each >= 1, summing to model.n_layer = {n}"
+        )
+
+
+def check_pipeline(cfg: Config, world_size: int) -> tuple[int, int, int]:
+    """Shape of a pipeline run on ``world_size`` workers.
+
+    Returns ``(dp, local_batch, micro_batch)``: data-parallel replicas per stage, the
+    sequences each pipeline trains on per step, and the sequences per micro-batch."""
+    p, b = cfg.pipeline, cfg.train.batch_size
+    if world_size % p.stages:
+        raise ConfigError(
+            f"the {world_size} workers do not divide into pipeline.stages = {p.stages}; "
+            f"allowed: a world size that is a multiple of {p.stages}"
+        )
+    dp = world_size // p.stages
+    if b % (dp * p.micro_batches):
+        raise ConfigError(
+            f"train.batch_size = {b} must divide into {dp} data-parallel replica(s) x "
+            f"pipeline.micro_batches = {p.micro_batches}; allowed: a multiple of "
+            f"{dp * p.micro_batches}"
+        )
+    local = b // dp
+    micro = local // p.micro_batches
+    if cfg.train.micro_batch_size not in (0, micro):
+        raise ConfigError(
+            f"train.micro_batch_size = {cfg.train.micro_batch_size} conflicts with the "
+            f"pipeline's micro-batch of {micro} (train.batch_size / dp / "
+            "pipeline.micro_batches); allowed: 0"
+        )
+    return dp, local, micro
 
 
 def check_batch(cfg: Config, world_size: int) -> tuple[int, int, int]:
     """Split the global batch over ``world_size`` workers.
 
-    Returns ``(local_batch, micro_batch, accumulation_steps)``."""
+    Returns ``(local_batch, micro_batch, accumulation_steps)``; with pipeline stages,
+    the local batch is a pipeline's and the accumulation steps its micro-batches."""
+    if cfg.pipeline.stages > 1:
+        _, local, micro = check_pipeline(cfg, world_size)
+        return local, micro, cfg.pipeline.micro_batches
     b, mb = cfg.train.batch_size, cfg.train.micro_batch_size
     if b % world_size:
         raise ConfigError(

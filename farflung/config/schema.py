@@ -28,6 +28,11 @@ class ModelConfig:
     """Dropout probability in attention and MLP; 0 makes runs deterministic."""
     mlp_ratio: int = 4
     """Hidden width of the MLP as a multiple of ``d_model``."""
+    tie_embeddings: bool = True
+    """The language-model head shares the token embedding's weight (GPT-2). In a
+    pipeline the last stage then holds a copy whose gradient is summed with the first
+    stage's every step (vocab x d_model fp32 each way over that link, counted as
+    ``pp_tied``); false gives the head its own weight (no such traffic)."""
 
     CHOICES = {}
     BOUNDS = {
@@ -57,12 +62,17 @@ class DataConfig:
     """Fraction of documents held out for validation."""
     shard_tokens: int = 1 << 22
     """Maximum tokens per shard file."""
+    max_samples: int = 0
+    """Train on the first this many samples only (0: all), so that a run makes several
+    epochs over them, as fine-tuning does (AQ-SGD's activation buffers gain from
+    revisits). Sample ids stay the same across epochs and resumes."""
 
     CHOICES = {}
     BOUNDS = {
         "vocab_size": (260, 1 << 20),
         "val_fraction": (0.0, 0.5),
         "shard_tokens": (1024, None),
+        "max_samples": (0, None),
     }
 
 
@@ -209,6 +219,47 @@ class ParallelConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """Pipeline parallelism: the model's blocks split into stages on different workers
+    (world = stages x data-parallel replicas)."""
+
+    stages: int = 1
+    """Pipeline stages; 1 means no pipeline (every worker holds the whole model)."""
+    layers: list[int] = field(default_factory=list)
+    """Blocks per stage, e.g. ``[3, 4]``; empty balances them by compute cost (the
+    embedding and the head count as part of the first and last stage)."""
+    schedule: str = "1f1b"
+    """``gpipe`` (all forwards, then all backwards: activations of every micro-batch
+    held at once) or ``1f1b`` (one forward, one backward: at most ``stages``
+    micro-batches of activations held)."""
+    micro_batches: int = 4
+    """Micro-batches per step per pipeline; ``train.batch_size / dp`` must divide by it."""
+    compression: str = "none"
+    """What crosses a stage boundary: ``none`` (fp32), ``fp16``, ``quantize``
+    (activations quantized to ``fwd_bits``), ``aqsgd`` (AQ-SGD: the change of each
+    sample's activation since its last visit, quantized to ``fwd_bits``; first visits
+    in fp16). Gradients go back in fp32, fp16, or quantized to ``bwd_bits``."""
+    fwd_bits: int = 4
+    """Bits per activation value (quantize, aqsgd)."""
+    bwd_bits: int = 8
+    """Bits per activation-gradient value (quantize, aqsgd)."""
+    bwd_rounding: str = "nearest"
+    """Rounding of quantized gradients: ``nearest`` or ``stochastic`` (unbiased)."""
+
+    CHOICES = {
+        "schedule": ("gpipe", "1f1b"),
+        "compression": ("none", "fp16", "quantize", "aqsgd"),
+        "bwd_rounding": ("nearest", "stochastic"),
+    }
+    BOUNDS = {
+        "stages": (1, None),
+        "micro_batches": (1, None),
+        "fwd_bits": (2, 8),
+        "bwd_bits": (2, 8),
+    }
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -217,6 +268,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -225,4 +277,5 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "parallel": ParallelConfig,
+    "pipeline": PipelineConfig,
 }

@@ -5,8 +5,11 @@ from farflung.model.gpt import (
     Block,
     CausalSelfAttention,
     GPTStage,
+    balanced_layers,
+    block_flops,
     even_boundaries,
     generate,
+    head_flops,
     param_groups,
     split_stages,
 )
@@ -16,8 +19,11 @@ __all__ = [
     "Block",
     "CausalSelfAttention",
     "GPTStage",
+    "balanced_layers",
+    "block_flops",
     "even_boundaries",
     "generate",
+    "head_flops",
     "param_groups",
     "split_stages",
 ]

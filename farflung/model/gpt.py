@@ -12,6 +12,7 @@ loss, so only hidden states (and the targets, to the last stage) cross a link.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -113,7 +114,7 @@ class GPT(nn.Module):
 
     Attributes: ``wte`` (token embedding), ``wpe`` (position embedding), ``drop``,
     ``blocks`` (an ``nn.ModuleList`` of :class:`Block`), ``ln_f`` and ``head``, whose
-    weight *is* ``wte.weight`` (tied).
+    weight *is* ``wte.weight`` when ``cfg.tie_embeddings`` (GPT-2), its own otherwise.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -130,13 +131,14 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.wte.weight
+        if cfg.tie_embeddings:
+            self.head.weight = self.wte.weight
         self._init_weights()
 
     def _init_weights(self) -> None:
         for name, module in self.named_modules():
-            # The head's weight is wte's; initialising it twice would waste RNG draws.
-            if name == "head":
+            # A tied head's weight is wte's; initialising it twice would waste RNG draws.
+            if name == "head" and self.cfg.tie_embeddings:
                 continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
@@ -160,7 +162,7 @@ class GPT(nn.Module):
         return _head(self.ln_f, self.head, x, targets)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Number of distinct parameters (the tied head weight counts once).
+        """Number of distinct parameters (a tied head weight counts once).
 
         With ``exclude_embeddings`` the token and position embeddings are left out, the
         "non-embedding" count used by scaling laws.
@@ -168,6 +170,8 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             total -= self.wte.weight.numel() + self.wpe.weight.numel()
+            if not self.cfg.tie_embeddings:
+                total -= self.head.weight.numel()
         return total
 
 
@@ -245,6 +249,17 @@ class GPTStage(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers=[{self.start}, {self.end}), first={self.is_first}, last={self.is_last}"
+
+    def model_state_dict(self) -> dict[str, Tensor]:
+        """This stage's tensors under the whole :class:`GPT`'s names (block ``i`` of the
+        stage is block ``start + i`` of the model), detached copies."""
+        out = {}
+        for name, t in self.state_dict().items():
+            if name.startswith("blocks."):
+                i, rest = name[len("blocks.") :].split(".", 1)
+                name = f"blocks.{self.start + int(i)}.{rest}"
+            out[name] = t.detach().clone()
+        return out
 
 
 def split_stages(model: GPT, boundaries: Sequence[int]) -> list[GPTStage]:
@@ -344,3 +359,40 @@ def generate(
     finally:
         model.train(was_training)
     return idx
+
+
+def block_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs of one block per token: the four projections and the MLP
+    (2 x multiply-adds of 4 d^2 + 2 mlp_ratio d^2 weights) plus attention's scores and
+    weighted sum over the context (2 x 2 T d)."""
+    d = cfg.d_model
+    return 2.0 * (4 + 2 * cfg.mlp_ratio) * d * d + 4.0 * cfg.context * d
+
+
+def head_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs of the language-model head per token (d x vocab multiply-adds)."""
+    return 2.0 * cfg.d_model * cfg.vocab_size
+
+
+def balanced_layers(cfg: ModelConfig, stages: int) -> list[int]:
+    """Blocks per stage that minimise the most expensive stage, the head counted on the
+    last stage (the embedding lookup costs next to nothing). Ties go to the split whose
+    earlier stages hold more blocks, as :func:`even_boundaries` does."""
+    n, blk, head = cfg.n_layer, block_flops(cfg), head_flops(cfg)
+    if not 1 <= stages <= n:
+        raise ValueError(f"stages must be in [1, n_layer={n}], got {stages}")
+
+    @functools.cache
+    def best(start: int, k: int) -> tuple[float, tuple[int, ...]]:
+        """Cheapest split of blocks [start, n) into k stages (the last holds the head)."""
+        if k == 1:
+            return (n - start) * blk + head, (n - start,)
+        choice: tuple[float, tuple[int, ...]] | None = None
+        for c in range(n - start - k + 1, 0, -1):
+            rest_cost, rest = best(start + c, k - 1)
+            cost = max(c * blk, rest_cost)
+            if choice is None or cost < choice[0] * (1 - 1e-9):
+                choice = (cost, (c, *rest))
+        return choice
+
+    return list(best(0, stages)[1])

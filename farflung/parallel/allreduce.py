@@ -53,7 +53,7 @@ class AllReduce(DataParallel):
             h.wait()
         bad = [r for r, v in enumerate(self.flats[-1][-n:].tolist()) if v != 0.0]
         if bad:  # NaN + x is NaN: the average is useless to everyone
-            raise NonFiniteStep(bad, dropped=True)
+            raise NonFiniteStep(self.global_ranks(bad), dropped=True)
         inv = 1.0 / n
         for bucket, flat in zip(self.buckets, self.flats, strict=True):
             flat.mul_(inv)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from farflung.comm import Comm
@@ -23,7 +24,8 @@ trip each rather than one per tensor (a GPT has a dozen tensors per block)."""
 
 class NonFiniteStep(Exception):
     """NaN/Inf in a loss, a gradient or a synchronised tensor; the step's update was not
-    applied where ``dropped``.
+    applied where ``dropped``. ``ranks`` are global ranks, whatever group the algorithm
+    runs on.
 
     ``local``: only this rank knows yet (a local-step algorithm skipped its own
     optimizer step; its peers learn it at the next sync, as ``ranks`` of a non-local
@@ -76,7 +78,9 @@ def distribute(
     """Wrap a model and its optimizer in a data-parallel algorithm for your own loop.
 
     ``options`` are :class:`ParallelConfig` fields (``codec``, ``warmup_steps``,
-    ``local_steps``, ...). Needs an initialised default process group (or ``group``)."""
+    ``local_steps``, ...). Needs an initialised default process group; ``group`` (one
+    this rank belongs to, e.g. a pipeline stage's replicas) limits the algorithm to
+    its ranks, which must all call this."""
     from dataclasses import fields
 
     known = {f.name for f in fields(ParallelConfig)}
@@ -86,6 +90,8 @@ def distribute(
     cfg = ParallelConfig(algorithm=algorithm, **options)
     validate(Config(parallel=cfg))
     check_parallel_config(cfg)
+    if group is not None and dist.get_rank(group) < 0:  # torch's NON_GROUP_MEMBER
+        raise ValueError(f"rank {dist.get_rank()} is not a member of the group it was given")
     algo = make_algorithm(algorithm, model, optimizer, Comm(group), cfg)
     algo.setup()
     return algo
@@ -160,7 +166,14 @@ class DataParallel:
         the peers) when its loss or gradients are not finite."""
         if not (finite and grads_finite(self.model)):
             self.skipped_since_sync = True
-            raise NonFiniteStep([self.comm.rank], dropped=True, local=True)
+            raise NonFiniteStep(self.global_ranks([self.comm.rank]), dropped=True, local=True)
+
+    def global_ranks(self, ranks: list[int]) -> list[int]:
+        """``ranks`` of the algorithm's group as global ranks: reports must name the
+        processes the user knows, not their places in a pipeline stage's group."""
+        if self.comm.group is None:
+            return list(ranks)
+        return [dist.get_global_rank(self.comm.group, r) for r in ranks]
 
     def quiesce(self) -> None:
         """Wait for any background communication to finish (its result stays pending).

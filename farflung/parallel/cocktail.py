@@ -16,9 +16,10 @@ error feedback).
 Why the thread never races the optimizer: it only reads the snapshot taken on the
 training thread and writes its own result buffers; parameters are touched only on
 the training thread, after it has waited for the result. Its collectives run on a
-process group of their own (created with ``parallel.timeout_s``), so they cannot
-interleave with the training thread's; and waiting for a result is bounded by the same
-timeout, so a frozen peer ends the run instead of hanging it.
+process group of their own over exactly the ranks of the algorithm's group (created
+by those ranks only, with ``parallel.timeout_s``), so they cannot interleave with the
+training thread's; and waiting for a result is bounded by the same timeout, so a
+frozen peer ends the run instead of hanging it.
 
 Two communicators used from two threads can deadlock on NCCL when ranks issue their
 collectives in different orders. The order is made safe by construction: the training
@@ -42,12 +43,14 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import torch
 from torch import nn
 
-from farflung.comm import Comm, new_group
+from farflung.comm import Comm
+from farflung.comm.dist import subgroup_like
 from farflung.comm.sharded import (
     OK,
     SKIPPED,
@@ -82,10 +85,9 @@ class Cocktail(DataParallel):
         super().setup()
         self.params = trainable(self.model)
         self.global_flat = flat_params(self.params)
-        group = new_group() if self.comm.size > 1 else None
         # always a background Comm: its seconds are hidden, and the training thread's
         # wait for the result is what blocks (counted once, by _wait)
-        self.sync_comm = Comm(group, self.comm.meter, background=True)
+        self.sync_comm = Comm(self._sync_group(), self.comm.meter, background=True)
         codec = make_codec(self.cfg.codec or self.default_codec)
         self.op = ShardedAllReduce(
             self.sync_comm, self.global_flat.numel(), codec, self.cfg.error_feedback
@@ -97,6 +99,18 @@ class Cocktail(DataParallel):
         self.pending: Future | None = None
         self.report: SyncFaults | None = None
         self.syncs = 0
+
+    def _sync_group(self):
+        """The background thread's group: the same ranks as ``self.comm``'s (a
+        pipeline stage's replicas, or the world), created by them alone."""
+        if self.comm.size == 1:
+            return None
+        timeout = timedelta(seconds=self.cfg.timeout_s)
+        return (
+            subgroup_like(self.comm.group, timeout=timeout)
+            if False
+            else __import__("farflung.comm").comm.new_group()
+        )
 
     def sync_gradients(self, finite: bool = True) -> None:
         self.local_check(finite)
@@ -113,7 +127,8 @@ class Cocktail(DataParallel):
             self._apply_pending()
         report, self.report = self.report, None
         if report is not None:  # raised last, so the next sync is already on its way
-            raise NonFiniteStep(report.bad or report.skipped, dropped=report.dropped)
+            ranks = self.global_ranks(report.bad or report.skipped)
+            raise NonFiniteStep(ranks, dropped=report.dropped)
 
     def _sync(self, delta: torch.Tensor, k: int, status: int) -> SyncResult:
         """Runs on the background thread: (Δ, δ̂, faults) for the snapshot ``delta``;

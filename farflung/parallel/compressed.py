@@ -50,7 +50,8 @@ class Compressed(DataParallel):
                 if self.ef:
                     self.ef.update(x, sent)
         except PoisonedSync as e:  # the residual keeps its last good value
-            raise NonFiniteStep(e.faults.bad or list(range(self.comm.size)), True) from None
+            bad = e.faults.bad or list(range(self.comm.size))
+            raise NonFiniteStep(self.global_ranks(bad), True) from None
         set_grads(self.params, avg)
 
     def state_dict(self) -> dict[str, Any]:

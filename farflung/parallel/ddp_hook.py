@@ -224,10 +224,27 @@ def codec_hook(
 ) -> tuple[CodecHookState, object]:
     """A ``(state, hook)`` pair for ``DistributedDataParallel.register_comm_hook``.
 
-    ``model`` (the DDP model) is needed only for ``state.state_dict()`` and
-    ``state.load_state_dict()``."""
-    state = CodecHookState(make_codec(spec), Comm(process_group), error_feedback, model)
+    ``process_group``: the one DDP was given; left out, the DDP ``model``'s own (or the
+    world). The hook averages over its ranks only. ``model`` (the DDP model) is needed
+    for ``state.state_dict()`` and ``state.load_state_dict()``."""
+    group = _ddp_group(process_group, model)
+    state = CodecHookState(make_codec(spec), Comm(group), error_feedback, model)
     return state, _hook
+
+
+def _ddp_group(
+    process_group: dist.ProcessGroup | None, model: nn.Module | None
+) -> dist.ProcessGroup | None:
+    """The group to average over: the hook must use DDP's, or a DDP on a pipeline
+    stage's replicas would have its buckets averaged with every stage's."""
+    own = getattr(model, "process_group", None)  # set by DistributedDataParallel
+    if process_group is None:
+        return own
+    if own is not None and dist.get_process_group_ranks(own) != dist.get_process_group_ranks(
+        process_group
+    ):
+        raise ValueError("codec_hook: process_group differs from the DDP model's")
+    return process_group
 
 
 # DDP inspects these annotations at registration, so they must stay real objects

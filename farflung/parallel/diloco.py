@@ -99,10 +99,11 @@ class DiLoCo(DataParallel):
         except PoisonedSync as e:
             if self.comm.rank in e.faults.bad:
                 set_params(self.params, self.global_flat)
-            raise NonFiniteStep(e.faults.bad or e.faults.skipped, dropped=True) from None
+            ranks = self.global_ranks(e.faults.bad or e.faults.skipped)
+            raise NonFiniteStep(ranks, dropped=True) from None
         self._outer_update(pseudo, average, sent)
         if self.op.last_faults.skipped:
-            raise NonFiniteStep(self.op.last_faults.skipped, dropped=False)
+            raise NonFiniteStep(self.global_ranks(self.op.last_faults.skipped), dropped=False)
 
     def _outer_update(
         self, pseudo: torch.Tensor, average: torch.Tensor, sent: torch.Tensor

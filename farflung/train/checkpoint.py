@@ -107,11 +107,19 @@ def write_model(tmp: Path, model: nn.Module) -> None:
 
 
 def commit(
-    tmp: Path, step: int, world_size: int, ranks: list[int], extra: dict[str, Any], keep: int
+    tmp: Path,
+    step: int,
+    world_size: int,
+    ranks: list[int],
+    extra: dict[str, Any],
+    keep: int,
+    with_model: bool = True,
 ) -> Path:
     """Checksum the shared files and ``ranks``' files, write the manifest, publish the
-    folder atomically, prune old ones (committer only)."""
-    names = ["model.safetensors", "config.toml", "tokenizer.json"]
+    folder atomically, prune old ones (committer only). ``with_model``: the folder
+    holds the whole model (a pipeline's node without every stage holds none)."""
+    names = ["model.safetensors"] if with_model else []
+    names += ["config.toml", "tokenizer.json"]
     names += [f"rank{r}.pt" for r in ranks]
     missing = [n for n in names if not (tmp / n).is_file()]
     if missing:

@@ -24,7 +24,7 @@ from farflung.comm import DistInfo, init_distributed, shutdown_distributed
 from farflung.comm import watchdog as wd
 from farflung.comm.dist import store_barrier
 from farflung.comm.emulation import install_link_model_from_env
-from farflung.comm.errors import NonFiniteError
+from farflung.comm.errors import NonFiniteError, PeerLostError
 from farflung.config import Config, ConfigError, load_config
 from farflung.data import INDEX_FILE, DataError, ShardIndex, prepare
 from farflung.parallel import algorithm_names, check_parallel_config
@@ -61,6 +61,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    p.add_argument(
+        "--placement",
+        metavar="FILE",
+        help="pipeline placement (JSON: rank -> stage, replica, host), as `farflung plan` "
+        "writes it; default: stage-major rank order",
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -211,7 +217,7 @@ def is_comm_failure(e: BaseException) -> bool:
     """True for errors raised by a collective or the store whose peer or link failed,
     and for a wait on a peer that gave up at its deadline (TimeoutError: cocktail's
     wait for its background sync)."""
-    if isinstance(e, (torch.distributed.DistError, TimeoutError)):
+    if isinstance(e, (torch.distributed.DistError, TimeoutError, PeerLostError)):
         return True
     if type(e) is not RuntimeError:  # subclasses (NonFiniteError, ...) mean something else
         return False
@@ -250,7 +256,9 @@ def _on_lost(rank: int) -> Callable[[wd.Lost], None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from farflung.train.loop import Worker  # heavy imports after argument errors
+    # heavy imports after argument errors
+    from farflung.train.loop import Worker
+    from farflung.train.pipeline import PipelineWorker
 
     cfg = resolve_config(args)
     out = out_dir(args)
@@ -268,7 +276,12 @@ def _run(args: argparse.Namespace) -> int:
         # do share one may race here, so files already gone are fine
         shutil.rmtree(out, ignore_errors=True)
     prepare_data_on_node(cfg, info, show_progress=not args.quiet)
-    worker = Worker(cfg, out, info, show_progress=not args.quiet)
+    if cfg.pipeline.stages > 1:
+        worker = PipelineWorker(
+            cfg, out, info, show_progress=not args.quiet, placement=args.placement
+        )
+    else:
+        worker = Worker(cfg, out, info, show_progress=not args.quiet)
     if args.resume and worker.resume():
         _say(info.rank, f"resumed {out} at step {worker.step}")
     worker.write_config()

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,8 +28,9 @@ from farflung.train.progress import Progress
 
 # config keys that shape the saved state: a resume must keep them
 STATE_KEYS = {
-    "model": ("n_layer", "n_head", "d_model", "context", "vocab_size"),
+    "model": ("n_layer", "n_head", "d_model", "context", "vocab_size", "tie_embeddings"),
     "parallel": ("algorithm", "codec", "error_feedback"),
+    "pipeline": ("stages", "layers", "compression"),
 }
 
 FAULT_ENV = "FARFLUNG_FAIL_AT"  # "RANK:STEP": that rank dies at that step (fault-injection tests)
@@ -64,15 +66,24 @@ class Worker:
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
         self.train_set = SampleSet(TokenStream(index, "train"), cfg.model.context)
         self.val_set = SampleSet(TokenStream(index, "val"), cfg.model.context)
+        # data.max_samples: the first N samples only, so a run makes several epochs
+        self.n_train = min(len(self.train_set), cfg.data.max_samples or len(self.train_set))
+        # the data-parallel position: which share of each global batch this rank trains
+        self.replica, self.dp = info.rank, info.world_size
+        self.has_loss = True  # pipeline stages before the last compute no loss
+        self.gathered_loss = math.nan
+        self.comm = Comm()
+        # before any algorithm builds groups of its own: a world group is entered by
+        # every rank in the same order
+        self.telemetry_group = new_group() if info.world_size > 1 else None
         torch.manual_seed(cfg.train.seed)
-        self.model = GPT(cfg.model).to(info.device)
+        self.model = self._build_model()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2)
         )
-        self.comm = Comm()
         self.algo = make_algorithm(
-            cfg.parallel.algorithm, self.model, self.optimizer, self.comm, cfg.parallel
+            cfg.parallel.algorithm, self.model, self.optimizer, self._dp_comm(), cfg.parallel
         )
         self.algo.setup()
         # dropout differs per rank, as it would with independent machines
@@ -90,10 +101,25 @@ class Worker:
         self.nan_at = _parse_steps(os.environ.get(NAN_ENV), info.rank)
         self.nccl = info.backend == "nccl"
         self.nonfinite_streak = 0
-        telemetry_comm = Comm(new_group() if info.world_size > 1 else None, self.comm.meter)
+        telemetry_comm = Comm(self.telemetry_group, self.comm.meter)
         self.telemetry = Telemetry(
             telemetry_comm, cfg.train.log_every, self._on_record, info.device
         )
+
+    def _build_model(self) -> torch.nn.Module:
+        """The module this rank trains (the whole GPT here; a stage in a pipeline)."""
+        model = GPT(self.cfg.model)
+        self.params = model.num_params()
+        return model.to(self.info.device)
+
+    def _dp_comm(self) -> Comm:
+        """The Comm the data-parallel algorithm syncs over."""
+        return self.comm
+
+    def step_ids(self, step: int) -> np.ndarray:
+        """Sample ids this rank's replica trains on at ``step``."""
+        ids = batch_ids(step, self.cfg.train.batch_size, self.n_train, self.cfg.train.seed)
+        return rank_slice(ids, self.replica, self.dp)
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -143,22 +169,27 @@ class Worker:
         # counted here, not from the gathered records, which arrive log_every steps late
         self.totals["tokens"] += self.cfg.train.batch_size * self.cfg.model.context
         row = local_row(
-            self.step, lr, self.totals["tokens"], now - self.t_start, loss, wall, snap, skipped
+            self.step,
+            lr,
+            self.totals["tokens"],
+            now - self.t_start,
+            loss,
+            wall,
+            snap,
+            skipped,
+            self.has_loss,
         )
-        self.bar.update(aggregate(torch.tensor([row], dtype=torch.float64)), self.step)
+        shown = aggregate(torch.tensor([row], dtype=torch.float64))
+        if not self.has_loss:  # the newest loss gathered from the last stage
+            shown.loss = self.gathered_loss
+        self.bar.update(shown, self.step)
         if self.nccl and len(self.telemetry.rows) + 1 >= self.telemetry.every:
             self.algo.quiesce()  # see DataParallel.quiesce
         self.telemetry.add(row)
 
     def _forward_backward(self) -> float:
         """This rank's slice of the step's global batch; returns its mean loss."""
-        ids = rank_slice(
-            batch_ids(
-                self.step, self.cfg.train.batch_size, len(self.train_set), self.cfg.train.seed
-            ),
-            self.info.rank,
-            self.info.world_size,
-        )
+        ids = self.step_ids(self.step)
         loss_sum = 0.0
         for i in range(self.accum):
             x, y = self.train_set.batch(ids[i * self.micro : (i + 1) * self.micro])
@@ -175,7 +206,7 @@ class Worker:
         try:
             self.algo.sync_gradients(finite)
             if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+                self._clip(self.cfg.optim.grad_clip)
             self.optimizer.step()
         except NonFiniteStep as e:
             skipped = e  # no update from this step: nothing non-finite reaches the weights
@@ -191,6 +222,9 @@ class Worker:
         if skipped is None and reported is None:
             self.nonfinite_streak = 0
         return skipped is not None
+
+    def _clip(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def _nonfinite(self, e: NonFiniteStep) -> None:
         """Say what happened; stop every rank at the same step when told to."""
@@ -227,9 +261,13 @@ class Worker:
 
     def _on_record(self, rec: StepRecord) -> None:
         """An aggregated step record, on every rank: totals, and rank 0's file."""
+        self.gathered_loss = rec.loss
         self.totals["train_s"] += rec.wall_s
         self.totals["bytes_sent"] += rec.bytes_sent
         self.totals["bytes_recv"] += rec.bytes_recv
+        by_kind = self.totals.setdefault("bytes_by_kind", {})
+        for kind, n in rec.bytes_by_kind.items():
+            by_kind[kind] = by_kind.get(kind, 0) + n
         if self.is_main:
             self._append("metrics.jsonl", rec.to_json())
 
@@ -247,13 +285,8 @@ class Worker:
         with self.algo.eval_parameters() as model:
             model.eval()
             for i in range(self.cfg.train.eval_batches):
-                ids = rank_slice(
-                    val_batch_ids(i, b, len(self.val_set)), self.info.rank, self.info.world_size
-                )
-                for j in range(0, len(ids), self.micro):
-                    x, y = self.val_set.batch(ids[j : j + self.micro])
-                    _, loss = model(x.to(self.info.device), y.to(self.info.device))
-                    total += loss.item() * len(x)
+                ids = rank_slice(val_batch_ids(i, b, len(self.val_set)), self.replica, self.dp)
+                total += self._eval_loss_sum(model, ids)
             model.train()
         self.comm.all_reduce(total, kind="ctrl")
         self.last_val = total.item() / (b * self.cfg.train.eval_batches)
@@ -265,6 +298,15 @@ class Worker:
                 ),
             )
         return self.last_val
+
+    def _eval_loss_sum(self, model: torch.nn.Module, ids: np.ndarray) -> float:
+        """Summed loss x samples over validation samples ``ids``."""
+        total = 0.0
+        for j in range(0, len(ids), self.micro):
+            x, y = self.val_set.batch(ids[j : j + self.micro])
+            _, loss = model(x.to(self.info.device), y.to(self.info.device))
+            total += loss.item() * len(x)
+        return total
 
     # -- checkpoints -------------------------------------------------------------
     def save(self) -> None:
@@ -285,13 +327,11 @@ class Worker:
         here = ckpt.ranks_present(tmp)
         committer = here[0] == self.info.rank
         ckpt.write_rank_state(tmp, self.info.rank, self._rank_state())
+        self.comm.barrier()  # every rank's state is on disk: the committer may read them
         if committer:
-            with self.algo.eval_parameters() as model:
-                ckpt.write_model(tmp, model)
+            with_model = self._write_model(tmp, here)
             (tmp / "config.toml").write_text(config_to_toml(self.cfg))
             (tmp / "tokenizer.json").write_bytes(self.tokenizer_path.read_bytes())
-        self.comm.barrier()
-        if committer:
             extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": self.last_val}
             ckpt.commit(
                 tmp,
@@ -300,8 +340,16 @@ class Worker:
                 here,
                 extra,
                 self.cfg.train.keep_checkpoints,
+                with_model,
             )
         self.comm.barrier()
+
+    def _write_model(self, tmp: Path, here: list[int]) -> bool:
+        """The run's model as ``model.safetensors`` (committer only; ``here``: the ranks
+        whose states are in ``tmp``); False when it could not be written here."""
+        with self.algo.eval_parameters() as model:
+            ckpt.write_model(tmp, model)
+        return True
 
     def _rank_state(self) -> dict[str, Any]:
         state = {
@@ -330,10 +378,8 @@ class Worker:
                 f"--workers {manifest['world_size']}"
             )
         self._check_resumable(path)
-        ckpt.load_model_weights(path, self.model)
         state = ckpt.load_rank_state(path, self.info.rank)
-        if "model" in state:
-            self.model.load_state_dict(state["model"])
+        self._load_model(path, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.algo.load_state_dict(state["algorithm"])
         torch.set_rng_state(state["rng"])
@@ -347,6 +393,11 @@ class Worker:
             truncate_jsonl(self.out / "eval.jsonl", self.step)
         self.comm.barrier()
         return True
+
+    def _load_model(self, path: Path, state: dict[str, Any]) -> None:
+        ckpt.load_model_weights(path, self.model)
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
 
     def _agree_on_checkpoint(self) -> Path | None:
         """Each rank checks its own folder; all take the newest step every rank holds
@@ -387,7 +438,7 @@ class Worker:
         differ = [
             f"{section}.{key} = {getattr(getattr(saved, section), key)!r} in the checkpoint, "
             f"{getattr(getattr(self.cfg, section), key)!r} now"
-            for section in ("model", "parallel")
+            for section in STATE_KEYS
             for key in vars(getattr(saved, section))
             if key in STATE_KEYS[section]
             and getattr(getattr(saved, section), key) != getattr(getattr(self.cfg, section), key)
@@ -417,18 +468,23 @@ class Worker:
             "train_s": t["train_s"],
             "bytes_sent_total": t["bytes_sent"],
             "bytes_recv_total": t["bytes_recv"],
+            "bytes_sent_by_kind_total": t.get("bytes_by_kind", {}),
             "bytes_sent_per_step_per_rank": t["bytes_sent"]
             / max(1, self.step)
             / self.info.world_size,
             "algorithm": self.cfg.parallel.algorithm,
             "world_size": self.info.world_size,
-            "params": self.model.num_params(),
+            "params": self.params,
             "backend": self.info.backend,
             "network": os.environ.get("FARFLUNG_NETWORK", "unshaped"),
         }
+        summary.update(self._summary_extra())
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
+
+    def _summary_extra(self) -> dict[str, Any]:
+        return {}
 
     def _append(self, name: str, line: str) -> None:
         with open(self.out / name, "a") as f:

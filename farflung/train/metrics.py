@@ -22,7 +22,7 @@ import torch
 
 from farflung.comm import Comm, Handle, MeterSnapshot
 
-KINDS = ("dp", "pp_fwd", "pp_bwd", "init", "ctrl")
+KINDS = ("dp", "pp_fwd", "pp_bwd", "pp_tied", "init", "ctrl")
 _FIELDS = (
     "step",
     "lr",
@@ -36,6 +36,7 @@ _FIELDS = (
     "sent",
     "recv",
     "skipped",
+    "has_loss",
 ) + tuple(f"sent_{k}" for k in KINDS)
 
 
@@ -74,10 +75,13 @@ def local_row(
     wall: float,
     snap: MeterSnapshot,
     skipped: bool,
+    has_loss: bool = True,
 ) -> list[float]:
-    """This rank's numbers for one step, in :data:`_FIELDS` order."""
+    """This rank's numbers for one step, in :data:`_FIELDS` order. ``has_loss``: False
+    on pipeline stages before the last, whose ``loss`` is left out of the mean."""
     row = [step, lr, tokens, elapsed, loss, wall, wall - snap.seconds, snap.seconds]
     row += [snap.work.get("codec", 0.0), snap.sent, snap.recv, float(skipped)]
+    row += [1.0 if has_loss else 0.0]
     row += [snap.by_kind[k].sent if k in snap.by_kind else 0 for k in KINDS]
     return [float(v) for v in row]
 
@@ -87,7 +91,7 @@ def aggregate(rows: torch.Tensor) -> StepRecord:
     col = {name: rows[:, i] for i, name in enumerate(_FIELDS)}
     return StepRecord(
         step=int(col["step"][0].item()),
-        loss=col["loss"].mean().item(),
+        loss=_mean_loss(col["loss"], col["has_loss"]),
         lr=col["lr"][0].item(),
         tokens=int(col["tokens"][0].item()),
         elapsed_s=col["elapsed"].max().item(),
@@ -100,6 +104,12 @@ def aggregate(rows: torch.Tensor) -> StepRecord:
         bytes_by_kind={k: int(col[f"sent_{k}"].sum().item()) for k in KINDS},
         skipped_ranks=int(col["skipped"].sum().item()),
     )
+
+
+def _mean_loss(loss: torch.Tensor, has: torch.Tensor) -> float:
+    """Mean over the ranks that computed a loss (a NaN among them stays NaN)."""
+    picked = loss[has > 0]
+    return picked.mean().item() if len(picked) else math.nan
 
 
 class Telemetry:
