@@ -407,6 +407,10 @@ class Comm:
         legs = [] if v == 0 else [(arrival, ready - arrival)]
         return legs + [self._send(rank_of[c], b, ready) for c in tree_children(v, n)]
 
+    def global_rank(self, group_rank: int) -> int:
+        """The world rank of ``group_rank`` in this Comm's group."""
+        return self._global(group_rank)
+
     def _global(self, group_rank: int) -> int:
         if self.group is None:
             return group_rank

@@ -106,11 +106,7 @@ class Cocktail(DataParallel):
         if self.comm.size == 1:
             return None
         timeout = timedelta(seconds=self.cfg.timeout_s)
-        return (
-            subgroup_like(self.comm.group, timeout=timeout)
-            if False
-            else __import__("farflung.comm").comm.new_group()
-        )
+        return subgroup_like(self.comm.group, timeout=timeout)
 
     def sync_gradients(self, finite: bool = True) -> None:
         self.local_check(finite)

@@ -74,9 +74,13 @@ class PipelineWorker(Worker):
         self.buffers: dict[str, ActivationBuffer] = {}
         before = after = None
         if prev is not None:
-            before = Boundary(prev, m.stage - 1, self._bwd_codec(), self._fwd_codec("from", prev))
+            before = Boundary(
+                m.stage - 1, self._bwd_codec(), self._fwd_codec("from", prev), *self._links(-1)
+            )
         if nxt is not None:
-            after = Boundary(nxt, m.stage + 1, self._fwd_codec("to", nxt), self._bwd_codec())
+            after = Boundary(
+                m.stage + 1, self._fwd_codec("to", nxt), self._bwd_codec(), *self._links(+1)
+            )
         shape = (self.micro, self.cfg.model.context, self.cfg.model.d_model)
         return StageRunner(
             self.model,
@@ -90,6 +94,10 @@ class PipelineWorker(Worker):
             self.info.device,
             seed=self.cfg.train.seed,
         )
+
+    def _links(self, offset: int) -> tuple[Comm, Comm]:
+        """Comms for activations and for gradients across one boundary."""
+        return tuple(Comm(self.mesh.links[(offset, d)], self.comm.meter) for d in ("fwd", "bwd"))
 
     def _fwd_codec(self, side: str, peer: int) -> BoundaryCodec:
         p = self.cfg.pipeline

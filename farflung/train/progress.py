@@ -55,6 +55,7 @@ def summary_table(summaries: dict[str, dict[str, Any]]) -> Table:
     rows = [
         ("algorithm", lambda s: s["algorithm"]),
         ("workers", lambda s: str(s["world_size"])),
+        ("pipeline", _pipeline),
         ("parameters", lambda s: f"{s['params']:,}"),
         ("steps", lambda s: str(s["steps"])),
         ("tokens", lambda s: f"{s['tokens']:,}"),
@@ -67,6 +68,17 @@ def summary_table(summaries: dict[str, dict[str, Any]]) -> Table:
     for label, fmt in rows:
         table.add_row(label, *(fmt(s) for s in summaries.values()))
     return table
+
+
+def _pipeline(s: dict[str, Any]) -> str:
+    """``2 stages x 2, aqsgd 4/8`` (or ``-`` without a pipeline)."""
+    p = s.get("pipeline")
+    if not p:
+        return "-"
+    how = p["compression"]
+    if how in ("quantize", "aqsgd"):
+        how += f" {p['fwd_bits']}/{p['bwd_bits']}"
+    return f"{p['stages']} stages x {p['dp']}, {p['schedule']}, {how}"
 
 
 def print_summary(summaries: dict[str, dict[str, Any]]) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from farflung.train.metrics import read_jsonl
+from farflung.train.metrics import KINDS, read_jsonl
 
 
 def load_summaries(runs: list[Path]) -> dict[str, dict[str, Any]]:
@@ -20,14 +20,18 @@ def load_summaries(runs: list[Path]) -> dict[str, dict[str, Any]]:
 
 
 def write_report(runs: list[Path], png: Path) -> Path:
-    """Two panels (training loss vs seconds, vs cumulative bytes sent), one line per run;
-    validation points are drawn as markers."""
+    """Three panels: training loss vs seconds and vs cumulative bytes sent (one line per
+    run, validation points as markers), and each run's bytes by kind (data-parallel,
+    pipeline forward and backward, tied embedding, control) as stacked bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_t, ax_b, ax_k) = plt.subplots(
+        1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.7]}
+    )
+    totals: dict[str, dict[str, float]] = {}
     for run in runs:
         steps = read_jsonl(run / "metrics.jsonl")
         if not steps:
@@ -38,6 +42,9 @@ def write_report(runs: list[Path], png: Path) -> Path:
             total += r["bytes_sent"]
             sent.append(total / 1e6)
         loss = [r["loss"] for r in steps]
+        totals[run.name] = {
+            k: sum(r.get("bytes_by_kind", {}).get(k, 0) for r in steps) / 1e6 for k in KINDS
+        }
         (line,) = ax_t.plot(secs, loss, label=run.name, lw=1)
         ax_b.plot(sent, loss, label=run.name, lw=1, color=line.get_color())
         by_step = {r["step"]: (r["elapsed_s"], s) for r, s in zip(steps, sent, strict=True)}
@@ -64,11 +71,28 @@ def write_report(runs: list[Path], png: Path) -> Path:
     )
     ax_b.set(xlabel="MB sent (all ranks, cumulative)", title="loss against bytes sent")
     ax_b.set_xscale("symlog")
+    _bytes_by_kind(ax_k, totals)
     for ax in (ax_t, ax_b):
         ax.grid(alpha=0.3)
         ax.legend()
+    ax_k.legend(fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def _bytes_by_kind(ax: Any, totals: dict[str, dict[str, float]]) -> None:
+    """Stacked bars: MB sent per run, split by kind (kinds no run used are left out)."""
+    names = list(totals)
+    bottom = [0.0] * len(names)
+    for kind in KINDS:
+        heights = [totals[n][kind] for n in names]
+        if not any(heights):
+            continue
+        ax.bar(names, heights, bottom=bottom, label=kind)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set(ylabel="MB sent (all ranks)", title="bytes by kind")
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.grid(alpha=0.3, axis="y")

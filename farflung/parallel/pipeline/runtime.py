@@ -51,13 +51,26 @@ class MicroBatch:
 
 @dataclass
 class Boundary:
-    """One neighbour of this stage: its rank in the runner's Comm, the codec for what
-    this stage sends to it and the codec for what it receives from it."""
+    """One neighbour of this stage: the codec for what this stage sends to it, the
+    codec for what it receives from it, and a Comm per direction whose group holds the
+    two ranks of the boundary (see :mod:`farflung.parallel.pipeline.mesh` for why
+    two)."""
 
-    peer: int
     stage: int
     send: BoundaryCodec
     recv: BoundaryCodec
+    fwd: Comm
+    bwd: Comm
+
+    @property
+    def peer(self) -> int:
+        """The neighbour's rank in the boundary's groups (the other one of two)."""
+        return 1 - self.fwd.rank
+
+    @property
+    def global_rank(self) -> int:
+        """The neighbour's rank in the world."""
+        return self.fwd.global_rank(self.peer)
 
 
 @dataclass
@@ -127,7 +140,10 @@ class StageRunner:
                     out = saved[mb][1].detach()
                     payload = self._encode(self.next.send, out, mbs[mb], fresh_out[mb], step)
                     sends.append(
-                        (self.comm.send_async(payload, self.next.peer, "pp_fwd", FWD_TAG), payload)
+                        (
+                            self.next.fwd.send_async(payload, self.next.peer, "pp_fwd", FWD_TAG),
+                            payload,
+                        )
                     )
             else:
                 inp, out = saved.pop(mb)
@@ -138,7 +154,10 @@ class StageRunner:
                     ctx = CodecContext(step=step * m + mb, seed=self.seed, rank=self.comm.rank)
                     payload = self._encode(self.prev.send, inp.grad, mbs[mb], None, step, ctx)
                     sends.append(
-                        (self.comm.send_async(payload, self.prev.peer, "pp_bwd", BWD_TAG), payload)
+                        (
+                            self.prev.bwd.send_async(payload, self.prev.peer, "pp_bwd", BWD_TAG),
+                            payload,
+                        )
                     )
             self.stats.peak_live = max(self.stats.peak_live, len(saved))
         for handle, _ in sends:
@@ -161,11 +180,11 @@ class StageRunner:
         if kind == "F" and self.prev is not None:
             size = self.prev.recv.payload_nbytes(self.shape, fresh_in[mb])
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-            posted[action] = (self.comm.recv_async(buf, self.prev.peer, "pp_fwd", FWD_TAG), buf)
+            posted[action] = (self.prev.fwd.recv_async(buf, self.prev.peer, "pp_fwd", FWD_TAG), buf)
         elif kind == "B" and self.next is not None:
             size = self.next.recv.payload_nbytes(self.shape)
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-            posted[action] = (self.comm.recv_async(buf, self.next.peer, "pp_bwd", BWD_TAG), buf)
+            posted[action] = (self.next.bwd.recv_async(buf, self.next.peer, "pp_bwd", BWD_TAG), buf)
 
     def _forward(self, mb: MicroBatch, got, fresh) -> tuple[Tensor | None, Tensor]:
         """Returns (the input hidden states whose gradient goes back, or None on the
@@ -210,7 +229,7 @@ class StageRunner:
 
     def _peer_error(self, what: str, e: BaseException) -> PeerLostError:
         peers = [b for b in (self.prev, self.next) if b is not None]
-        names = " or ".join(f"stage {b.stage} (rank {b.peer})" for b in peers)
+        names = " or ".join(f"stage {b.stage} (rank {b.global_rank})" for b in peers)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return PeerLostError(
             f"pipeline stage {self.stage}: {what} its neighbour {names} failed: {first}"
@@ -229,7 +248,9 @@ class StageRunner:
             size = codec_prev.payload_nbytes(self.shape)
             for _ in mbs:
                 buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-                recvs.append((self.comm.recv_async(buf, self.prev.peer, "pp_fwd", EVAL_TAG), buf))
+                recvs.append(
+                    (self.prev.fwd.recv_async(buf, self.prev.peer, "pp_fwd", EVAL_TAG), buf)
+                )
         sends, total = [], 0.0
         for i, mb in enumerate(mbs):
             if self.is_first:
@@ -244,7 +265,7 @@ class StageRunner:
             else:
                 payload = codec_next.encode(module(x))
                 sends.append(
-                    (self.comm.send_async(payload, self.next.peer, "pp_fwd", EVAL_TAG), payload)
+                    (self.next.fwd.send_async(payload, self.next.peer, "pp_fwd", EVAL_TAG), payload)
                 )
         for handle, _ in sends:
             self._wait(handle, "sending to")
