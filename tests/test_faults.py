@@ -137,6 +137,15 @@ def test_frozen_worker_is_named_without_collectives_diloco(tiny):  # noqa: F811
     assert 10 - 2 <= took <= 10 + 30, f"ended {took:.1f} s after the freeze"
 
 
+def test_frozen_pipeline_stage_is_named(tiny):  # noqa: F811
+    # rank 1 holds the last stage: rank 0 waits on its gradients, point to point
+    took, err = freeze_and_wait(
+        tiny, tiny / "frozen_stage", 10, "pipeline.stages=2", "pipeline.compression=aqsgd"
+    )
+    assert re.search(r"rank 1 stopped responding", err), err
+    assert 10 - 2 <= took <= 10 + 30, f"ended {took:.1f} s after the freeze"
+
+
 # ---------------------------------------------------------------- a cut link
 
 LAB_OK, LAB_WHY = available()

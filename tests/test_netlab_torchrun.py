@@ -154,3 +154,27 @@ def test_resume_on_both_nodes_continues_exactly(lab, tiny, first_run, uninterrup
     # steps 9-12 come from the step-8 checkpoints, rank 1's from node 1's folder alone
     assert losses(outs[0]) == uninterrupted
     assert_each_node_owns_its_part(outs, [8, 12])
+
+
+PIPELINE = ["--set", "pipeline.stages=2", "--set", "pipeline.compression=aqsgd"]
+PIPELINE += ["--set", "data.max_samples=24", *SCHEDULE]  # 3 steps an epoch: revisits
+
+
+def test_pipeline_stage_per_node_trains_and_resumes_exactly(lab, tiny):  # noqa: F811
+    """A 2-stage AQ-SGD pipeline with one stage per node (each node holds half the model
+    and its side of the boundary's buffers, in its own folder): 8 steps, then a resume
+    to 12 equals a 12-step local run of the same pipeline. Neither node holds every
+    stage, so neither folder has a whole model.safetensors; each has its own rank."""
+    outs = [tiny / "pp_node0", tiny / "pp_node1"]
+    first = ["--set", f"train.steps={FIRST}", *PIPELINE]
+    assert_succeeded(run_nodes(lab, tiny / "tiny.toml", outs, *first))
+    more = ["--resume", "--set", f"train.steps={TOTAL}", *PIPELINE]
+    assert_succeeded(run_nodes(lab, tiny / "tiny.toml", outs, *more))
+    ref = tiny / "pp_reference"
+    r = train_tiny(tiny, ref, "--quiet", "--set", f"train.steps={TOTAL}", *PIPELINE)
+    assert r.returncode == 0, r.stderr
+    assert losses(outs[0]) == losses(ref)
+    for node, out in enumerate(outs):
+        ckpt = out / "checkpoints" / f"step_{TOTAL:08d}"
+        assert (ckpt / f"rank{node}.pt").is_file()
+        assert not (ckpt / "model.safetensors").exists()

@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +39,8 @@ from farflung.compress.activations import BoundaryCodec
 from farflung.config import ModelConfig
 from farflung.data import Tokenizer, batch_ids
 from farflung.model import GPT, GPTStage
+from farflung.parallel.pipeline import StageMap
+from farflung.parallel.pipeline.mesh import Mesh
 from farflung.parallel.pipeline.runtime import Boundary, MicroBatch, StageRunner
 from farflung.parallel.pipeline.schedule import make_schedule, peak_in_flight
 from farflung.train.metrics import read_jsonl
@@ -45,9 +49,10 @@ from farflung.train.metrics import read_jsonl
 
 STEPS, BATCH, M, MICRO = 8, 8, 4, 2  # pipeline.micro_batches = 4 (the default): 2 each
 CONTEXT, D_MODEL = 16, 32
+SEED = 1234
 MAX_SAMPLES = 24  # 3 steps per epoch: epochs line up with steps, no repeat in a step
 EVAL_EVERY = 4  # evaluations after steps 4 and 8: step 5's record holds eval traffic
-AFTER_EVAL = {5}
+AFTER_EVAL = {5}  # (the evaluation after step 8 ends the run)
 POOL_WORKERS = 3  # runs at once; each is 1-4 worker processes
 RUN_TIMEOUT = 420  # seconds; the pool shares two cores with the rest of the suite
 
@@ -137,6 +142,7 @@ eval_every = {EVAL_EVERY}
 eval_batches = 2
 checkpoint_every = 0
 threads = 1
+seed = {SEED}
 """)
     (tiny / "placement.json").write_text(json.dumps(PLACEMENT))
     return tiny
@@ -311,7 +317,7 @@ def test_unknown_schedule_and_stage_out_of_range_are_refused():
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "three", "dp2", "placed"])
-def test_pipeline_matches_the_single_process_run(exact, name):
+def test_pipeline_matches_the_single_process_run(root, exact, name):
     ref, run = exact["ref"].result().ok(), exact[name].result().ok()
     assert sorted(ref.losses()) == list(range(1, STEPS + 1))
     by_step_close(run.losses(), ref.losses())
@@ -324,7 +330,7 @@ def test_pipeline_matches_the_single_process_run(exact, name):
     assert sorted(got) == sorted(want)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
-    vocab = Tokenizer.load(run.out.parent.parent / "data" / "tokenizer.json").vocab_size
+    vocab = Tokenizer.load(root / "data" / "tokenizer.json").vocab_size
     model = GPT(
         ModelConfig(n_layer=6, n_head=2, d_model=D_MODEL, context=CONTEXT, vocab_size=vocab)
     )
@@ -384,18 +390,21 @@ def _stage_step(rank: int, world: int) -> dict:
     want = {n: p.grad.clone() for n, p in whole.blocks[rank].named_parameters()}
 
     stage = GPTStage(full, rank, rank + 1)
+    mesh = Mesh.create(StageMap.default(world, world), rank)  # as a PipelineWorker does
     comm = Comm()
 
-    def side(peer: int) -> Boundary | None:
-        if not 0 <= peer < world:
+    def side(offset: int) -> Boundary | None:
+        if mesh.neighbour(offset) is None:
             return None
-        return Boundary(peer, peer, BoundaryCodec("none"), BoundaryCodec("none"))
+        fwd, bwd = (Comm(mesh.links[(offset, d)], comm.meter) for d in ("fwd", "bwd"))
+        codec = BoundaryCodec("none")
+        return Boundary(stage=rank + offset, send=codec, recv=codec, fwd=fwd, bwd=bwd)
 
     out = {"want": want, "whole_loss": total.item()}
     for schedule in ("gpipe", "1f1b"):
         stage.zero_grad(set_to_none=True)
         runner = StageRunner(
-            stage, comm, rank, world, side(rank - 1), side(rank + 1), schedule,
+            stage, comm, rank, world, side(-1), side(+1), schedule,
             (1, cfg.context, cfg.d_model), torch.device("cpu"),
         )  # fmt: skip
         loss = runner.train_step(mbs, step=0)
@@ -437,7 +446,7 @@ def test_aqsgd_buffers_agree_on_both_sides_and_cover_the_samples_seen(codecs):
     # mid-way through the first epoch: exactly the samples of steps 1 and 2
     sender, receiver = _buffers(run, step=2)
     s, r = sender["rank0-to-rank1"], receiver["rank1-from-rank0"]
-    seen = np.unique(np.concatenate([batch_ids(k, BATCH, MAX_SAMPLES, 1234) for k in (0, 1)]))
+    seen = np.unique(np.concatenate([batch_ids(k, BATCH, MAX_SAMPLES, SEED) for k in (0, 1)]))
     assert len(seen) == 2 * BATCH
     assert s["ids"].tolist() == seen.tolist()
     assert torch.equal(s["ids"], r["ids"]) and torch.equal(s["rows"], r["rows"])
@@ -486,14 +495,18 @@ FP32 = 4 * MICRO * CONTEXT * D_MODEL
 FP16 = 2 * MICRO * CONTEXT * D_MODEL
 
 
-def _check_bytes(run: Run, fwd: Callable[[int], int], bwd: int, tied: int) -> None:
+EVAL_VALUES = 2 * BATCH * CONTEXT * D_MODEL  # eval_batches x batch_size samples
+
+
+def _check_bytes(run: Run, fwd: Callable[[int], int], bwd: int, tied: int, eval_width: int) -> None:
+    """Per step: M payloads each way, the tied gradients, and after an evaluation its
+    activations too (fp32 without compression, else fp16: ``eval_width`` bytes)."""
     recs = run.records()
     assert sorted(recs) == list(range(1, STEPS + 1))
     for step, rec in recs.items():
-        if step in AFTER_EVAL:  # evaluation traffic is counted in the next step
-            continue
+        evaluated = EVAL_VALUES * eval_width if step in AFTER_EVAL else 0
         kinds = rec["bytes_by_kind"]
-        assert kinds["pp_fwd"] == M * fwd(step), step
+        assert kinds["pp_fwd"] == M * fwd(step) + evaluated, step
         assert kinds["pp_bwd"] == M * bwd, step
         assert kinds.get("pp_tied", 0) == tied, step
 
@@ -501,23 +514,25 @@ def _check_bytes(run: Run, fwd: Callable[[int], int], bwd: int, tied: int) -> No
 def test_bytes_per_step_match_the_payload_formats(root, exact, codecs):
     vocab = Tokenizer.load(root / "data" / "tokenizer.json").vocab_size
     tied = 2 * vocab * D_MODEL * 4  # both ends send their fp32 gradient
-    _check_bytes(exact["1f1b"].result().ok(), lambda s: FP32, FP32, tied)
-    _check_bytes(codecs["fp16"].result().ok(), lambda s: FP16, FP16, tied)
+    _check_bytes(exact["1f1b"].result().ok(), lambda s: FP32, FP32, tied, 4)
+    _check_bytes(codecs["fp16"].result().ok(), lambda s: FP16, FP16, tied, 2)
     q = codecs["quantize"].result().ok()
-    _check_bytes(q, lambda s: quantized_nbytes(MICRO, 4), quantized_nbytes(MICRO, 8), 0)
+    _check_bytes(q, lambda s: quantized_nbytes(MICRO, 4), quantized_nbytes(MICRO, 8), 0, 2)
     # AQ-SGD: the first epoch (steps 1-3) fresh in fp16, later ones quantized
     epoch = MAX_SAMPLES // BATCH
 
     def aq_fwd(step: int) -> int:
         return FP16 if step <= epoch else quantized_nbytes(MICRO, 8)
 
-    _check_bytes(codecs["aqsgd"].result().ok(), aq_fwd, quantized_nbytes(MICRO, 8), tied)
+    _check_bytes(codecs["aqsgd"].result().ok(), aq_fwd, quantized_nbytes(MICRO, 8), tied, 2)
     # resumed at step 2 (16 of 24 samples seen): step 3 still sends its 8 fresh
     _, resumed = codecs["aqsgd_cut"].result()
-    _check_bytes(resumed.ok(), aq_fwd, quantized_nbytes(MICRO, 8), tied)
+    _check_bytes(resumed.ok(), aq_fwd, quantized_nbytes(MICRO, 8), tied, 2)
     # the summary totals are the per-step sums
     s = q.summary()["bytes_sent_by_kind_total"]
     assert s["pp_bwd"] == STEPS * M * quantized_nbytes(MICRO, 8)
+    # one evaluation in fp16: the one after step 4 (the final one belongs to no step)
+    assert s["pp_fwd"] == STEPS * M * quantized_nbytes(MICRO, 4) + EVAL_VALUES * 2
     assert s.get("pp_tied", 0) == 0
 
 
@@ -585,9 +600,6 @@ CONFIG_ERRORS = {
 
 
 def test_config_errors_exit_2_and_name_the_keys(root):
-    import os
-    import sys
-
     procs = {}
     for name, (workers, args, _) in CONFIG_ERRORS.items():
         out = root / "pp" / f"bad-{name.replace(' ', '-')}"

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from farflung.comm.dist import new_group, subgroup_like
 from farflung.comm.sharded import chunk_contexts, chunk_sizes, status_nbytes
 from farflung.compress import make_codec
-from farflung.parallel import cocktail, compressed, diloco, distribute
+from farflung.parallel import NonFiniteStep, cocktail, compressed, diloco, distribute
 from farflung.parallel.ddp_hook import codec_hook
 from farflung.parallel.flat import flat_params
 
@@ -94,6 +94,18 @@ def _train_ddp(rank: int, group) -> dict:
     return {"params": params, "synced": params[-1], "dp": dp, "hook_size": state.comm.size}
 
 
+def _nonfinite_report(rank: int, group) -> list[int] | None:
+    """The ranks a non-finite step is blamed on, when global rank 3 has one."""
+    model = _model(rank)
+    algo = distribute(model, torch.optim.SGD(model.parameters(), lr=LR), group=group)
+    _loss(model, 0, rank).backward()
+    try:
+        algo.step(finite=rank != 3)
+    except NonFiniteStep as e:
+        return e.ranks
+    return None
+
+
 def _reference(group_ranks: list[int]) -> torch.Tensor:
     """allreduce on a group, on one process: SGD on the members' batches together."""
     model = _model(group_ranks[0])
@@ -126,6 +138,7 @@ def _algorithms_on_subgroups(rank: int) -> dict:
         distribute(model, torch.optim.SGD(model.parameters()), group=groups[1 - rank // 2])
     except ValueError as e:
         out["refused"] = str(e)
+    out["nonfinite"] = _nonfinite_report(rank, mine)
     for case, (algorithm, options) in CASES.items():
         if algorithm == "ddp":
             out[case] = _train_ddp(rank, mine)
@@ -141,6 +154,11 @@ def results():
 
 def test_a_group_this_rank_is_not_in_is_refused(results):
     assert all("not a member" in r["refused"] for r in results)
+
+
+def test_a_non_finite_step_is_reported_by_global_rank_in_its_group_only(results):
+    # group rank 1 of {2, 3} is global rank 3; the other group saw nothing
+    assert [r["nonfinite"] for r in results] == [None, None, [3], [3]]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class NonFiniteError(RuntimeError):
     """A NaN or Inf reached a loss, a gradient or a synchronised tensor, and the run is
@@ -17,3 +19,11 @@ class NonFiniteError(RuntimeError):
 class PeerLostError(RuntimeError):
     """A point-to-point transfer with a named peer failed (it died, froze, or its link
     is down); the message says which peer and what this rank was doing."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, without gloo's source location prefix
+    (``[/.../pair.cc:553] ``), at most ``limit`` characters."""
+    text = str(e).strip().splitlines()
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", text[0]) if text else ""
+    return line[:limit] or type(e).__name__

@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -24,7 +23,7 @@ from farflung.comm import DistInfo, init_distributed, shutdown_distributed
 from farflung.comm import watchdog as wd
 from farflung.comm.dist import store_barrier
 from farflung.comm.emulation import install_link_model_from_env
-from farflung.comm.errors import NonFiniteError, PeerLostError
+from farflung.comm.errors import NonFiniteError, PeerLostError, first_line
 from farflung.config import Config, ConfigError, load_config
 from farflung.data import INDEX_FILE, DataError, ShardIndex, prepare
 from farflung.parallel import algorithm_names, check_parallel_config
@@ -168,7 +167,7 @@ def _guarded(args: argparse.Namespace, rank: int) -> int:
     except Exception as e:
         if is_comm_failure(e):
             return _comm_failed(rank, e)
-        write_report(rank, "crash", EXIT_FAILED, f"{type(e).__name__}: {_first_line(e)}")
+        write_report(rank, "crash", EXIT_FAILED, f"{type(e).__name__}: {first_line(e)}")
         raise
 
 
@@ -187,10 +186,10 @@ def _comm_failed(rank: int, e: BaseException) -> int:
     except KeyboardInterrupt:  # the launcher is stopping us already
         pass
     if lost is not None:
-        msg, said = lost.message, f"{lost.message}; a collective failed ({_first_line(e)})"
+        msg, said = lost.message, f"{lost.message}; a collective failed ({first_line(e)})"
         extra = {"lost": lost.ranks, "via": lost.via, "silent_s": lost.silent_s}
     else:
-        msg = f"communication failed ({_first_line(e)}); a peer may have died or its link is down"
+        msg = f"communication failed ({first_line(e)}); a peer may have died or its link is down"
         said, extra = msg, {"lost": [], "via": "comm"}
     _say(rank, f"rank {rank}: {said}", always=True)
     write_report(rank, "lost_peer", EXIT_PEER_LOST, msg, **extra)
@@ -301,10 +300,3 @@ def raise_interrupt(signum: int, frame: object) -> None:
 def _say(rank: int, msg: str, always: bool = False) -> None:
     if rank == 0 or always:
         print(f"farflung: {msg}", file=sys.stderr, flush=True)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    # gloo starts its messages with its source location: "[/.../pair.cc:553] "
-    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", text[0]) if text else ""
-    return line[:200] or type(e).__name__

@@ -24,7 +24,9 @@ import torch
 from farflung.comm import Comm, DistInfo
 from farflung.compress.activations import ActivationBuffer, BoundaryCodec
 from farflung.config import Config
+from farflung.data import SampleSet
 from farflung.model import GPT
+from farflung.parallel.flat import grads_finite
 from farflung.parallel.pipeline.mesh import Mesh, build_stage, stage_layers
 from farflung.parallel.pipeline.placement import StageMap
 from farflung.parallel.pipeline.runtime import Boundary, MicroBatch, StageRunner
@@ -125,19 +127,15 @@ class PipelineWorker(Worker):
         self.peak_live = max(self.peak_live, self.runner.stats.peak_live)
         return loss
 
-    def _micro_batches(self, samples, ids: np.ndarray) -> list[MicroBatch]:
-        out = []
+    def _micro_batches(self, samples: SampleSet, ids: np.ndarray) -> list[MicroBatch]:
+        """The step's share split into micro-batches: token ids for the first stage,
+        targets for the last, sample ids for every stage."""
+        first, out = self.mesh.stage == 0, []
         for j in range(0, len(ids), self.micro):
             chunk = ids[j : j + self.micro]
-            x, y = samples.batch(chunk)
-            out.append(
-                MicroBatch(chunk, x if self.runner_first else None, y if self.has_loss else None)
-            )
+            x, y = samples.batch(chunk) if first or self.has_loss else (None, None)
+            out.append(MicroBatch(chunk, x if first else None, y if self.has_loss else None))
         return out
-
-    @property
-    def runner_first(self) -> bool:
-        return self.mesh.stage == 0
 
     def _tied_peer(self) -> tuple[int, torch.Tensor] | None:
         """The other holder of the tied embedding and our copy, if we hold one."""
@@ -161,6 +159,16 @@ class PipelineWorker(Worker):
         theirs = torch.empty_like(mine)
         self.comm.exchange({peer: mine}, {peer: theirs}, kind="pp_tied")
         weight.grad.add_(theirs)
+
+    def _update(self, finite: bool) -> bool:
+        """A stage alone may see non-finite numbers (a NaN in its own backward): the
+        whole pipeline replica then skips together, so that the stages' later
+        collectives (the clipping norm) match and the replica stays one model."""
+        bad = torch.tensor(
+            [0.0 if finite and grads_finite(self.model) else 1.0], device=self.info.device
+        )
+        Comm(self.mesh.pipe_group, self.comm.meter).all_reduce(bad, kind="ctrl")
+        return super()._update(bad.item() == 0)
 
     def _clip(self, max_norm: float) -> None:
         """Clip by the whole model's gradient norm: the stages' squared norms summed

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from farflung.comm import Comm, Handle
-from farflung.comm.errors import PeerLostError
+from farflung.comm.errors import PeerLostError, first_line
 from farflung.compress import CodecContext
 from farflung.compress.activations import BoundaryCodec
 from farflung.parallel.pipeline.schedule import make_schedule
@@ -81,6 +81,22 @@ class StepStats:
     losses: list[float] = field(default_factory=list)
 
 
+@dataclass
+class _Step:
+    """One training step's bookkeeping: the micro-batches, which of their samples are
+    on a first AQ-SGD visit (received / sent), the receives posted ahead, the
+    activations held for backward, and the sends in flight."""
+
+    mbs: Sequence[MicroBatch]
+    step: int
+    fresh_in: list
+    fresh_out: list
+    poison: bool
+    posted: dict = field(default_factory=dict)
+    saved: dict = field(default_factory=dict)
+    sends: list = field(default_factory=list)
+
+
 class StageRunner:
     """Runs ``module`` (a :class:`~farflung.model.GPTStage`) as stage ``stage`` of
     ``stages`` under ``schedule``.
@@ -121,49 +137,54 @@ class StageRunner:
         module (each micro-batch's loss weighted 1/M). Returns the mean loss on the
         last stage, 0.0 elsewhere. ``poison`` (fault injection) makes this stage's
         outputs NaN."""
-        m = len(mbs)
-        actions = make_schedule(self.schedule, self.stage, self.stages, m)
-        fresh_in = self._fresh(self.prev.recv if self.prev else None, mbs)
-        fresh_out = self._fresh(self.next.send if self.next else None, mbs)
-        posted: dict[tuple[str, int], tuple[Handle, Tensor]] = {}
-        saved: dict[int, tuple[Tensor | None, Tensor]] = {}
-        sends: list[tuple[Handle, Tensor]] = []
+        actions = make_schedule(self.schedule, self.stage, self.stages, len(mbs))
+        st = _Step(
+            mbs,
+            step,
+            self._fresh(self.prev.recv if self.prev else None, mbs),
+            self._fresh(self.next.send if self.next else None, mbs),
+            poison,
+        )
         self.stats = StepStats()
         for i, (kind, mb) in enumerate(actions):
             for ahead in actions[i : i + 3]:  # this action's input, and the next ones'
-                self._post(ahead, posted, fresh_in)
+                self._post(ahead, st.posted, st.fresh_in)
             if kind == "F":
-                saved[mb] = self._forward(mbs[mb], posted.pop(("F", mb), None), fresh_in[mb])
-                if poison:
-                    saved[mb] = (saved[mb][0], saved[mb][1] * float("nan"))
-                if not self.is_last:
-                    out = saved[mb][1].detach()
-                    payload = self._encode(self.next.send, out, mbs[mb], fresh_out[mb], step)
-                    sends.append(
-                        (
-                            self.next.fwd.send_async(payload, self.next.peer, "pp_fwd", FWD_TAG),
-                            payload,
-                        )
-                    )
+                self._forward_action(st, mb)
             else:
-                inp, out = saved.pop(mb)
-                if self.is_last:
-                    self.stats.losses.append(out.item())
-                self._backward(out, posted.pop(("B", mb), None), m)
-                if not self.is_first:
-                    ctx = CodecContext(step=step * m + mb, seed=self.seed, rank=self.comm.rank)
-                    payload = self._encode(self.prev.send, inp.grad, mbs[mb], None, step, ctx)
-                    sends.append(
-                        (
-                            self.prev.bwd.send_async(payload, self.prev.peer, "pp_bwd", BWD_TAG),
-                            payload,
-                        )
-                    )
-            self.stats.peak_live = max(self.stats.peak_live, len(saved))
-        for handle, _ in sends:
+                self._backward_action(st, mb)
+            self.stats.peak_live = max(self.stats.peak_live, len(st.saved))
+        for handle, _ in st.sends:
             self._wait(handle, "sending to")
         losses = self.stats.losses
         return sum(losses) / len(losses) if losses else 0.0
+
+    def _forward_action(self, st: _Step, mb: int) -> None:
+        inp, out = self._forward(st.mbs[mb], st.posted.pop(("F", mb), None), st.fresh_in[mb])
+        if st.poison:
+            out = out * float("nan")
+        st.saved[mb] = (inp, out)
+        if not self.is_last:
+            payload = self._encode(self.next.send, out, st.mbs[mb], st.fresh_out[mb])
+            self._send(st.sends, self.next.fwd, self.next.peer, payload, "pp_fwd", FWD_TAG)
+
+    def _backward_action(self, st: _Step, mb: int) -> None:
+        inp, out = st.saved.pop(mb)
+        if self.is_last:
+            self.stats.losses.append(out.item())
+        self._backward(out, st.posted.pop(("B", mb), None), len(st.mbs))
+        if not self.is_first:
+            # stochastic rounding draws from a stream of its own per step and micro-batch
+            ctx = CodecContext(st.step * len(st.mbs) + mb, self.seed, self.comm.rank)
+            payload = self._encode(self.prev.send, inp.grad, st.mbs[mb], None, ctx)
+            self._send(st.sends, self.prev.bwd, self.prev.peer, payload, "pp_bwd", BWD_TAG)
+
+    def _send(self, sends: list, comm: Comm, peer: int, payload: Tensor, kind: str, tag: int):
+        """Send without waiting; keep at most ``stages`` sends (and their payloads) in
+        flight, so a stage holds no more payloads than activations under 1F1B."""
+        sends.append((comm.send_async(payload, peer, kind, tag), payload))
+        while len(sends) > self.stages:
+            self._wait(sends.pop(0)[0], "sending to")
 
     def _fresh(self, codec: BoundaryCodec | None, mbs: Sequence[MicroBatch]) -> list:
         """Per micro-batch, which samples are on their first AQ-SGD visit, fixed at the
@@ -214,7 +235,7 @@ class StageRunner:
         self.comm.meter.add_work("codec", time.perf_counter() - t0)
         out.backward(grad)
 
-    def _encode(self, codec: BoundaryCodec, t: Tensor, mb: MicroBatch, fresh, step: int, ctx=None):
+    def _encode(self, codec: BoundaryCodec, t: Tensor, mb: MicroBatch, fresh, ctx=None) -> Tensor:
         t0 = time.perf_counter()
         payload = codec.encode(t.detach(), mb.ids, fresh, ctx)
         self.comm.meter.add_work("codec", time.perf_counter() - t0)
@@ -230,9 +251,8 @@ class StageRunner:
     def _peer_error(self, what: str, e: BaseException) -> PeerLostError:
         peers = [b for b in (self.prev, self.next) if b is not None]
         names = " or ".join(f"stage {b.stage} (rank {b.global_rank})" for b in peers)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return PeerLostError(
-            f"pipeline stage {self.stage}: {what} its neighbour {names} failed: {first}"
+            f"pipeline stage {self.stage}: {what} its neighbour {names} failed: {first_line(e)}"
         )
 
     # -- evaluation ------------------------------------------------------------------
