@@ -206,25 +206,30 @@ def test_scenario_spot_keeps_proportions():
 def test_scenario_multi_university():
     m = LinkMatrix.scenario("multi-university", 4)
     assert m.regions == ["Ohio", "Ohio", "Virginia", "Virginia"]
-    assert (m.bandwidth(0, 1), m.delay(0, 1)) == (5e9, pytest.approx(0.001))
-    assert (m.bandwidth(0, 2), m.delay(0, 2)) == (1.12e9, pytest.approx(0.011))
+    # DS3Lab/DT-FM scheduler/generate_sim_com_matrices.py gives round-trip ms; the
+    # matrix holds one-way delay, half of it
+    # Ohio–Ohio (within a site): 5 Gbps, 1 ms RTT
+    assert (m.bandwidth(0, 1), m.delay(0, 1)) == (5e9, pytest.approx(0.0005))
+    # Ohio–Virginia: 1.12 Gbps, 11 ms RTT
+    assert (m.bandwidth(0, 2), m.delay(0, 2)) == (1.12e9, pytest.approx(0.0055))
 
 
 def test_scenario_regional_figures_and_scaling():
     m = LinkMatrix.scenario("regional", 8)
     assert m.regions == ["Virginia"] * 2 + ["Oregon"] * 2 + ["California"] * 2 + ["Ohio"] * 2
+    # within a region: 2 Gbps, 10 ms RTT (DS3Lab/DT-FM generate_sim_com_matrices.py)
     assert (m.bandwidth(0, 1), m.delay(0, 1)) == (2e9, pytest.approx(0.005))
-    expect = {  # from REFERENCES.md §3
-        (0, 2): (1.15, 67),
-        (0, 4): (1.05, 59),
-        (0, 6): (1.12, 11),
-        (2, 4): (1.25, 12),
-        (2, 6): (1.10, 49),
-        (4, 6): (1.02, 52),
+    expect = {  # (Gbps, round-trip ms) from DS3Lab/DT-FM generate_sim_com_matrices.py
+        (0, 2): (1.15, 67),  # Virginia–Oregon
+        (0, 4): (1.05, 59),  # Virginia–California
+        (0, 6): (1.12, 11),  # Virginia–Ohio
+        (2, 4): (1.25, 12),  # Oregon–California
+        (2, 6): (1.10, 49),  # Oregon–Ohio
+        (4, 6): (1.02, 52),  # California–Ohio
     }
-    for (i, j), (gbps, ms) in expect.items():
+    for (i, j), (gbps, rtt_ms) in expect.items():
         assert m.bandwidth(i, j) == pytest.approx(gbps * 1e9)
-        assert m.delay(i, j) == pytest.approx(ms * 1e-3)
+        assert m.delay(i, j) == pytest.approx(rtt_ms / 2 * 1e-3)  # one-way = RTT / 2
     for n in (4, 12, 64):
         assert [len(v) for v in _groups(LinkMatrix.scenario("regional", n)).values()] == [
             n // 4
@@ -239,15 +244,25 @@ def test_scenario_world():
     m = LinkMatrix.scenario("world", 8)  # one host per region
     idx = {r: i for i, r in enumerate(m.regions)}
     assert len(idx) == 8
-    stated = {("Oregon", "Virginia"): (0.79, 67), ("Virginia", "Ohio"): (1.12, 11),
-              ("Seoul", "London"): (0.342, 238)}  # fmt: skip
-    for (a, b), (gbps, ms) in stated.items():
-        assert m.bandwidth(idx[a], idx[b]) == pytest.approx(gbps * 1e9)
-        assert m.delay(idx[a], idx[b]) == pytest.approx(ms * 1e-3)
-    for i, j in m.pairs():  # every inter-region pair on the stated scale
-        assert 0.3e9 <= m.bandwidth(i, j) <= 1.3e9
-        assert 0.010 <= m.delay(i, j) <= 0.270
+    expect = {  # (Gbps, round-trip ms) from DS3Lab/DT-FM generate_sim_com_matrices.py
+        ("Oregon", "Virginia"): (0.79, 67),  # Oregon–Virginia
+        ("Virginia", "Ohio"): (1.12, 11),  # Virginia–Ohio
+        ("Seoul", "London"): (0.342, 238),  # Seoul–London
+        ("Oregon", "Tokyo"): (0.523, 96),  # Oregon–Tokyo
+        ("Virginia", "London"): (1.16, 76),  # Virginia–London
+        ("Tokyo", "Seoul"): (1.10, 34),  # Tokyo–Seoul
+        ("Seoul", "Ireland"): (0.335, 228),  # Seoul–Ireland
+        ("Frankfurt", "Ireland"): (1.08, 24),  # Frankfurt–Ireland
+    }
+    for (a, b), (gbps, rtt_ms) in expect.items():
+        for i, j in ((idx[a], idx[b]), (idx[b], idx[a])):
+            assert m.bandwidth(i, j) == pytest.approx(gbps * 1e9)
+            assert m.delay(i, j) == pytest.approx(rtt_ms / 2 * 1e-3)  # one-way = RTT / 2
+    for i, j in m.pairs():  # every pair within the repository's range for these regions
+        assert 0.335e9 <= m.bandwidth(i, j) <= 1.16e9
+        assert 0.0055 - 1e-12 <= m.delay(i, j) <= 0.119 + 1e-12  # 11..238 ms RTT
     m16 = LinkMatrix.scenario("world", 16)
+    # within a region: 2 Gbps, 10 ms RTT
     assert m16.bandwidth(0, 1) == 2e9 and m16.delay(0, 1) == pytest.approx(0.005)
 
 

@@ -28,8 +28,8 @@ from farflung.data import SampleSet
 from farflung.model import GPT
 from farflung.parallel.flat import grads_finite
 from farflung.parallel.pipeline.mesh import Mesh, build_stage, stage_layers
-from farflung.parallel.pipeline.placement import StageMap
 from farflung.parallel.pipeline.runtime import Boundary, MicroBatch, StageRunner
+from farflung.plan.placement import StageMap
 from farflung.train import checkpoint as ckpt
 from farflung.train.loop import Worker
 

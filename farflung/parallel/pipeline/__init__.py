@@ -1,6 +1,6 @@
 """Pipeline parallelism: the model's blocks split into stages on different workers,
 each stage replicated over ``dp`` data-parallel workers (world = stages x dp)."""
 
-from farflung.parallel.pipeline.placement import Slot, StageMap
+from farflung.plan.placement import Slot, StageMap
 
 __all__ = ["Slot", "StageMap"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from farflung.comm import new_group
 from farflung.model import GPT, GPTStage, balanced_layers
-from farflung.parallel.pipeline.placement import StageMap
+from farflung.plan.placement import StageMap
 
 
 @dataclass

@@ -1,0 +1,102 @@
+"""What a pipeline x data-parallel layout moves and computes per step, from the real
+model and the real codecs (not from formulas): the planner's ``c_dp``, ``c_pp`` and
+per-stage compute.
+
+- Parameters per stage come from building the model's shape (``balanced_layers`` or
+  an explicit split), counted as the pipeline holds them (an untied or copied head on
+  the last stage).
+- ``c_dp``: the bytes of the largest stage's gradients as the data-parallel codec packs
+  them (``make_codec(spec).payload_nbytes``), divided by how many steps pass between
+  syncs (DiLoCo's ``local_steps``).
+- ``c_pp_fwd`` / ``c_pp_bwd``: one pipeline's activation and gradient bytes per step
+  across one boundary, as the boundary codecs pack them (AQ-SGD counted in its steady
+  state, every sample revisited).
+- ``stage_flops``: forward + backward FLOPs per micro-batch of each stage (3x the
+  forward: the backward costs about twice the forward)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from farflung.compress import make_codec
+from farflung.compress.activations import BoundaryCodec
+from farflung.config import Config
+from farflung.model import balanced_layers, block_flops, head_flops
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Per-step sizes of one layout (see the module docstring)."""
+
+    layers: tuple[int, ...]
+    stage_params: tuple[int, ...]
+    c_dp: float
+    c_pp_fwd: float
+    c_pp_bwd: float
+    stage_flops: tuple[float, ...]
+
+    @property
+    def c_pp(self) -> float:
+        """DT-FM's single boundary size, whose cost counts twice (forward and
+        backward): the mean of the two directions, so 2 c_pp = forward + backward."""
+        return (self.c_pp_fwd + self.c_pp_bwd) / 2
+
+
+def block_params(d: int, mlp_ratio: int) -> int:
+    """Parameters of one block: two LayerNorms, q/k/v + output projection, the MLP."""
+    hidden = mlp_ratio * d
+    return 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+
+
+def stage_params(cfg: Config, layers: list[int]) -> list[int]:
+    """Parameters each stage holds: its blocks, the embeddings on the first, the final
+    norm and the head (a copy when tied) on the last."""
+    m = cfg.model
+    out = [c * block_params(m.d_model, m.mlp_ratio) for c in layers]
+    out[0] += (m.vocab_size + m.context) * m.d_model
+    out[-1] += 2 * m.d_model + m.vocab_size * m.d_model
+    return out
+
+
+def workload(
+    cfg: Config, stages: int, dp: int, dp_codec: str = "identity", sync_every: int = 1
+) -> Workload:
+    """Sizes for ``cfg``'s model cut into ``stages`` (``pipeline.layers`` or balanced),
+    ``dp`` replicas, the global ``train.batch_size`` split into
+    ``pipeline.micro_batches``, boundaries compressed as ``cfg.pipeline`` says and
+    data-parallel traffic packed by the codec spec ``dp_codec`` every ``sync_every``
+    steps."""
+    m, p = cfg.model, cfg.pipeline
+    if m.vocab_size <= 0:
+        raise ValueError("model.vocab_size must be known (> 0) to size the head")
+    layers = list(p.layers) if p.layers else balanced_layers(m, stages)
+    params = stage_params(cfg, layers)
+    size = make_codec(dp_codec).payload_nbytes(max(params))
+    if size is None:
+        raise ValueError(f"codec {dp_codec!r} does not know its payload size in advance")
+    c_dp = size / sync_every
+    shape = (cfg.train.batch_size // dp, m.context, m.d_model)
+    fwd, bwd = boundary_codecs(cfg)
+    micro_tokens = shape[0] // p.micro_batches * m.context
+    flops = [3 * micro_tokens * c * block_flops(m) for c in layers]
+    flops[-1] += 3 * micro_tokens * head_flops(m)
+    return Workload(
+        tuple(layers),
+        tuple(params),
+        float(c_dp),
+        float(fwd.payload_nbytes(shape)),
+        float(bwd.payload_nbytes(shape)),
+        tuple(flops),
+    )
+
+
+def boundary_codecs(cfg: Config) -> tuple[BoundaryCodec, BoundaryCodec]:
+    """Codecs with the payload sizes of a boundary's forward and backward direction.
+    AQ-SGD's steady state (every sample revisited) sends one quantized block of the
+    whole micro-batch, the size of ``quantize`` at the same bits."""
+    p = cfg.pipeline
+    if p.compression in ("none", "fp16"):
+        return BoundaryCodec(p.compression), BoundaryCodec(p.compression)
+    return BoundaryCodec("quantize", bits=p.fwd_bits), BoundaryCodec("quantize", bits=p.bwd_bits)
