@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from farflung.cli import net
+from farflung.cli import net, plan
 from farflung.config import Config, ConfigError, check_batch, load_config
 from farflung.data import DataError
 from farflung.train.checkpoint import CheckpointError
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     net.add_parsers(sub, add_network_args)
+    plan.add_parser(sub)
     return p
 
 
