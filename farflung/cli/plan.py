@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from farflung.config import Config, ConfigError, load_config
+from farflung.config import Config, ConfigError, check_pipeline, load_config, validate
 from farflung.plan.devices import Device, identical_devices, load_devices
 
 EFFICIENCY = 0.4
@@ -175,16 +175,11 @@ def make_shape(cfg: Config, devices: list[Device], link_arrays, pp: int, dp: int
     from farflung.plan.cost import Problem
     from farflung.plan.workload import workload
 
-    m, p = cfg.model, cfg.pipeline
-    if pp > m.n_layer:
-        raise ConfigError(f"{pp} stages > model.n_layer = {m.n_layer} blocks")
-    if cfg.train.batch_size % (dp * p.micro_batches):
-        raise ConfigError(
-            f"train.batch_size = {cfg.train.batch_size} does not divide into dp = {dp} x "
-            f"pipeline.micro_batches = {p.micro_batches}"
-        )
+    p = cfg.pipeline
     layers = p.layers if len(p.layers) == pp else []
     scfg = replace(cfg, pipeline=replace(p, stages=pp, layers=layers))
+    validate(scfg)  # the rules `farflung train` applies: stages <= n_layer, ...
+    check_pipeline(scfg, pp * dp)  # ... and a batch that splits into dp x M
     codec, sync_every = dp_codec(cfg)
     try:
         work = workload(scfg, pp, dp, codec, sync_every)
@@ -258,8 +253,6 @@ def _figures(b: Any) -> dict[str, float]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from farflung.parallel import algorithm_names
-    from farflung.plan.placement import Slot, StageMap
-    from farflung.plan.search import dtfm_search, plan_search, random_placement, rank_order
 
     if args.budget_s <= 0:
         raise ConfigError(f"--budget-s must be > 0, got {args.budget_s}")
@@ -279,46 +272,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     shape = choose_shape(args, cfg, devices, arrays)
     problem = shape.problem
     log(f"shape: {shape.pp} stage(s) x {shape.dp} replica(s); searching ({args.budget_s:g} s)")
-    plan = plan_search(problem, seed=args.seed, budget_s=args.budget_s)
-    log(f"plan: {plan.cost.total:.4g} s/step; DT-FM search ({args.budget_s:g} s)")
-    dtfm = dtfm_search(problem, seed=args.seed, budget_s=args.budget_s)
-    log(f"DT-FM: {dtfm.cost.total:.4g} s/step; rank order and {N_RANDOM} random placements")
-    rank = rank_order(problem)
-    rng = np.random.default_rng(args.seed)
-    rands = [random_placement(problem, rng) for _ in range(N_RANDOM)]
-    best_rand = min(rands, key=lambda r: r.cost.total)
-
-    def mean(key: str) -> float:
-        return float(np.mean([_figures(r.cost)[key] for r in rands]))
-
-    rows = {
-        "plan": (_figures(plan.cost), plan.cost.bottleneck, plan.seconds),
-        "dtfm": (_figures(dtfm.cost), dtfm.cost.bottleneck, dtfm.seconds),
-        "rank order": (_figures(rank.cost), rank.cost.bottleneck, rank.seconds),
-        "random mean": ({k: mean(k) for k in ("total", "compute", "pp", "dp")}, None, None),
-        "random best": (_figures(best_rand.cost), best_rand.cost.bottleneck, best_rand.seconds),
-    }
-
-    dp = shape.dp
-    slots = [
-        Slot(stage * dp + rep, stage, rep, devices[dev].host)
-        for stage, group in enumerate(plan.groups)
-        for rep, dev in enumerate(group)
-    ]
-    smap = StageMap(shape.pp, dp, tuple(slots))
+    plan, rows = compare(problem, args)
     out = Path(args.out)
     links_out = out.with_name(out.stem + ".links.json")
-    data = smap.to_dict()
-    data["dp"] = dp
-    data["devices"] = [devices[dev].name for group in plan.groups for dev in group]
-    data["predicted"] = {**_figures(plan.cost), "method": plan.method}
-    data["baselines"] = {name: figs for name, (figs, _, _) in rows.items()}
-    data["links"] = str(links_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ranks = ",\n".join("  " + json.dumps(e) for e in data.pop("ranks"))
-    rest = "".join(f',\n "{k}": {json.dumps(v)}' for k, v in data.items() if k != "stages")
-    # one rank per line, as StageMap.to_file writes it: meant to be read and edited
-    out.write_text(f'{{\n "stages": {shape.pp},\n "ranks": [\n{ranks}\n ]{rest}\n}}\n')
+    write_placement(out, plan, rows, devices, shape, links_out)
     link.to_file(links_out)
     log(f"wrote {out} and {links_out}")
     print_table(rows, devices, shape)
@@ -328,6 +285,52 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"--placement {out} --link-model {links_out}"
     )
     return 0
+
+
+def compare(problem: Any, args: argparse.Namespace) -> tuple[Any, dict]:
+    """farflung's plan, and the table rows of it and its baselines: DT-FM's search,
+    rank order, random placements (mean and best)."""
+    from farflung.plan.search import dtfm_search, plan_search, random_placement, rank_order
+
+    plan = plan_search(problem, seed=args.seed, budget_s=args.budget_s)
+    log(f"plan: {plan.cost.total:.4g} s/step; DT-FM search ({args.budget_s:g} s)")
+    dtfm = dtfm_search(problem, seed=args.seed, budget_s=args.budget_s)
+    log(f"DT-FM: {dtfm.cost.total:.4g} s/step; rank order and {N_RANDOM} random placements")
+    rank = rank_order(problem)
+    rng = np.random.default_rng(args.seed)
+    rands = [random_placement(problem, rng) for _ in range(N_RANDOM)]
+    best = min(rands, key=lambda r: r.cost.total)
+    mean = {k: float(np.mean([_figures(r.cost)[k] for r in rands])) for k in _figures(best.cost)}
+    rows = {
+        name: (_figures(r.cost), r.cost.bottleneck, r.seconds)
+        for name, r in (("plan", plan), ("dtfm", dtfm), ("rank order", rank))
+    }
+    rows["random mean"] = (mean, None, None)
+    rows["random best"] = (_figures(best.cost), best.cost.bottleneck, best.seconds)
+    return plan, rows
+
+
+def write_placement(
+    out: Path, plan: Any, rows: dict, devices: list[Device], shape: Shape, links: Path
+) -> None:
+    """The placement file: rank = stage x dp + replica in the planned pipeline order,
+    with the predictions beside it (``farflung train`` ignores them)."""
+    from farflung.plan.placement import Slot, StageMap
+
+    slots = [
+        Slot(stage * shape.dp + rep, stage, rep, devices[dev].host)
+        for stage, group in enumerate(plan.groups)
+        for rep, dev in enumerate(group)
+    ]
+    extra = {
+        "dp": shape.dp,
+        "devices": [devices[dev].name for group in plan.groups for dev in group],
+        "predicted": {**_figures(plan.cost), "method": plan.method},
+        "baselines": {name: figs for name, (figs, _, _) in rows.items()},
+        "links": str(links),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    StageMap(shape.pp, shape.dp, tuple(slots)).to_file(out, extra)
 
 
 def print_table(rows: dict, devices: list[Device], shape: Shape) -> None:

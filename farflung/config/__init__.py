@@ -8,6 +8,7 @@ from farflung.config.load import (
     config_to_toml,
     field_docs,
     load_config,
+    read_json,
     validate,
 )
 from farflung.config.schema import (
@@ -37,5 +38,6 @@ __all__ = [
     "config_to_toml",
     "field_docs",
     "load_config",
+    "read_json",
     "validate",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -40,6 +41,22 @@ def load_config(
     for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw, choices)
+
+
+def read_json(path: str | Path, what: str, hint: str = "") -> Any:
+    """The JSON value in file ``path``; a missing, unreadable or malformed file is a
+    ConfigError naming ``what`` (e.g. "placement file") and the path, plus ``hint``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {p}") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: cannot read it: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {p}: not valid JSON ({e}){hint}") from None
 
 
 def config_from_dict(

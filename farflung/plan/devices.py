@@ -15,12 +15,11 @@ name; devices on one host talk over no emulated link); exactly one of ``tflops``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farflung.config import ConfigError
+from farflung.config import ConfigError, read_json
 
 __all__ = ["DEVICE_KEYS", "REFERENCE_TFLOPS", "Device", "identical_devices", "load_devices"]
 
@@ -116,16 +115,4 @@ def devices_from_dict(d: Any, source: str = "devices") -> list[Device]:
 
 def load_devices(path: str | Path) -> list[Device]:
     """Read and validate a devices file."""
-    p = Path(path)
-    source = f"devices file {p}"
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"devices file not found: {p}") from None
-    except OSError as e:
-        raise ConfigError(f"{source}: cannot read it: {e}") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{source}: not valid JSON ({e})") from None
-    return devices_from_dict(raw, source)
+    return devices_from_dict(read_json(path, "devices file"), f"devices file {Path(path)}")

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farflung.config import ConfigError
+from farflung.config import ConfigError, read_json
 
 __all__ = ["Slot", "StageMap"]
 
@@ -106,21 +106,12 @@ class StageMap:
     def load(cls, path: str | Path, world: int, stages: int) -> StageMap:
         """Read and validate a placement file (format in the module docstring) for
         ``world`` ranks and the config's ``pipeline.stages``."""
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"placement file not found: {p}") from None
-        except OSError as e:
-            raise ConfigError(f"placement file {p}: cannot read it: {e}") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"placement file {p}: not valid JSON ({e}); expected an object like "
-                '{"stages": 2, "ranks": [{"rank": 0, "stage": 0, "replica": 0, "host": "a"}, ...]}'
-            ) from None
-        return cls.from_dict(raw, world, stages, source=f"placement file {p}")
+        hint = (
+            '; expected an object like {"stages": 2, "ranks": [{"rank": 0, "stage": 0, '
+            '"replica": 0, "host": "a"}, ...]}'
+        )
+        raw = read_json(path, "placement file", hint)
+        return cls.from_dict(raw, world, stages, source=f"placement file {Path(path)}")
 
     @classmethod
     def from_dict(
@@ -149,62 +140,9 @@ class StageMap:
                 f"got {entries!r}"
             )
         slots = [_slot(e, i, source) for i, e in enumerate(entries)]
-
-        by_rank: dict[int, list[int]] = {}  # rank -> indexes of the entries naming it
-        for i, s in enumerate(slots):
-            if not 0 <= s.rank < world:
-                raise ConfigError(
-                    f"{source}: ranks[{i}] has rank {s.rank}; allowed: 0..{world - 1} "
-                    f"({world} workers)"
-                )
-            by_rank.setdefault(s.rank, []).append(i)
-        dup = sorted(r for r, idx in by_rank.items() if len(idx) > 1)
-        missing = [r for r in range(world) if r not in by_rank]
-        if dup or missing:
-            parts = []
-            if dup:
-                parts.append(
-                    "duplicate rank(s) "
-                    + "; ".join(f"{r} (entries {_ranges(by_rank[r])})" for r in dup)
-                )
-            if missing:
-                parts.append(f"missing rank(s) {_ranges(missing)}")
-            raise ConfigError(
-                f"{source}: {' and '.join(parts)}; every rank 0..{world - 1} must appear "
-                "exactly once"
-            )
-
+        _check_ranks(slots, world, source)
         ordered = sorted(slots, key=lambda s: s.rank)
-        for s in ordered:
-            if not 0 <= s.stage < stages:
-                raise ConfigError(
-                    f"{source}: rank {s.rank} has stage {s.stage}; allowed: "
-                    f"0..{stages - 1} (pipeline.stages = {stages})"
-                )
-        per_stage = {st: [s.rank for s in ordered if s.stage == st] for st in range(stages)}
-        if any(len(ranks) != dp for ranks in per_stage.values()):
-            counts = "; ".join(
-                f"stage {st}: {len(rs)} (ranks {_ranges(rs) or 'none'})"
-                for st, rs in per_stage.items()
-            )
-            raise ConfigError(
-                f"{source}: every stage needs the same number of replicas, dp = "
-                f"{world} workers / {stages} stages = {dp}; got {counts}"
-            )
-        seen: dict[tuple[int, int], int] = {}
-        for s in ordered:
-            if not 0 <= s.replica < dp:
-                raise ConfigError(
-                    f"{source}: rank {s.rank} has replica {s.replica}; allowed: 0..{dp - 1} "
-                    f"(dp = {world} workers / {stages} stages)"
-                )
-            if (s.stage, s.replica) in seen:
-                raise ConfigError(
-                    f"{source}: ranks {seen[(s.stage, s.replica)]} and {s.rank} both hold "
-                    f"stage {s.stage}, replica {s.replica}; each (stage, replica) pair must "
-                    "appear exactly once"
-                )
-            seen[(s.stage, s.replica)] = s.rank
+        _check_grid(ordered, stages, dp, source)
         return cls(stages, dp, tuple(ordered))
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,12 +155,14 @@ class StageMap:
             ],
         }
 
-    def to_file(self, path: str | Path) -> Path:
-        """Write the placement file; :meth:`load` reads it back equal."""
+    def to_file(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write the placement file; :meth:`load` reads it back equal. ``extra``: more
+        top-level keys (a planner's predictions), which :meth:`load` ignores."""
         p = Path(path)
         entries = ",\n".join("  " + json.dumps(e) for e in self.to_dict()["ranks"])
+        rest = "".join(f',\n "{k}": {json.dumps(v)}' for k, v in (extra or {}).items())
         # one rank per line: the file is meant to be read and edited by hand
-        p.write_text(f'{{\n "stages": {self.stages},\n "ranks": [\n{entries}\n ]\n}}\n')
+        p.write_text(f'{{\n "stages": {self.stages},\n "ranks": [\n{entries}\n ]{rest}\n}}\n')
         return p
 
     # ---- queries ----------------------------------------------------------------------
@@ -272,6 +212,65 @@ class StageMap:
         """:meth:`host_index` of every rank, by rank."""
         index = {h: i for i, h in enumerate(self.hosts)}
         return [index[s.host] for s in self.slots]
+
+
+def _check_ranks(slots: list[Slot], world: int, source: str) -> None:
+    """Every rank 0..world-1 exactly once."""
+    by_rank: dict[int, list[int]] = {}  # rank -> indexes of the entries naming it
+    for i, s in enumerate(slots):
+        if not 0 <= s.rank < world:
+            raise ConfigError(
+                f"{source}: ranks[{i}] has rank {s.rank}; allowed: 0..{world - 1} ({world} workers)"
+            )
+        by_rank.setdefault(s.rank, []).append(i)
+    dup = sorted(r for r, idx in by_rank.items() if len(idx) > 1)
+    missing = [r for r in range(world) if r not in by_rank]
+    if dup or missing:
+        parts = []
+        if dup:
+            parts.append(
+                "duplicate rank(s) "
+                + "; ".join(f"{r} (entries {_ranges(by_rank[r])})" for r in dup)
+            )
+        if missing:
+            parts.append(f"missing rank(s) {_ranges(missing)}")
+        raise ConfigError(
+            f"{source}: {' and '.join(parts)}; every rank 0..{world - 1} must appear exactly once"
+        )
+
+
+def _check_grid(ordered: list[Slot], stages: int, dp: int, source: str) -> None:
+    """Stages in range, dp replicas each, every (stage, replica) pair once."""
+    world = len(ordered)
+    for s in ordered:
+        if not 0 <= s.stage < stages:
+            raise ConfigError(
+                f"{source}: rank {s.rank} has stage {s.stage}; allowed: "
+                f"0..{stages - 1} (pipeline.stages = {stages})"
+            )
+    per_stage = {st: [s.rank for s in ordered if s.stage == st] for st in range(stages)}
+    if any(len(ranks) != dp for ranks in per_stage.values()):
+        counts = "; ".join(
+            f"stage {st}: {len(rs)} (ranks {_ranges(rs) or 'none'})" for st, rs in per_stage.items()
+        )
+        raise ConfigError(
+            f"{source}: every stage needs the same number of replicas, dp = "
+            f"{world} workers / {stages} stages = {dp}; got {counts}"
+        )
+    seen: dict[tuple[int, int], int] = {}
+    for s in ordered:
+        if not 0 <= s.replica < dp:
+            raise ConfigError(
+                f"{source}: rank {s.rank} has replica {s.replica}; allowed: 0..{dp - 1} "
+                f"(dp = {world} workers / {stages} stages)"
+            )
+        if (s.stage, s.replica) in seen:
+            raise ConfigError(
+                f"{source}: ranks {seen[(s.stage, s.replica)]} and {s.rank} both hold "
+                f"stage {s.stage}, replica {s.replica}; each (stage, replica) pair must "
+                "appear exactly once"
+            )
+        seen[(s.stage, s.replica)] = s.rank
 
 
 def _slot(entry: Any, i: int, source: str) -> Slot:

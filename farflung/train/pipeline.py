@@ -58,6 +58,7 @@ class PipelineWorker(Worker):
     # -- building --------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
         self.mesh = Mesh.create(self.stage_map, self.info.rank)
+        self.pipe_comm = Comm(self.mesh.pipe_group, self.comm.meter)  # clip and verdict
         self.replica, self.dp = self.mesh.replica, self.stage_map.dp
         full = GPT(self.cfg.model)  # the single-process initialisation, then our stage
         self.params = full.num_params()
@@ -167,7 +168,7 @@ class PipelineWorker(Worker):
         bad = torch.tensor(
             [0.0 if finite and grads_finite(self.model) else 1.0], device=self.info.device
         )
-        Comm(self.mesh.pipe_group, self.comm.meter).all_reduce(bad, kind="ctrl")
+        self.pipe_comm.all_reduce(bad, kind="ctrl")
         return super()._update(bad.item() == 0)
 
     def _clip(self, max_norm: float) -> None:
@@ -179,7 +180,7 @@ class PipelineWorker(Worker):
         sq = torch.zeros(1, dtype=torch.float64, device=self.info.device)
         for g in grads:
             sq += g.detach().double().pow(2).sum()
-        Comm(self.mesh.pipe_group, self.comm.meter).all_reduce(sq, kind="ctrl")
+        self.pipe_comm.all_reduce(sq, kind="ctrl")
         coef = max_norm / (math.sqrt(sq.item()) + 1e-6)
         if coef < 1.0:
             for p in self.model.parameters():
