@@ -42,7 +42,7 @@ from farflung.model import GPT, GPTStage
 from farflung.parallel.pipeline import StageMap
 from farflung.parallel.pipeline.mesh import Mesh
 from farflung.parallel.pipeline.runtime import Boundary, MicroBatch, StageRunner
-from farflung.parallel.pipeline.schedule import make_schedule, peak_in_flight
+from farflung.plan.schedule import make_schedule, peak_in_flight
 from farflung.train.metrics import read_jsonl
 
 # ---------------------------------------------------------------- the shared runs

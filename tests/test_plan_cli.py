@@ -127,6 +127,10 @@ def test_plan_fixed_shape(tiny: Path, tmp_path: Path, capsys) -> None:
     assert pred["total"] <= base["random best"]["total"] + 1e-12
     assert base["random best"]["total"] <= base["random mean"]["total"] + 1e-12
     assert Path(data["links"]).is_file()
+    # a baseline that is one placement lists its devices by stage, to be trained too
+    rank = base["rank order"]["stages"]
+    assert len(rank) == 2 and sorted(sum(rank, [])) == sorted(data["devices"])
+    assert "stages" not in base["random mean"]
 
 
 def test_plan_chooses_shape(tiny: Path, tmp_path: Path, capsys) -> None:
@@ -140,6 +144,40 @@ def test_plan_chooses_shape(tiny: Path, tmp_path: Path, capsys) -> None:
     pp = data["stages"]
     assert pp in (1, 2, 4) and 4 % pp == 0
     StageMap.load(out, 4, pp)
+
+
+def test_plan_cost_models_and_overlap(tiny: Path, tmp_path: Path, capsys) -> None:
+    """DT-FM's objective sums every boundary's whole-batch transfer; the schedule
+    model overlaps boundaries and micro-batches, so where bandwidth dominates it
+    predicts less pipeline time for the same placement. (Where delay dominates it can
+    predict more: 1F1B's bounded window makes a round trip per few micro-batches.)
+    cocktail (overlap on) hides its sync behind the step."""
+    common = [str(tiny), "--links", "10mbit,1ms", "--workers", "8", "--stages", "4", "--dp", "2"]
+    common += ["--budget-s", "0.3", "--set", "pipeline.micro_batches=4"]
+    common += ["--set", "model.tie_embeddings=false"]
+    figs = {}
+    for model in ("schedule", "dtfm"):
+        out = tmp_path / f"{model}.json"
+        code, _, stderr = plan(capsys, *common, "--cost-model", model, "--out", str(out))
+        assert code == 0, stderr
+        assert f"cost model: {model}" in stderr
+        figs[model] = json.loads(out.read_text())["baselines"]["rank order"]
+    assert 0 < figs["schedule"]["pp"] < figs["dtfm"]["pp"]
+    cocktail = {}
+    for overlap in ("true", "false"):
+        out = tmp_path / f"cocktail-{overlap}.json"
+        code, _, stderr = plan(
+            capsys, *common, "--set", "parallel.algorithm=cocktail",
+            "--set", f"parallel.overlap={overlap}", "--out", str(out),
+        )  # fmt: skip
+        assert code == 0, stderr
+        assert ("hidden behind the next step" in stderr) == (overlap == "true")
+        cocktail[overlap] = json.loads(out.read_text())["baselines"]["rank order"]
+    # the same placement: with overlap, DP counts only beyond the pipeline's step
+    plain, hidden = cocktail["false"], cocktail["true"]
+    step = plain["compute"] + plain["pp"]
+    assert hidden["dp"] == pytest.approx(max(0.0, plain["dp"] - step), abs=1e-9)
+    assert hidden["total"] == pytest.approx(max(step, plain["dp"]))
 
 
 def test_plan_devices_file(tiny: Path, tmp_path: Path, capsys) -> None:

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from farflung.plan.cost import Problem, total_cost
+from farflung.plan.cost import Problem, align, total_cost
 from farflung.plan.search import (
     brute_force,
     dtfm_search,
@@ -88,6 +88,33 @@ def test_searches_find_brute_force_optimum(pp, dp, seed):
     assert dtfm.cost.total == pytest.approx(best, rel=1e-9)
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("seed", range(2))
+def test_searches_find_brute_force_optimum_schedule_model(schedule, seed):
+    """The schedule model with uneven devices (speed 0.3-1) and per-stage compute:
+    the order and the direction of the pipeline now matter too."""
+    base = random_problem(3, 2, seed=200 + seed)
+    rng = np.random.default_rng(seed)
+    p = Problem(
+        base.alpha,
+        base.beta,
+        3,
+        2,
+        base.c_dp,
+        base.c_pp,
+        speed=rng.uniform(0.3, 1.0, 6),
+        stage_compute_s=[0.02, 0.05, 0.03],
+        micro_batches=4,
+        schedule=schedule,
+        model="schedule",
+        dp_overlap=bool(seed),
+    )
+    best = brute_force(p).cost.total
+    assert plan_search(p, seed=seed, budget_s=5).cost.total == pytest.approx(best, rel=1e-9)
+    dtfm = dtfm_search(p, seed=seed, budget_s=5, population=30, generations=30)
+    assert dtfm.cost.total == pytest.approx(best, rel=1e-9)
+
+
 def test_result_is_consistent_and_deterministic():
     p = random_problem(4, 2, seed=7)
     a = plan_search(p, seed=3, budget_s=5, steps=300)
@@ -96,6 +123,8 @@ def test_result_is_consistent_and_deterministic():
     assert a.cost.order == (0, 1, 2, 3)
     # groups come in pipeline order: pricing them again gives the same total
     assert total_cost(p, a.groups).total == pytest.approx(a.cost.total)
+    # ... and aligned: replica r of each stage is matched to replica r of the next
+    assert align(p, a.groups).tolist() == a.groups
     assert a.seconds >= 0 and a.evaluations > 0
 
 
@@ -120,3 +149,29 @@ def test_world_64():
     assert dtfm.cost.total <= rand
     assert plan.cost.total <= rank
     assert plan.seconds < 8 and dtfm.seconds < 8
+
+
+def test_plan_search_leaves_machine_plateau():
+    """2 machines x 4 GPUs (fast inside, slow across) + 8 single-GPU machines, pp=4 x
+    dp=4, device ids shuffled. An edge is cheap only if all 4 matched pairs share a
+    machine, so every swap from a random or rank-order placement leaves the cost
+    unchanged; the optimum is hand-computable: A = 2 + 2 GPUs of the two machines,
+    B = the other 2 + 2 (one cheap edge), the singles in the two other groups."""
+    n = 16
+    machine = np.array([0] * 4 + [1] * 4 + list(range(2, 10)))[
+        np.random.default_rng(1).permutation(n)
+    ]
+    same = machine[:, None] == machine[None, :]
+    p = Problem(np.full((n, n), 1e-3), np.where(same, 1e10, 1e8), 4, 4, c_dp=1e6, c_pp=1e8)
+    m0, m1, single = (
+        np.flatnonzero(machine == 0),
+        np.flatnonzero(machine == 1),
+        np.flatnonzero(machine >= 2),
+    )
+    hand = [[*m0[:2], *m1[:2]], [*m0[2:], *m1[2:]], list(single[:4]), list(single[4:])]
+    # DP: 3 slow peers x 2 (1e-3 + 1e6 / (4 x 1e8)); PP: 2 x (2 slow edges + 1 fast)
+    best = 3 * 2 * (1e-3 + 2.5e-3) + 2 * (2 * (1e-3 + 1.0) + (1e-3 + 1e-2))
+    assert total_cost(p, hand).total == pytest.approx(best)
+    assert rank_order(p).cost.total > best + 1.0
+    plan = plan_search(p, seed=0, budget_s=5)
+    assert plan.cost.total == pytest.approx(best, rel=1e-9)

@@ -28,6 +28,9 @@ def test_stage_parameters_are_what_the_stages_hold(tied):
     held = [sum(p.numel() for p in GPTStage(gpt, a, b).parameters()) for a, b in [(0, 3), (3, 5)]]
     assert list(w.stage_params) == held
     assert w.layers == (3, 2)
+    # the tied embedding's fp32 gradient crosses first <-> last: 300 x 32 x 4 bytes
+    assert w.c_tied == (300 * 32 * 4 if tied else 0)
+    assert workload(cfg, stages=1, dp=2).c_tied == 0  # one stage holds both copies
 
 
 def test_boundary_bytes_match_the_payload_formats():
@@ -48,8 +51,12 @@ def test_data_parallel_bytes_follow_the_codec_and_the_sync_interval():
     w = workload(cfg, stages=2, dp=2)
     largest = max(w.stage_params)
     assert w.c_dp == largest * 4 + HEADER_NBYTES  # identity: fp32 plus the header
+    assert w.stage_c_dp == tuple(float(n * 4 + HEADER_NBYTES) for n in w.stage_params)
     every = workload(cfg, stages=2, dp=2, sync_every=10)
     assert every.c_dp == pytest.approx(w.c_dp / 10)
+    # CocktailSGD's chain (random-k 0.1, top-k 0.2, 4 bits): ~0.02 x 4.5 bits a value
+    ck = workload(cfg, stages=2, dp=2, dp_codec="cocktail")
+    assert w.c_dp / 250 < ck.c_dp < w.c_dp / 100
     q = workload(cfg, stages=2, dp=2, dp_codec="quantize:bits=4")
     assert q.c_dp < w.c_dp / 6  # 4 bits plus a scale per 128 values, against 32 bits
 

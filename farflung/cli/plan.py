@@ -60,6 +60,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--stages", type=int, help="pipeline stages (with --dp; default: searched)")
     p.add_argument("--dp", type=int, help="data-parallel replicas per stage")
+    p.add_argument(
+        "--cost-model",
+        choices=("schedule", "dtfm"),
+        default="schedule",
+        help="schedule: the pipeline schedule played out over the links (default); "
+        "dtfm: DT-FM's objective, DP + 2 x the sum of boundary costs",
+    )
     p.add_argument("--budget-s", type=float, default=10.0, help="seconds per search")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="placement.json", help="placement file to write")
@@ -170,8 +177,11 @@ class Shape:
     problem: Any
 
 
-def make_shape(cfg: Config, devices: list[Device], link_arrays, pp: int, dp: int) -> Shape:
-    """The problem of one layout, or a ConfigError saying why it does not fit."""
+def make_shape(
+    cfg: Config, devices: list[Device], link_arrays, pp: int, dp: int, model: str = "schedule"
+) -> Shape:
+    """The problem of one layout under the cost ``model``, or a ConfigError saying why
+    it does not fit."""
     from farflung.plan.cost import Problem
     from farflung.plan.workload import workload
 
@@ -202,14 +212,22 @@ def make_shape(cfg: Config, devices: list[Device], link_arrays, pp: int, dp: int
         bw,
         pp,
         dp,
-        work.c_dp,
+        work.stage_c_dp,
         work.c_pp,
         speed=tflops / tflops.max(),
         stage_compute_s=[f / fastest for f in work.stage_flops],
         micro_batches=p.micro_batches,
         schedule=p.schedule,
+        model=model,
+        dp_overlap=overlaps(cfg),
+        c_tied=work.c_tied,
     )
     return Shape(pp, dp, scfg, work, problem)
+
+
+def overlaps(cfg: Config) -> bool:
+    """Whether the data-parallel sync runs behind the next step (cocktail's overlap)."""
+    return cfg.parallel.algorithm == "cocktail" and cfg.parallel.overlap
 
 
 def choose_shape(args, cfg, devices, link_arrays) -> Shape:
@@ -222,11 +240,11 @@ def choose_shape(args, cfg, devices, link_arrays) -> Shape:
         dp = args.dp if args.dp is not None else n // max(pp, 1)
         if pp < 1 or dp < 1 or pp * dp != n:
             raise ConfigError(f"--stages {pp} x --dp {dp} must equal the {n} devices")
-        return make_shape(cfg, devices, link_arrays, pp, dp)
+        return make_shape(cfg, devices, link_arrays, pp, dp, args.cost_model)
     shapes, why = [], []
     for pp in (k for k in range(1, n + 1) if n % k == 0 and k <= cfg.model.n_layer):
         try:
-            shapes.append(make_shape(cfg, devices, link_arrays, pp, n // pp))
+            shapes.append(make_shape(cfg, devices, link_arrays, pp, n // pp, args.cost_model))
         except ConfigError as e:
             why.append(f"pp={pp}: {e}")
     if not shapes:
@@ -248,7 +266,7 @@ def choose_shape(args, cfg, devices, link_arrays) -> Shape:
 
 
 def _figures(b: Any) -> dict[str, float]:
-    return {"total": b.total, "compute": b.compute, "pp": 2 * b.pp, "dp": b.dp}
+    return {"total": b.total, "compute": b.compute, "pp": b.pp, "dp": b.dp}
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -267,6 +285,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     devices, link = resolve_devices(args)
     log(f"devices: {len(devices)} on {link.n} host(s); links: {link.describe()}")
     log(f"compute: stage FLOPs / (TFLOPS x 1e12 x efficiency {EFFICIENCY}); speed 1 = 100 TFLOPS")
+    hidden = " (hidden behind the next step)" if overlaps(cfg) else ""
+    log(f"cost model: {args.cost_model}; data-parallel sync after the pipeline{hidden}")
     arrays = device_links(devices, link)
     log("choosing the shape" if args.stages is None and args.dp is None else "pricing the shape")
     shape = choose_shape(args, cfg, devices, arrays)
@@ -302,11 +322,11 @@ def compare(problem: Any, args: argparse.Namespace) -> tuple[Any, dict]:
     best = min(rands, key=lambda r: r.cost.total)
     mean = {k: float(np.mean([_figures(r.cost)[k] for r in rands])) for k in _figures(best.cost)}
     rows = {
-        name: (_figures(r.cost), r.cost.bottleneck, r.seconds)
+        name: (_figures(r.cost), r.cost.bottleneck, r.seconds, r.groups)
         for name, r in (("plan", plan), ("dtfm", dtfm), ("rank order", rank))
     }
-    rows["random mean"] = (mean, None, None)
-    rows["random best"] = (_figures(best.cost), best.cost.bottleneck, best.seconds)
+    rows["random mean"] = (mean, None, None, None)
+    rows["random best"] = (_figures(best.cost), best.cost.bottleneck, best.seconds, best.groups)
     return plan, rows
 
 
@@ -325,12 +345,25 @@ def write_placement(
     extra = {
         "dp": shape.dp,
         "devices": [devices[dev].name for group in plan.groups for dev in group],
-        "predicted": {**_figures(plan.cost), "method": plan.method},
-        "baselines": {name: figs for name, (figs, _, _) in rows.items()},
+        "predicted": {
+            **_baseline(_figures(plan.cost), plan.groups, devices),
+            "method": plan.method,
+        },
+        "baselines": {
+            name: _baseline(figs, groups, devices) for name, (figs, *_, groups) in rows.items()
+        },
         "links": str(links),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     StageMap(shape.pp, shape.dp, tuple(slots)).to_file(out, extra)
+
+
+def _baseline(figs: dict, groups: list | None, devices: list[Device]) -> dict:
+    """A row's figures and, for a single placement, its devices by pipeline stage (so
+    that a baseline can be trained too)."""
+    if groups is None:
+        return figs
+    return {**figs, "stages": [[devices[d].name for d in group] for group in groups]}
 
 
 def print_table(rows: dict, devices: list[Device], shape: Shape) -> None:
@@ -343,7 +376,7 @@ def print_table(rows: dict, devices: list[Device], shape: Shape) -> None:
     t.add_column("bottleneck link")
     t.add_column("search s", justify="right")
     ref = rows["plan"][0]["total"]
-    for name, (f, neck, secs) in rows.items():
+    for name, (f, neck, secs, _) in rows.items():
         link = "" if neck is None else f"{devices[neck[0]].host} - {devices[neck[1]].host}"
         t.add_row(
             name,

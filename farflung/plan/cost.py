@@ -23,9 +23,22 @@ directions, (w_ij + w_ji)/2 with w = α + c_PP/β, so 2·edge is exactly one for
 one backward transfer and the group graph is undirected. DP sums use d's outgoing
 links α_dd', β_dd' as written in the paper.
 
-Compute (not in DT-FM, whose devices were homogeneous): see :func:`compute_cost`. The
-total is compute + DP + 2·PP, i.e. no overlap of communication with compute is
-assumed (a pessimistic, placement-comparable estimate)."""
+Compute (not in DT-FM, whose devices were homogeneous): see :func:`compute_cost`.
+
+Two cost models (``Problem.model``):
+
+* ``"dtfm"``: total = compute + DP + 2·PP, DT-FM's objective with a compute term: no
+  overlap of communication with compute or of one boundary with another (what the
+  DT-FM scenario benchmark compares under, as the paper does);
+* ``"schedule"`` (farflung's, the default of ``farflung plan``): the step is played out
+  by :func:`farflung.plan.timeline.step_time` — each boundary's bottleneck pair moves
+  one micro-batch's bytes (c_PP / M) per message, the links of different boundaries
+  and directions work at once, and the schedule (GPipe or 1F1B) decides what waits for
+  what; a tied embedding's gradient is then exchanged between each replica's first
+  and last stage (``c_tied``, over the pair the aligned placement gives, see
+  :func:`align`); then the data-parallel sync follows (DP added), or, with ``dp_overlap``
+  (CocktailSGD's one-step-stale sync in a background thread), runs during the next
+  step, so only max(0, DP - pipeline) is added."""
 
 from __future__ import annotations
 
@@ -37,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from farflung.plan.timeline import step_time
+
 if TYPE_CHECKING:  # import only for types: farflung.comm pulls in torch
     from farflung.comm.link import LinkMatrix
 
@@ -44,19 +59,26 @@ __all__ = [
     "EXACT_TSP_MAX",
     "Breakdown",
     "Problem",
+    "align",
     "as_groups",
     "compute_cost",
     "dp_cost",
+    "dp_parts",
+    "dp_time",
     "edge_cost",
+    "edge_delays",
     "edge_matrix",
     "group_dp_costs",
     "pp_cost",
+    "stage_times",
+    "tied_cost",
     "total_cost",
     "tsp_path",
 ]
 
 EXACT_TSP_MAX = 12  # Held–Karp up to this many groups, heuristics above
 SCHEDULES = ("gpipe", "1f1b")
+MODELS = ("dtfm", "schedule")
 
 
 @dataclass
@@ -64,25 +86,37 @@ class Problem:
     """One placement problem: the network, the layout and the sizes of what moves.
 
     ``alpha`` [N, N] one-way delay (s); ``beta`` [N, N] bandwidth (bytes/s, ``inf`` =
-    free); the diagonal of both is ignored. ``c_dp`` bytes of one stage's gradients;
+    free); the diagonal of both is ignored. ``c_dp`` bytes of one stage's gradients
+    (a scalar, or one value per pipeline position: stages differ in size);
     ``c_pp`` activation bytes per batch crossing one stage boundary in one pipeline
     replica. ``speed`` is each device's relative compute speed (default 1);
     ``stage_compute_s`` the forward+backward seconds of one stage on one micro-batch
     at speed 1 (a scalar, or one value per pipeline position; default 0 = pure
-    DT-FM); ``micro_batches`` M and ``schedule`` ("gpipe" | "1f1b") set the bubble."""
+    DT-FM); ``micro_batches`` M and ``schedule`` ("gpipe" | "1f1b") set the bubble.
+    ``model`` is the cost model ("dtfm" | "schedule", see the module docstring) and
+    ``dp_overlap`` whether the data-parallel sync hides behind the next step.
+    ``c_tied``: bytes each way between a replica's first and last stage after the
+    pipeline (a tied embedding's gradient; the schedule model only, DT-FM has none)."""
 
     alpha: np.ndarray
     beta: np.ndarray
     pp: int
     dp: int
-    c_dp: float
+    c_dp: float | Sequence[float]
     c_pp: float
     speed: np.ndarray | None = None
     stage_compute_s: float | Sequence[float] = 0.0
     micro_batches: int = 1
     schedule: str = "1f1b"
+    model: str = "dtfm"
+    dp_overlap: bool = False
+    c_tied: float = 0.0
     dp_pair: np.ndarray = field(init=False, repr=False)
+    dp_alpha: np.ndarray = field(init=False, repr=False)
+    dp_inv: np.ndarray = field(init=False, repr=False)
+    c_dp_pos: np.ndarray = field(init=False, repr=False)
     pp_pair: np.ndarray = field(init=False, repr=False)
+    pp_delay: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.alpha = np.array(self.alpha, dtype=float)
@@ -96,6 +130,8 @@ class Problem:
             raise ValueError(f"pp * dp must equal N = {n}, got pp={self.pp}, dp={self.dp}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         self.speed = np.ones(n) if self.speed is None else np.asarray(self.speed, dtype=float)
@@ -104,17 +140,27 @@ class Problem:
         sc = np.asarray(self.stage_compute_s, dtype=float)
         if sc.ndim not in (0, 1) or (sc.ndim == 1 and sc.shape != (self.pp,)):
             raise ValueError(f"stage_compute_s must be a scalar or {self.pp} values")
+        cd = np.asarray(self.c_dp, dtype=float)
+        if cd.ndim not in (0, 1) or (cd.ndim == 1 and cd.shape != (self.pp,)):
+            raise ValueError(f"c_dp must be a scalar or {self.pp} values")
+        self.c_dp_pos = np.broadcast_to(cd, (self.pp,)).copy()
         off = ~np.eye(n, dtype=bool)
         np.fill_diagonal(self.alpha, 0.0)
         np.fill_diagonal(self.beta, np.inf)
         if np.any(self.alpha < 0) or np.any(self.beta[off] <= 0):
             raise ValueError("delays must be >= 0 and bandwidths > 0")
         with np.errstate(divide="ignore"):
-            self.dp_pair = np.where(
-                off, 2.0 * (self.alpha + self.c_dp / (self.dp * self.beta)), 0.0
-            )
-            one_way = self.alpha + self.c_pp / self.beta
+            # DP pair time 2·(α + c/(dp·β)) = dp_alpha + c·dp_inv; dp_pair at the
+            # largest stage's c (what the search heuristics group by)
+            self.dp_alpha = np.where(off, 2.0 * self.alpha, 0.0)
+            self.dp_inv = np.where(off, 2.0 / (self.dp * self.beta), 0.0)
+            self.dp_pair = self.dp_alpha + self.c_dp_pos.max() * self.dp_inv
+            # DT-FM moves the whole batch per boundary cost; the schedule model one
+            # micro-batch per message
+            c = self.c_pp if self.model == "dtfm" else self.c_pp / self.micro_batches
+            one_way = self.alpha + c / self.beta
         self.pp_pair = np.where(off, 0.5 * (one_way + one_way.T), 0.0)
+        self.pp_delay = np.where(off, 0.5 * (self.alpha + self.alpha.T), 0.0)
 
     @property
     def n(self) -> int:
@@ -132,11 +178,13 @@ class Problem:
 
 @dataclass(frozen=True)
 class Breakdown:
-    """The cost of one placement: ``total = compute + dp + 2 * pp`` (seconds).
+    """The cost of one placement: ``total = compute + pp + dp`` (seconds).
 
-    ``order`` is the pipeline order of the groups (indices into the groups given);
-    ``bottleneck`` the device pair (i, j) of the slowest link in the dominant
-    communication term (DP if dp >= 2·pp, else the pipeline edges)."""
+    ``compute``: the pipeline's step with free links (bubble included); ``pp``: what
+    the boundary transfers add to it (DT-FM: 2 x the path cost); ``dp``: the
+    data-parallel seconds not hidden behind compute. ``order`` is the pipeline order
+    of the groups (indices into the groups given); ``bottleneck`` the device pair
+    (i, j) of the slowest link in the larger communication term."""
 
     total: float
     compute: float
@@ -159,20 +207,39 @@ def as_groups(problem: Problem, groups: Any) -> np.ndarray:
 # ---- data parallel -----------------------------------------------------------------
 
 
-def _device_dp_costs(problem: Problem, g: np.ndarray) -> np.ndarray:
-    """[pp, dp]: Σ_{d'≠d in group} 2·(α_dd' + c_DP/(dp·β_dd')) for every device d."""
-    return problem.dp_pair[g[:, :, None], g[:, None, :]].sum(axis=2)
+def dp_parts(problem: Problem, groups: Any) -> np.ndarray:
+    """[groups, dp, 2]: for every device d, Σ_{d'≠d in its group} 2·α_dd' and
+    Σ 2/(dp·β_dd'), so that its DP time for a stage of c bytes is part0 + c·part1."""
+    g = np.asarray(groups, dtype=np.int64).reshape(-1, problem.dp)
+    idx = (g[:, :, None], g[:, None, :])
+    return np.stack([problem.dp_alpha[idx].sum(axis=2), problem.dp_inv[idx].sum(axis=2)], axis=-1)
+
+
+def _device_dp_costs(problem: Problem, parts: np.ndarray, order: Sequence[int]) -> np.ndarray:
+    """[groups, dp]: each device's DP time, its group holding the stage of its
+    position in ``order``."""
+    c = np.empty(len(order))
+    c[list(order)] = problem.c_dp_pos
+    return parts[..., 0] + c[:, None] * parts[..., 1]
+
+
+def dp_time(problem: Problem, parts: np.ndarray, order: Sequence[int]) -> float:
+    """DT-FM's DP cost, the slowest device of the slowest group, each group syncing
+    the stage it holds in ``order``."""
+    return float(_device_dp_costs(problem, parts, order).max())
 
 
 def group_dp_costs(problem: Problem, groups: Any) -> np.ndarray:
-    """[pp]: each group's DP time, the max over its devices (vectorised)."""
-    g = np.asarray(groups, dtype=np.int64).reshape(-1, problem.dp)
-    return _device_dp_costs(problem, g).max(axis=1)
+    """[pp]: each group's DP time at the largest stage's c_DP, the max over its
+    devices (vectorised)."""
+    parts = dp_parts(problem, groups)
+    return (parts[..., 0] + problem.c_dp_pos.max() * parts[..., 1]).max(axis=1)
 
 
 def dp_cost(problem: Problem, groups: Any) -> float:
-    """DT-FM's DP cost: the slowest device of the slowest group."""
-    return float(group_dp_costs(problem, as_groups(problem, groups)).max())
+    """DT-FM's DP cost, groups in pipeline order (position k syncs c_DP[k])."""
+    g = as_groups(problem, groups)
+    return dp_time(problem, dp_parts(problem, g), range(problem.pp))
 
 
 # ---- pipeline edges: bottleneck assignment ------------------------------------------
@@ -239,20 +306,72 @@ def _adjacency_at(w: np.ndarray, wl: list[list[float]] | None, t: float) -> list
     return [sum(1 << j for j, x in enumerate(row) if x <= t) for row in wl]
 
 
+def edge_parts(
+    problem: Problem, group_a: Sequence[int], group_b: Sequence[int]
+) -> tuple[float, float]:
+    """(edge cost, one-way delay of its bottleneck pair) between two groups: the
+    bottleneck matching of (α + c/β), c = c_PP (DT-FM) or c_PP / M (schedule)."""
+    a, b = np.asarray(group_a, dtype=np.int64), np.asarray(group_b, dtype=np.int64)
+    w = problem.pp_pair[np.ix_(a, b)]
+    t, match = bottleneck_matching(w)
+    j = max(range(len(b)), key=lambda c: w[match[c], c])
+    return t, float(problem.pp_delay[a[match[j]], b[j]])
+
+
 def edge_cost(problem: Problem, group_a: Sequence[int], group_b: Sequence[int]) -> float:
     """DT-FM edge cost: the bottleneck matching of (α + c_PP/β) between two groups."""
-    a, b = np.asarray(group_a, dtype=np.int64), np.asarray(group_b, dtype=np.int64)
-    return bottleneck_matching(problem.pp_pair[np.ix_(a, b)])[0]
+    return edge_parts(problem, group_a, group_b)[0]
+
+
+def _edge_matrices(problem: Problem, groups: Any) -> tuple[np.ndarray, np.ndarray]:
+    g = np.asarray(groups, dtype=np.int64)
+    e, ea = np.zeros((len(g), len(g))), np.zeros((len(g), len(g)))
+    for k in range(len(g)):
+        for m in range(k + 1, len(g)):
+            e[k, m], ea[k, m] = edge_parts(problem, g[k], g[m])
+    return e + e.T, ea + ea.T
 
 
 def edge_matrix(problem: Problem, groups: Any) -> np.ndarray:
     """[pp, pp] symmetric edge costs between all groups (zero diagonal)."""
-    g = np.asarray(groups, dtype=np.int64)
-    e = np.zeros((len(g), len(g)))
-    for k in range(len(g)):
-        for m in range(k + 1, len(g)):
-            e[k, m] = e[m, k] = edge_cost(problem, g[k], g[m])
-    return e
+    return _edge_matrices(problem, groups)[0]
+
+
+def edge_delays(problem: Problem, groups: Any) -> np.ndarray:
+    """[pp, pp] one-way delays of each edge's bottleneck pair (the schedule model's
+    latency; the rest of the edge cost occupies the link)."""
+    return _edge_matrices(problem, groups)[1]
+
+
+def align(problem: Problem, groups: Any) -> np.ndarray:
+    """``groups`` (in pipeline order) with each group's devices reordered so that
+    column r is replica r all the way down: device r of group k + 1 is the one the
+    bottleneck matching pairs with device r of group k. The pipeline runtime connects
+    replica r of adjacent stages, so a placement must be written aligned to get the
+    links the cost model priced."""
+    g = np.array(groups, dtype=np.int64)
+    for k in range(1, len(g)):
+        w = problem.pp_pair[np.ix_(g[k - 1], g[k])]
+        t, match = bottleneck_matching(w)
+        if np.diag(w).max() <= t:
+            continue  # already aligned: keep it (so aligning twice changes nothing)
+        row = np.empty_like(g[k])
+        row[match] = g[k]  # the device of column j goes to the replica of its row
+        g[k] = row
+    return g
+
+
+def tied_cost(problem: Problem, groups: Any) -> float:
+    """Seconds of the first-last exchange (``c_tied`` each way at once) of the slowest
+    replica, the groups (in pipeline order) aligned into replicas by :func:`align`."""
+    if problem.c_tied <= 0 or problem.pp < 2:
+        return 0.0
+    aligned = align(problem, groups)
+    a, b = aligned[0], aligned[-1]
+    with np.errstate(divide="ignore"):
+        there = problem.alpha[a, b] + problem.c_tied / problem.beta[a, b]
+        back = problem.alpha[b, a] + problem.c_tied / problem.beta[b, a]
+    return float(np.maximum(there, back).max())
 
 
 # ---- open-loop TSP path ----------------------------------------------------------------
@@ -350,24 +469,27 @@ def pp_cost(problem: Problem, groups: Any) -> tuple[float, list[int]]:
 # ---- compute -------------------------------------------------------------------------
 
 
-def compute_cost(problem: Problem, groups: Any, order: Sequence[int]) -> float:
-    """Pipeline compute time of one step.
-
-    A stage's time per micro-batch is t_k = stage_compute_s[k] / (min speed in the
-    group at pipeline position k): the data-parallel replicas of a stage synchronise,
-    so the slowest one sets the pace. With M micro-batches both GPipe (all forwards,
-    then all backwards) and 1F1B have the same bubble of pp - 1 slots; assuming the
-    slowest stage sets a steady rate, one step takes
-
-        compute = (M + pp - 1) · max_k t_k .
-
-    (1F1B only lowers activation memory, not time.) With a scalar stage_compute_s
-    this depends on the placement only through the slowest device overall; with one
-    value per position it rewards putting slow devices on light stages."""
+def stage_times(problem: Problem, groups: Any, order: Sequence[int]) -> tuple[list, list]:
+    """Forward and backward seconds per micro-batch at each pipeline position: the
+    position's ``stage_compute_s`` at the speed of its group's slowest device (the
+    replicas synchronise, so the slowest sets the pace), one third forward and two
+    thirds backward."""
     g = np.asarray(groups, dtype=np.int64)[list(order)]
-    slowest = problem.speed[g].min(axis=1)
     t = np.broadcast_to(np.asarray(problem.stage_compute_s, dtype=float), (problem.pp,))
-    return float((problem.micro_batches + problem.pp - 1) * (t / slowest).max())
+    t = t / problem.speed[g].min(axis=1)
+    return (t / 3).tolist(), (2 * t / 3).tolist()
+
+
+def compute_cost(problem: Problem, groups: Any, order: Sequence[int]) -> float:
+    """The step's compute with free links: the schedule played out
+    (:func:`~farflung.plan.timeline.step_time`) with the positions' stage times. With
+    equal stages t this is (M + pp - 1)·t for GPipe and 1F1B alike; with one value
+    per position it rewards putting slow devices on light stages."""
+    if not np.any(problem.stage_compute_s):
+        return 0.0
+    fwd, bwd = stage_times(problem, groups, order)
+    free = [0.0] * (problem.pp - 1)
+    return step_time(fwd, bwd, free, free, problem.micro_batches, problem.schedule)
 
 
 # ---- total ---------------------------------------------------------------------------
@@ -378,8 +500,8 @@ def _bottleneck(
 ) -> tuple[int, int] | None:
     if problem.n == 1:
         return None
-    if dp >= 2 * pp and problem.dp > 1:
-        dev = _device_dp_costs(problem, g)
+    if dp >= pp and problem.dp > 1:
+        dev = _device_dp_costs(problem, dp_parts(problem, g), order)
         k, i = np.unravel_index(np.argmax(dev), dev.shape)
         row = problem.dp_pair[g[k, i], g[k]]
         return int(g[k, i]), int(g[k, int(np.argmax(row))])
@@ -394,21 +516,53 @@ def _bottleneck(
 
 
 def objective(
-    problem: Problem, g: np.ndarray, dpc: np.ndarray, e: np.ndarray
-) -> tuple[float, float, float, list[int]]:
-    """(total, compute, pp, order) from per-group DP costs and the edge matrix; the
-    search uses it with incrementally updated ``dpc`` and ``e``."""
-    pp, order = tsp_path(e)
-    comp = compute_cost(problem, g, order)
-    return comp + float(dpc.max()) + 2.0 * pp, comp, pp, order
+    problem: Problem, g: np.ndarray, parts: np.ndarray, e: np.ndarray, ea: np.ndarray
+) -> tuple[float, float, float, float, list[int]]:
+    """(total, compute, pp, dp, order) from the groups' DP parts (:func:`dp_parts`),
+    the edge matrix and its delays (see :class:`Breakdown`); the search calls it with
+    incrementally updated ``parts``, ``e`` and ``ea``. The order is the cheapest path
+    over ``e``, run in whichever direction is faster (stages differ in compute and
+    size, so the direction matters)."""
+    path, order = tsp_path(e)
+    if problem.model == "dtfm":
+        return min(_dtfm(problem, g, parts, 2.0 * path, o) for o in (order, order[::-1]))
+    return min(_played(problem, g, parts, e, ea, o) for o in (order, order[::-1]))
+
+
+def _dtfm(
+    problem: Problem, g: np.ndarray, parts: np.ndarray, pp: float, order: list[int]
+) -> tuple[float, float, float, float, list[int]]:
+    """DT-FM's figures (plus compute) for one pipeline order."""
+    comp, dp = compute_cost(problem, g, order), dp_time(problem, parts, order)
+    return comp + dp + pp, comp, pp, dp, order
+
+
+def _played(
+    problem: Problem,
+    g: np.ndarray,
+    parts: np.ndarray,
+    e: np.ndarray,
+    ea: np.ndarray,
+    order: list[int],
+) -> tuple[float, float, float, float, list[int]]:
+    """The schedule model's figures for one pipeline order."""
+    steps = range(problem.pp - 1)
+    delay = [float(ea[order[k], order[k + 1]]) for k in steps]
+    link = [float(e[order[k], order[k + 1]]) - delay[k] for k in steps]
+    fwd, bwd = stage_times(problem, g, order)
+    pipe = step_time(fwd, bwd, link, delay, problem.micro_batches, problem.schedule)
+    pipe += tied_cost(problem, g[list(order)])  # after the flush
+    comp, dp = compute_cost(problem, g, order), dp_time(problem, parts, order)
+    if problem.dp_overlap:
+        dp = max(0.0, dp - pipe)
+    return pipe + dp, comp, pipe - comp, dp, order
 
 
 def total_cost(problem: Problem, groups: Any) -> Breakdown:
-    """compute + DP + 2·PP for the placement ``groups`` (any group order: the best
-    pipeline order is chosen and returned in ``order``)."""
+    """The cost of the placement ``groups`` under ``problem.model`` (any group order:
+    the best pipeline order is chosen and returned in ``order``)."""
     g = as_groups(problem, groups)
-    dpc, e = group_dp_costs(problem, g), edge_matrix(problem, g)
-    total, comp, pp, order = objective(problem, g, dpc, e)
-    dp = float(dpc.max())
+    parts, (e, ea) = dp_parts(problem, g), _edge_matrices(problem, g)
+    total, comp, pp, dp, order = objective(problem, g, parts, e, ea)
     neck = _bottleneck(problem, g, e, order, dp, pp)
     return Breakdown(total, comp, pp, dp, tuple(order), neck)

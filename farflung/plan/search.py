@@ -20,9 +20,10 @@ import numpy as np
 from farflung.plan.cost import (
     Breakdown,
     Problem,
+    align,
     as_groups,
-    bottleneck_matching,
-    group_dp_costs,
+    dp_parts,
+    edge_parts,
     objective,
     total_cost,
 )
@@ -42,21 +43,26 @@ __all__ = [
 class PlanResult:
     """A placement: ``groups[k]`` holds the devices of pipeline stage k (data-parallel
     replicas in replica order), its cost (``cost.order`` is then 0..pp-1), the seconds
-    the search took and how many placements it priced."""
+    the search took, how many placements it priced, and whether it ran to its end
+    (False: the time budget cut it short)."""
 
     groups: list[list[int]]
     cost: Breakdown
     seconds: float
     method: str
     evaluations: int = 1
+    complete: bool = True
 
 
-def _result(problem: Problem, g: np.ndarray, t0: float, method: str, evals: int) -> PlanResult:
+def _result(
+    problem: Problem, g: np.ndarray, t0: float, method: str, evals: int, complete: bool = True
+) -> PlanResult:
+    """The placement in pipeline order, aligned into replicas (:func:`align`)."""
     b = total_cost(problem, g)
-    ordered = np.asarray(g)[list(b.order)]
+    ordered = align(problem, np.asarray(g)[list(b.order)])
     b = replace(b, order=tuple(range(problem.pp)))
     groups = [[int(d) for d in row] for row in ordered]
-    return PlanResult(groups, b, time.perf_counter() - t0, method, evals)
+    return PlanResult(groups, b, time.perf_counter() - t0, method, evals, complete)
 
 
 # ---- baselines -----------------------------------------------------------------------
@@ -114,15 +120,20 @@ class _State:
 
     def __init__(self, problem: Problem, g: np.ndarray, cache: dict) -> None:
         self.p, self.g, self.cache = problem, np.array(g, dtype=np.int64), cache
-        self.dpc = group_dp_costs(problem, self.g)
+        self.dpc = dp_parts(problem, self.g)
         self.keys = [tuple(sorted(row.tolist())) for row in self.g]
         self.e = np.zeros((problem.pp, problem.pp))
+        self.ea = np.zeros((problem.pp, problem.pp))
         for k in range(problem.pp):
             self._edges(k)
-        self.cost = objective(problem, self.g, self.dpc, self.e)[0]
+        self.cost = self._price()
         self.evals = 1
 
-    def _edge(self, k: int, m: int) -> float:
+    def _price(self) -> float:
+        return objective(self.p, self.g, self.dpc, self.e, self.ea)[0]
+
+    def _edge(self, k: int, m: int) -> tuple[float, float]:
+        """(edge cost, delay of its bottleneck pair), cached."""
         key = (
             (self.keys[k], self.keys[m])
             if self.keys[k] < self.keys[m]
@@ -132,14 +143,13 @@ class _State:
         if v is None:
             if len(self.cache) > 500_000:
                 self.cache.clear()
-            w = self.p.pp_pair[np.ix_(self.g[k], self.g[m])]
-            v = self.cache[key] = bottleneck_matching(w)[0]
+            v = self.cache[key] = edge_parts(self.p, self.g[k], self.g[m])
         return v
 
     def _edges(self, k: int) -> None:
         for m in range(self.p.pp):
             if m != k:
-                self.e[k, m] = self.e[m, k] = self._edge(k, m)
+                (self.e[k, m], self.ea[k, m]) = (self.e[m, k], self.ea[m, k]) = self._edge(k, m)
 
     def swap(self, a: int, i: int, b: int, j: int) -> float:
         """Swap g[a, i] and g[b, j]; return the new cost (``undo`` reverts)."""
@@ -150,6 +160,7 @@ class _State:
             j,
             self.dpc.copy(),
             self.e.copy(),
+            self.ea.copy(),
             self.cost,
             self.keys[a],
             self.keys[b],
@@ -157,15 +168,15 @@ class _State:
         self.g[a, i], self.g[b, j] = self.g[b, j], self.g[a, i]
         self.keys[a] = tuple(sorted(self.g[a].tolist()))
         self.keys[b] = tuple(sorted(self.g[b].tolist()))
-        self.dpc[[a, b]] = group_dp_costs(self.p, self.g[[a, b]])
+        self.dpc[[a, b]] = dp_parts(self.p, self.g[[a, b]])
         self._edges(a)
         self._edges(b)
-        self.cost = objective(self.p, self.g, self.dpc, self.e)[0]
+        self.cost = self._price()
         self.evals += 1
         return self.cost
 
     def undo(self) -> None:
-        a, i, b, j, self.dpc, self.e, self.cost, self.keys[a], self.keys[b] = self._saved
+        a, i, b, j, self.dpc, self.e, self.ea, self.cost, self.keys[a], self.keys[b] = self._saved
         self.g[a, i], self.g[b, j] = self.g[b, j], self.g[a, i]
 
 
@@ -173,14 +184,13 @@ def _best_swap(st: _State, a: int, b: int, deadline: float) -> bool:
     """Kernighan–Lin/FM-style step between groups a and b: try every swap, keep the
     best if it lowers the cost. Returns whether it did."""
     best, arg = st.cost, None
-    for i in range(st.p.dp):
-        for j in range(st.p.dp):
-            c = st.swap(a, i, b, j)
-            st.undo()
-            if c < best - 1e-12:
-                best, arg = c, (i, j)
-        if time.perf_counter() > deadline:
+    for i, j in itertools.product(range(st.p.dp), repeat=2):
+        if time.perf_counter() > deadline:  # one swap of 1,000 devices can take 20 ms
             break
+        c = st.swap(a, i, b, j)
+        st.undo()
+        if c < best - 1e-12:
+            best, arg = c, (i, j)
     if arg is None:
         return False
     st.swap(a, arg[0], b, arg[1])
@@ -244,7 +254,7 @@ def dtfm_search(
         if child.cost < pop[worst].cost and all(child.keys != s.keys for s in pop):
             pop[worst] = child
     best = min(pop, key=lambda s: s.cost)
-    return _result(problem, best.g, t0, "dtfm", evals)
+    return _result(problem, best.g, t0, "dtfm", evals, time.perf_counter() < deadline)
 
 
 # ---- farflung's search ---------------------------------------------------------------
@@ -263,15 +273,56 @@ def clustered_groups(problem: Problem) -> np.ndarray:
     return np.array(groups, dtype=np.int64)
 
 
+NEAR_FREE = 0.1  # a link this fraction of the median pair cost or less joins a machine
+
+
+def _machines(problem: Problem) -> list[np.ndarray]:
+    """Devices joined by near-free pipeline links (pair cost <= :data:`NEAR_FREE` x the
+    median pair cost), as connected components: the multi-GPU machines of a network,
+    largest first."""
+    n = problem.n
+    off = problem.pp_pair[~np.eye(n, dtype=bool)]
+    near = problem.pp_pair <= NEAR_FREE * float(np.median(off)) if n > 1 else np.eye(n) > 0
+    label = np.arange(n)
+    while True:
+        new = np.where(near, label[None, :], n).min(axis=1)
+        new = np.minimum(new, label)[new]  # jump to the neighbour's label too
+        if np.array_equal(new, label):
+            break
+        label = new
+    parts = [np.flatnonzero(label == c) for c in np.unique(label)]
+    return sorted(parts, key=len, reverse=True)
+
+
+def _machine_blocks(problem: Problem, machines: list[np.ndarray], h: int) -> np.ndarray:
+    """Machines dealt over blocks of h consecutive groups (largest machine first, one
+    device per group in turn, then the next block): a machine's devices land in
+    neighbouring groups, so whole groups of such devices can be matched pair by pair
+    over near-free links (h = 2: pairs of groups; h = machine size: a chain)."""
+    order, pos = np.concatenate(machines), 0
+    g = np.empty((problem.pp, problem.dp), dtype=np.int64)
+    for b in range(0, problem.pp, h):
+        hh = min(h, problem.pp - b)
+        g[b : b + hh] = order[pos : pos + hh * problem.dp].reshape(problem.dp, hh).T
+        pos += hh * problem.dp
+    return g
+
+
 def _starts(problem: Problem, rng: np.random.Generator, n_random: int) -> list[np.ndarray]:
     """Rank order, bandwidth clusters as groups (cheap DP), the clusters dealt round
-    robin (one member of each cluster per group: cheap pipeline edges), and random."""
+    robin (one member of each cluster per group: cheap pipeline edges), random, and,
+    where near-free links join devices into machines, :func:`_machine_blocks` with
+    h = 2 and h = the largest machine (a pipeline edge is cheap only if every matched
+    pair is, which single swaps rarely reach from elsewhere)."""
     clusters = clustered_groups(problem)
     dealt = clusters.ravel().reshape(problem.dp, problem.pp).T.copy()
     out = [np.arange(problem.n).reshape(problem.pp, problem.dp), clusters, dealt]
-    return out + [
-        rng.permutation(problem.n).reshape(problem.pp, problem.dp) for _ in range(n_random)
-    ]
+    out += [rng.permutation(problem.n).reshape(problem.pp, problem.dp) for _ in range(n_random)]
+    machines = _machines(problem)
+    if problem.pp > 1 and 1 < len(machines[0]) < problem.n:
+        for h in sorted({2, min(len(machines[0]), problem.pp)}):
+            out.append(_machine_blocks(problem, machines, h))
+    return out
 
 
 def _descend(st: _State, deadline: float) -> None:
@@ -294,6 +345,8 @@ def _anneal(
     groups seen."""
     p, deltas = st.p, []
     for _ in range(20):
+        if time.perf_counter() > deadline:  # a swap of 1,000 devices takes ~20 ms
+            return st.g.copy()
         a, b = rng.choice(p.pp, 2, replace=False)
         base = st.cost
         deltas.append(
@@ -321,34 +374,41 @@ def plan_search(
 ) -> PlanResult:
     """farflung's placement search.
 
-    1. Multi-start: rank order, bandwidth clusters, clusters dealt round robin and
-       ``n_random`` random partitions; the cheapest is kept (one evaluation each).
+    1. Multi-start: rank order, bandwidth clusters, clusters dealt round robin,
+       ``n_random`` random partitions and, on networks of multi-GPU machines,
+       machines dealt over blocks of groups (:func:`_starts`); the cheapest is kept
+       (one evaluation each).
     2. Simulated annealing from it, ``steps`` random swaps split between a cool chain
        (refines the start's structure) and a hot one (escapes it, which pays on
        unstructured networks); every swap is priced incrementally (two groups' DP
        costs, their 2·pp - 3 edges from a cache of bottleneck matchings, one
        Held–Karp path).
     3. Best-swap descent over all group pairs from the best placement seen, until no
-       swap improves: the result is swap-optimal unless the budget ran out."""
+       swap improves: the result is swap-optimal unless the budget ran out.
+
+    The time of the pricings left after the deadline is kept back from ``budget_s``."""
     t0 = time.perf_counter()
-    deadline = t0 + budget_s
     rng, cache = np.random.default_rng(seed), {}
     starts = [
         _State(problem, as_groups(problem, g), cache) for g in _starts(problem, rng, n_random)
     ]
+    # keep back the time of what runs after the deadline (the final total_cost prices
+    # every edge afresh, about two start pricings), so the search ends within budget_s
+    deadline = t0 + budget_s - 2 * (time.perf_counter() - t0) / len(starts)
     best = min(starts, key=lambda st: st.cost)
     evals = len(starts)
     if problem.pp > 1:
         ends = []
         for heat in ANNEAL_HEATS:
+            if time.perf_counter() > deadline and ends:
+                break
             st = _State(problem, best.g, cache)
-            ends.append(
-                _State(problem, _anneal(st, rng, steps // len(ANNEAL_HEATS), deadline, heat), cache)
-            )
+            seen = _anneal(st, rng, steps // len(ANNEAL_HEATS), deadline, heat)
+            ends.append(_State(problem, seen, cache))
             evals += st.evals
         final = min(ends, key=lambda s: s.cost)
         _descend(final, deadline)
         evals += final.evals
         if final.cost < best.cost:
             best = final
-    return _result(problem, best.g, t0, "plan", evals)
+    return _result(problem, best.g, t0, "plan", evals, time.perf_counter() < deadline)

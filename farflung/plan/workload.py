@@ -7,18 +7,22 @@ per-stage compute.
   the last stage).
 - ``c_dp``: the bytes of the largest stage's gradients as the data-parallel codec packs
   them (``make_codec(spec).payload_nbytes``), divided by how many steps pass between
-  syncs (DiLoCo's ``local_steps``).
+  syncs (DiLoCo's ``local_steps``); ``stage_c_dp`` the same for every stage (the
+  first and last carry the embeddings and the head, so stages differ).
 - ``c_pp_fwd`` / ``c_pp_bwd``: one pipeline's activation and gradient bytes per step
   across one boundary, as the boundary codecs pack them (AQ-SGD counted in its steady
   state, every sample revisited).
 - ``stage_flops``: forward + backward FLOPs per micro-batch of each stage (3x the
-  forward: the backward costs about twice the forward)."""
+  forward: the backward costs about twice the forward).
+- ``c_tied``: with tied embeddings and more than one stage, the fp32 gradient of the
+  embedding each replica's first and last stage exchange after the pipeline (as the
+  pipeline worker does: uncompressed, both ways at once)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from farflung.compress import make_codec
+from farflung.compress import CodecContext, make_codec
 from farflung.compress.activations import BoundaryCodec
 from farflung.config import Config
 from farflung.model import balanced_layers, block_flops, head_flops
@@ -36,6 +40,8 @@ class Workload:
     c_pp_fwd: float
     c_pp_bwd: float
     stage_flops: tuple[float, ...]
+    c_tied: float = 0.0
+    stage_c_dp: tuple[float, ...] = ()
 
     @property
     def c_pp(self) -> float:
@@ -73,10 +79,12 @@ def workload(
         raise ValueError("model.vocab_size must be known (> 0) to size the head")
     layers = list(p.layers) if p.layers else balanced_layers(m, stages)
     params = stage_params(cfg, layers)
-    size = make_codec(dp_codec).payload_nbytes(max(params))
-    if size is None:
+    codec = make_codec(dp_codec)
+    # a rolling random-k mask's size may vary by an element from step to step: step 0's
+    sizes = [codec.payload_nbytes(n, CodecContext()) for n in params]
+    if None in sizes:
         raise ValueError(f"codec {dp_codec!r} does not know its payload size in advance")
-    c_dp = size / sync_every
+    c_dp = [size / sync_every for size in sizes]
     shape = (cfg.train.batch_size // dp, m.context, m.d_model)
     fwd, bwd = boundary_codecs(cfg)
     micro_tokens = shape[0] // p.micro_batches * m.context
@@ -85,10 +93,12 @@ def workload(
     return Workload(
         tuple(layers),
         tuple(params),
-        float(c_dp),
+        float(max(c_dp)),
         float(fwd.payload_nbytes(shape)),
         float(bwd.payload_nbytes(shape)),
         tuple(flops),
+        float(m.vocab_size * m.d_model * FP32 if m.tie_embeddings and stages > 1 else 0),
+        tuple(float(c) for c in c_dp),
     )
 
 

@@ -34,7 +34,7 @@ from farflung.comm import Comm, Handle
 from farflung.comm.errors import PeerLostError, first_line
 from farflung.compress import CodecContext
 from farflung.compress.activations import BoundaryCodec
-from farflung.parallel.pipeline.schedule import make_schedule
+from farflung.plan.schedule import make_schedule
 
 FWD_TAG, BWD_TAG, EVAL_TAG = 11, 12, 13
 
