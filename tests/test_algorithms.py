@@ -100,25 +100,30 @@ def test_compressed_identity_equals_allreduce():
     torch.testing.assert_close(ours[0]["losses"], base[0]["losses"], rtol=1e-5, atol=0)
 
 
-def test_cocktail_identity_is_model_averaging():
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_cocktail_identity_is_model_averaging(scale):
     """With an exact codec and no overlap, cocktail averages the local models every
-    step; checked against a sequential simulation of the two workers."""
-    ours = run_distributed(train_worker, 2, "cocktail", {"codec": "identity", "overlap": False}, 5)
+    step, x̄ ← x̄ + s·(mean_i x_i − x̄) with s = delta_scale; checked against a
+    sequential simulation of the two workers."""
+    pcfg = {"codec": "identity", "overlap": False, "delta_scale": scale}
+    ours = run_distributed(train_worker, 2, "cocktail", pcfg, 5)
     torch.manual_seed(0)
     models = [GPT(CFG), GPT(CFG)]
     models[1].load_state_dict(models[0].state_dict())
     opts = [torch.optim.AdamW(param_groups(m, 0.0), lr=3e-3) for m in models]
     for step in range(5):
+        start = [p.detach().clone() for p in models[0].parameters()]
         for r, (m, o) in enumerate(zip(models, opts, strict=True)):
             _, loss = m(*_batch(step, r, 2))
             loss.backward()
             o.step()
             o.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
-                mean = (p0 + p1) / 2
-                p0.copy_(mean)
-                p1.copy_(mean)
+            pairs = zip(start, models[0].parameters(), models[1].parameters(), strict=True)
+            for x, p0, p1 in pairs:
+                new = x + scale * ((p0 + p1) / 2 - x)
+                p0.copy_(new)
+                p1.copy_(new)
     expected = flat_params(list(models[0].parameters()))
     for r in range(2):
         torch.testing.assert_close(ours[r]["local"], expected, rtol=1e-4, atol=1e-5)

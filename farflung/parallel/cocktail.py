@@ -7,11 +7,13 @@ compressed sharded all-reduce (random-k → top-k → 4-bit by default) while st
 ``t+1``'s forward and backward run. After step ``t+1`` the result ``Δ`` (the decoded
 average) and ``δ̂_i`` (what this rank's contribution decoded to) are applied:
 
-    x̄ ← x̄ + Δ           x_i ← x_i + Δ − δ̂_i
+    x̄ ← x̄ + s·Δ           x_i ← x_i + s·Δ − δ̂_i
 
 so ``x_i − x̄`` keeps exactly what was not sent yet (worker-side error feedback is
 implicit), while the owner of each chunk keeps its re-compression error (server-side
-error feedback).
+error feedback). ``s`` is ``parallel.delta_scale`` (default 1): an outer learning
+rate that makes up for each worker's AdamW normalising by the second moments of its
+own share of the batch (inflated by its gradient noise, so its steps are short).
 
 Why the thread never races the optimizer: it only reads the snapshot taken on the
 training thread and writes its own result buffers; parameters are touched only on
@@ -168,8 +170,10 @@ class Cocktail(DataParallel):
             if self.comm.rank in faults.bad:  # but ours is what went wrong: start over
                 set_params(self.params, self.global_flat)
             return
+        if self.cfg.delta_scale != 1.0:
+            avg.mul_(self.cfg.delta_scale)  # the outer step s·Δ (in the result's buffer)
         self.global_flat.add_(avg)
-        add_to_params(self.params, sent.neg_().add_(avg))  # Δ − δ̂, in sent's buffer
+        add_to_params(self.params, sent.neg_().add_(avg))  # s·Δ − δ̂, in sent's buffer
 
     def quiesce(self) -> None:
         self._wait()  # the future keeps its result for _apply_pending
