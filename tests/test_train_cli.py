@@ -229,3 +229,21 @@ def test_checkpoint_errors_are_clear(tiny, run_a):
     root = copy / "checkpoints"
     (root / "step_00000008").rename(root / "step_00000008.old")
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000008.old", "step_00000012"]
+
+
+def test_cocktail_lr_scale_scales_the_workers_learning_rate(tiny):
+    """parallel.lr_scale = 2 runs exactly as optim.lr and optim.min_lr doubled (the
+    schedule's shape is unchanged), and the metrics show the rate applied."""
+    common = ["--quiet", "--set", "parallel.algorithm=cocktail", "--set", "train.steps=4"]
+    common += ["--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]
+    scaled, doubled = tiny / "lr_scale", tiny / "lr_doubled"
+    r = train_tiny(tiny, scaled, *common, "--set", "parallel.lr_scale=2")
+    assert r.returncode == 0, r.stderr
+    r = train_tiny(
+        tiny, doubled, *common, "--set", "optim.lr=6e-3", "--set", "optim.min_lr=2e-4"
+    )  # tiny.toml: lr 3e-3, min_lr the default 1e-4
+    assert r.returncode == 0, r.stderr
+    assert losses(scaled) == losses(doubled)
+    rates = [r["lr"] for r in read_jsonl(scaled / "metrics.jsonl")]
+    assert rates == [r["lr"] for r in read_jsonl(doubled / "metrics.jsonl")]
+    assert rates[0] == pytest.approx(6e-3 / 2)  # warm-up step 1 of 2

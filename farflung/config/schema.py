@@ -186,6 +186,13 @@ class ParallelConfig:
     overlap: bool = True
     """cocktail: run the sync of step t in a background thread while step t+1
     computes (one step of staleness); false syncs in the foreground."""
+    lr_scale: float = 1.0
+    """cocktail: each worker's learning rate is the schedule's times this. Each
+    worker's AdamW divides by second moments of its own 1/n of the batch, up to n x
+    larger than the whole batch's, so its steps are up to sqrt(n) x too short;
+    sqrt(workers) compensates where gradient noise dominates (docs/data-parallel.md,
+    issue 11). It works better than ``delta_scale``: the workers' own trajectories
+    move too."""
     delta_scale: float = 1.0
     """cocktail: the averaged model delta moves the global model (and every worker)
     by this multiple of itself, an outer learning rate. Each worker's AdamW divides by
@@ -217,6 +224,7 @@ class ParallelConfig:
         "local_steps": (1, None),
         "outer_lr": (0.0, None),
         "delta_scale": (0.0, None),
+        "lr_scale": (0.0, None),
         "outer_momentum": (0.0, 1.0),
         "gossip_every": (1, None),
         "gossip_gamma": (0.0, 1.0),

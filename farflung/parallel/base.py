@@ -141,6 +141,12 @@ class DataParallel:
         self.steps_taken = 0  # counted by step(), for users' own loops
         self.skipped_since_sync = False
 
+    @property
+    def lr_scale(self) -> float:
+        """What the training loop multiplies the schedule's learning rate by (1 unless
+        an algorithm's local steps need it, see cocktail)."""
+        return 1.0
+
     def setup(self) -> None:
         """Make every rank start from rank 0's parameters, in a few flat buckets."""
         if self.comm.size == 1:

@@ -14,6 +14,8 @@ implicit), while the owner of each chunk keeps its re-compression error (server-
 error feedback). ``s`` is ``parallel.delta_scale`` (default 1): an outer learning
 rate that makes up for each worker's AdamW normalising by the second moments of its
 own share of the batch (inflated by its gradient noise, so its steps are short).
+``parallel.lr_scale`` (:attr:`lr_scale`, applied by the training loop to the local
+learning rate) does the same from inside the workers' steps, and measured better.
 
 Why the thread never races the optimizer: it only reads the snapshot taken on the
 training thread and writes its own result buffers; parameters are touched only on
@@ -101,6 +103,10 @@ class Cocktail(DataParallel):
         self.pending: Future | None = None
         self.report: SyncFaults | None = None
         self.syncs = 0
+
+    @property
+    def lr_scale(self) -> float:
+        return self.cfg.lr_scale
 
     def _sync_group(self):
         """The background thread's group: the same ranks as ``self.comm``'s (a

@@ -157,7 +157,7 @@ class Worker:
         checkpoint after it) to the end of this one, telemetry included."""
         if self.fail_at is not None and self.step == self.fail_at:
             os._exit(17)
-        lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim)
+        lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim) * self.algo.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self._forward_backward()
