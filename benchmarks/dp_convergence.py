@@ -106,6 +106,10 @@ def run_seeds(names: list[str], args: argparse.Namespace, root: Path) -> list[di
     return out
 
 
+def spread(row: dict) -> str:
+    return f" ± {row['val_loss_ratio_std']:.3f}" if "val_loss_ratio_std" in row else ""
+
+
 def _folder(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -155,9 +159,8 @@ def main() -> None:
     for r in results:
         print(
             f"{r['algorithm']:>16}: val loss {r['val_loss']:.4f} ({r['val_loss_ratio']:.3f}x"
-            + (f" ± {r['val_loss_ratio_std']:.3f}" if "val_loss_ratio_std" in r else "")
-            + ")"
-            f", {r['bytes_per_step'] / 1e3:,.1f} kB/step/rank ({r['bytes_ratio']:,.0f}x fewer)",
+            f"{spread(r)}), {r['bytes_per_step'] / 1e3:,.1f} kB/step/rank "
+            f"({r['bytes_ratio']:,.0f}x fewer)",
             file=sys.stderr,
         )
     print(

@@ -42,13 +42,13 @@ from pathlib import Path
 import torch
 from common import ROOT, train
 
+from farflung.cli.plan import EFFICIENCY
 from farflung.comm.link import LinkMatrix
 from farflung.config import load_config
 from farflung.model import GPT
 from farflung.plan.placement import Slot, StageMap
 from farflung.plan.workload import workload
 
-EFFICIENCY = 0.4  # farflung.cli.plan.EFFICIENCY, restated so calibration is explicit
 MODEL = [
     "model.n_layer=6",
     "model.d_model=128",

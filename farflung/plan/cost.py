@@ -66,9 +66,7 @@ __all__ = [
     "dp_parts",
     "dp_time",
     "edge_cost",
-    "edge_delays",
     "edge_matrix",
-    "group_dp_costs",
     "pp_cost",
     "stage_times",
     "tied_cost",
@@ -229,13 +227,6 @@ def dp_time(problem: Problem, parts: np.ndarray, order: Sequence[int]) -> float:
     return float(_device_dp_costs(problem, parts, order).max())
 
 
-def group_dp_costs(problem: Problem, groups: Any) -> np.ndarray:
-    """[pp]: each group's DP time at the largest stage's c_DP, the max over its
-    devices (vectorised)."""
-    parts = dp_parts(problem, groups)
-    return (parts[..., 0] + problem.c_dp_pos.max() * parts[..., 1]).max(axis=1)
-
-
 def dp_cost(problem: Problem, groups: Any) -> float:
     """DT-FM's DP cost, groups in pipeline order (position k syncs c_DP[k])."""
     g = as_groups(problem, groups)
@@ -306,16 +297,23 @@ def _adjacency_at(w: np.ndarray, wl: list[list[float]] | None, t: float) -> list
     return [sum(1 << j for j, x in enumerate(row) if x <= t) for row in wl]
 
 
+def _bottleneck_pair(problem: Problem, a: np.ndarray, b: np.ndarray) -> tuple[float, int, int]:
+    """(edge cost, device of ``a``, device of ``b``): the bottleneck matching of the
+    pair times between two groups, and its slowest matched pair."""
+    w = problem.pp_pair[np.ix_(a, b)]
+    t, match = bottleneck_matching(w)
+    j = max(range(len(b)), key=lambda c: w[match[c], c])
+    return t, int(a[match[j]]), int(b[j])
+
+
 def edge_parts(
     problem: Problem, group_a: Sequence[int], group_b: Sequence[int]
 ) -> tuple[float, float]:
     """(edge cost, one-way delay of its bottleneck pair) between two groups: the
     bottleneck matching of (α + c/β), c = c_PP (DT-FM) or c_PP / M (schedule)."""
     a, b = np.asarray(group_a, dtype=np.int64), np.asarray(group_b, dtype=np.int64)
-    w = problem.pp_pair[np.ix_(a, b)]
-    t, match = bottleneck_matching(w)
-    j = max(range(len(b)), key=lambda c: w[match[c], c])
-    return t, float(problem.pp_delay[a[match[j]], b[j]])
+    t, i, j = _bottleneck_pair(problem, a, b)
+    return t, float(problem.pp_delay[i, j])
 
 
 def edge_cost(problem: Problem, group_a: Sequence[int], group_b: Sequence[int]) -> float:
@@ -335,12 +333,6 @@ def _edge_matrices(problem: Problem, groups: Any) -> tuple[np.ndarray, np.ndarra
 def edge_matrix(problem: Problem, groups: Any) -> np.ndarray:
     """[pp, pp] symmetric edge costs between all groups (zero diagonal)."""
     return _edge_matrices(problem, groups)[0]
-
-
-def edge_delays(problem: Problem, groups: Any) -> np.ndarray:
-    """[pp, pp] one-way delays of each edge's bottleneck pair (the schedule model's
-    latency; the rest of the edge cost occupies the link)."""
-    return _edge_matrices(problem, groups)[1]
 
 
 def align(problem: Problem, groups: Any) -> np.ndarray:
@@ -509,53 +501,44 @@ def _bottleneck(
         return None
     steps = [(order[s], order[s + 1]) for s in range(len(order) - 1)]
     a, b = max(steps, key=lambda st: e[st])
-    w = problem.pp_pair[np.ix_(g[a], g[b])]
-    _, match = bottleneck_matching(w)
-    j = max(range(problem.dp), key=lambda c: w[match[c], c])
-    return int(g[a, match[j]]), int(g[b, j])
+    return _bottleneck_pair(problem, g[a], g[b])[1:]
 
 
 def objective(
     problem: Problem, g: np.ndarray, parts: np.ndarray, e: np.ndarray, ea: np.ndarray
-) -> tuple[float, float, float, float, list[int]]:
-    """(total, compute, pp, dp, order) from the groups' DP parts (:func:`dp_parts`),
-    the edge matrix and its delays (see :class:`Breakdown`); the search calls it with
-    incrementally updated ``parts``, ``e`` and ``ea``. The order is the cheapest path
-    over ``e``, run in whichever direction is faster (stages differ in compute and
-    size, so the direction matters)."""
+) -> tuple[float, float, list[int]]:
+    """(total, dp, order) from the groups' DP parts (:func:`dp_parts`), the edge
+    matrix and its delays; the search calls it with incrementally updated ``parts``,
+    ``e`` and ``ea``. The order is the cheapest path over ``e``, run in whichever
+    direction is faster (stages differ in compute and size, so the direction
+    matters). ``dp`` is the data-parallel seconds in the total; the compute split is
+    left to :func:`total_cost`, off the search's path."""
     path, order = tsp_path(e)
-    if problem.model == "dtfm":
-        return min(_dtfm(problem, g, parts, 2.0 * path, o) for o in (order, order[::-1]))
-    return min(_played(problem, g, parts, e, ea, o) for o in (order, order[::-1]))
+    return min(_priced(problem, g, parts, e, ea, path, o) for o in (order, order[::-1]))
 
 
-def _dtfm(
-    problem: Problem, g: np.ndarray, parts: np.ndarray, pp: float, order: list[int]
-) -> tuple[float, float, float, float, list[int]]:
-    """DT-FM's figures (plus compute) for one pipeline order."""
-    comp, dp = compute_cost(problem, g, order), dp_time(problem, parts, order)
-    return comp + dp + pp, comp, pp, dp, order
-
-
-def _played(
+def _priced(
     problem: Problem,
     g: np.ndarray,
     parts: np.ndarray,
     e: np.ndarray,
     ea: np.ndarray,
+    path: float,
     order: list[int],
-) -> tuple[float, float, float, float, list[int]]:
-    """The schedule model's figures for one pipeline order."""
+) -> tuple[float, float, list[int]]:
+    """(total, dp, order) for one pipeline order under ``problem.model``."""
+    dp = dp_time(problem, parts, order)
+    if problem.model == "dtfm":
+        return compute_cost(problem, g, order) + dp + 2.0 * path, dp, order
     steps = range(problem.pp - 1)
     delay = [float(ea[order[k], order[k + 1]]) for k in steps]
     link = [float(e[order[k], order[k + 1]]) - delay[k] for k in steps]
     fwd, bwd = stage_times(problem, g, order)
     pipe = step_time(fwd, bwd, link, delay, problem.micro_batches, problem.schedule)
     pipe += tied_cost(problem, g[list(order)])  # after the flush
-    comp, dp = compute_cost(problem, g, order), dp_time(problem, parts, order)
     if problem.dp_overlap:
         dp = max(0.0, dp - pipe)
-    return pipe + dp, comp, pipe - comp, dp, order
+    return pipe + dp, dp, order
 
 
 def total_cost(problem: Problem, groups: Any) -> Breakdown:
@@ -563,6 +546,8 @@ def total_cost(problem: Problem, groups: Any) -> Breakdown:
     the best pipeline order is chosen and returned in ``order``)."""
     g = as_groups(problem, groups)
     parts, (e, ea) = dp_parts(problem, g), _edge_matrices(problem, g)
-    total, comp, pp, dp, order = objective(problem, g, parts, e, ea)
+    total, dp, order = objective(problem, g, parts, e, ea)
+    comp = compute_cost(problem, g, order)
+    pp = total - comp - dp  # DT-FM: 2 x the path; schedule: what the links add
     neck = _bottleneck(problem, g, e, order, dp, pp)
     return Breakdown(total, comp, pp, dp, tuple(order), neck)
