@@ -16,7 +16,7 @@ from farflung.comm import Comm
 from farflung.config import ModelConfig, ParallelConfig
 from farflung.model import GPT, param_groups
 from farflung.parallel import make_algorithm
-from farflung.parallel.flat import flat_params
+from farflung.parallel.flat import flat_grads, flat_params
 
 CFG = ModelConfig(n_layer=2, n_head=2, d_model=32, context=16, vocab_size=64)
 BATCH = 8
@@ -129,6 +129,123 @@ def test_cocktail_identity_is_model_averaging(scale):
         torch.testing.assert_close(ours[r]["local"], expected, rtol=1e-4, atol=1e-5)
 
 
+def _bf16_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The mean of two workers' numbers as the sync carries it: halves in bfloat16."""
+    return ((a / 2).bfloat16() + (b / 2).bfloat16()).float()
+
+
+def _hand_factored(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Adafactor's estimate from the workers' mean row and column sums, written out."""
+    m0, m1 = v0.reshape(-1, v0.shape[-1]), v1.reshape(-1, v1.shape[-1])
+    r = _bf16_mean(m0.sum(dim=1), m1.sum(dim=1))
+    c = _bf16_mean(m0.sum(dim=0), m1.sum(dim=0))
+    est = torch.zeros_like(m0)
+    for i in range(est.shape[0]):
+        for j in range(est.shape[1]):
+            est[i, j] = r[i] * c[j] / r.sum()
+    return est.view_as(v0)
+
+
+@pytest.mark.parametrize("mode", ["full", "factored"])
+def test_cocktail_shared_moments_against_simulation(mode):
+    """moment_sync_every = 2 with an exact codec and no overlap: after steps 2 and 4
+    both workers' AdamW second moments become the mean of theirs (``full``) or the
+    factored estimate of that mean (matrices; vectors whole), and the models are
+    averaged every step; checked against a sequential simulation."""
+    pcfg = {"codec": "identity", "overlap": False, "moment_sync_every": 2, "moment_sync": mode}
+    ours = run_distributed(train_worker, 2, "cocktail", pcfg, 5)
+    torch.manual_seed(0)
+    models = [GPT(CFG), GPT(CFG)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.AdamW(param_groups(m, 0.0), lr=3e-3) for m in models]
+    for step in range(5):
+        for r, (m, o) in enumerate(zip(models, opts, strict=True)):
+            _, loss = m(*_batch(step, r, 2))
+            loss.backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
+                mean = (p0 + p1) / 2
+                p0.copy_(mean)
+                p1.copy_(mean)
+                if (step + 1) % 2:
+                    continue
+                v0, v1 = (o.state[p]["exp_avg_sq"] for o, p in zip(opts, (p0, p1), strict=True))
+                if mode == "factored" and v0.dim() >= 2:
+                    v = _hand_factored(v0, v1)
+                else:
+                    v = _bf16_mean(v0, v1)
+                v0.copy_(v)
+                v1.copy_(v)
+    expected = flat_params(list(models[0].parameters()))
+    for r in range(2):
+        torch.testing.assert_close(ours[r]["local"], expected, rtol=1e-4, atol=1e-5)
+
+
+BETA2 = 0.5
+
+
+def overlapped_moments_worker(rank: int, world: int) -> dict:
+    """Cocktail, overlap on, full moments shared every step: per step this rank's
+    squared gradients and every rank's second moments once after_step returns."""
+    model, opt, algo = _setup("cocktail", {"moment_sync_every": 1, "moment_sync": "full"})
+    for group in opt.param_groups:  # a short memory, so that step t+1's g² weighs a lot
+        group["betas"] = (0.9, BETA2)
+    sq, v_all = [], []
+    for step in range(4):
+        _, loss = model(*_batch(step, rank, world))
+        loss.backward()
+        sq.append(flat_grads(algo.params).square())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        algo.after_step(step + 1)
+        v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in algo.params])
+        gathered = [torch.empty_like(v) for _ in range(world)]
+        dist.all_gather(gathered, v)
+        v_all.append(gathered)
+    algo.close()
+    return {"sq": sq, "v": v_all}
+
+
+def test_shared_moments_arrive_one_step_late_without_losing_a_step():
+    """The moments taken after step t arrive after step t+1, and Adam's update of
+    step t+1 must survive: v_i(t+1) = β2 · mean_j v_j(t) + (1 − β2) g_i(t+1)². (The
+    mean travels in bfloat16, hence the tolerance; dropping step t+1's g², which
+    weighs half, or the mean, would miss it by far more.)"""
+    res = run_distributed(overlapped_moments_worker, 2)
+    for r in range(2):
+        for t in range(1, 4):
+            mean = (res[r]["v"][t - 1][0] + res[r]["v"][t - 1][1]) / 2
+            expected = BETA2 * mean + (1 - BETA2) * res[r]["sq"][t]
+            torch.testing.assert_close(res[r]["v"][t][r], expected, rtol=1e-2, atol=1e-12)
+
+
+def test_factored_moments_by_hand():
+    """Row sums (3, 7), column sums (4, 6), total 10: the estimate is r_i c_j / 10;
+    a rank-1 matrix comes back exactly; vectors travel whole."""
+    from farflung.parallel.moments import estimates, moment_stats, stats_numel
+
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    b = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([w, b])
+    opt.state[w]["exp_avg_sq"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    opt.state[b]["exp_avg_sq"] = torch.tensor([5.0, 6.0, 7.0])
+    stats = moment_stats(opt, [w, b])
+    assert stats.tolist() == [3.0, 7.0, 4.0, 6.0, 5.0, 6.0, 7.0]
+    assert stats_numel([w, b]) == 7 and stats_numel([w, b], "full") == 7
+    est_w, est_b = estimates(stats, [w.data, b.data])
+    torch.testing.assert_close(est_w, torch.tensor([[1.2, 1.8], [2.8, 4.2]]))
+    assert est_b.tolist() == [5.0, 6.0, 7.0]
+    rank1 = torch.outer(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 4.0]))
+    w3 = torch.nn.Parameter(torch.zeros(3, 2))
+    opt3 = torch.optim.AdamW([w3])
+    opt3.state[w3]["exp_avg_sq"] = rank1.clone()
+    (est,) = estimates(moment_stats(opt3, [w3]), [w3.data])
+    torch.testing.assert_close(est, rank1)
+    assert moment_stats(torch.optim.AdamW([w3]), [w3]) is None  # no step taken yet
+
+
 def slow_sync_worker(rank: int, world: int, delay: float) -> dict:
     """cocktail with its sync slowed down: a thread that touched the parameters, or a
     training thread that did not wait for it, would give different numbers."""
@@ -137,10 +254,10 @@ def slow_sync_worker(rank: int, world: int, delay: float) -> dict:
     original = Cocktail._sync
     seen_threads = set()
 
-    def slow(self, delta, k, status):
+    def slow(self, *args):
         seen_threads.add(threading.current_thread().name)
         time.sleep(delay)
-        return original(self, delta, k, status)
+        return original(self, *args)
 
     Cocktail._sync = slow
     try:
@@ -190,9 +307,16 @@ def resume_worker(rank: int, world: int, name: str, pcfg: dict) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["compressed", "cocktail"])
-def test_state_dict_resume_is_exact(name):
-    pcfg = {"codec": "topk:ratio=0.1+quantize:bits=4"} if name == "compressed" else {}
+@pytest.mark.parametrize(
+    "name, pcfg",
+    [
+        ("compressed", {"codec": "topk:ratio=0.1+quantize:bits=4"}),
+        ("cocktail", {}),
+        # the checkpoint holds a sync in flight that carries shared moments
+        ("cocktail", {"moment_sync_every": 1}),
+    ],
+)
+def test_state_dict_resume_is_exact(name, pcfg):
     for res in run_distributed(resume_worker, 2, name, pcfg):
         assert res["straight"] == res["resumed"]
         assert torch.equal(res["final"], res["resumed_final"])

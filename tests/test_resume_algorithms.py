@@ -5,7 +5,8 @@ Each run is compared with an uninterrupted run of the same config: a rank is kil
 at step 6 (after the step-4 checkpoint), the run is resumed with ``--resume``, and
 every per-step loss and the final validation loss must come out bit for bit the same.
 What makes this hard is the state that lives outside the model: cocktail's global
-model, its in-flight sync and its server error buffers; diloco's global model and
+model, its in-flight sync (with shared moments) and its server error buffers; diloco's
+global model and
 outer momentum between outer steps (``local_steps=3``, so the step-4 checkpoint lies
 inside an outer round); gossip's public copies of itself and its neighbour.
 """
@@ -27,8 +28,10 @@ STEPS, EVERY, FAIL_STEP = 10, 4, 6
 
 ALGORITHMS = {
     # defaults: overlap on, so the step-4 checkpoint holds an in-flight sync result;
-    # no warm-up, so the server error buffers are non-zero when it is written
-    "cocktail": (),
+    # no warm-up, so the server error buffers are non-zero when it is written; moments
+    # shared every 2 steps, so that result carries them and the checkpoint holds the
+    # moments they were taken from
+    "cocktail": ("--set", "parallel.moment_sync_every=2"),
     # outer steps at 3, 6, 9: the checkpoint at 4 falls between two of them
     "diloco": ("--set", "parallel.local_steps=3", "--set", "parallel.codec=cocktail"),
     # a lossy codec, so the public copies x̂ differ from the models they track

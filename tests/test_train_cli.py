@@ -240,10 +240,19 @@ def test_cocktail_lr_scale_scales_the_workers_learning_rate(tiny):
     r = train_tiny(tiny, scaled, *common, "--set", "parallel.lr_scale=2")
     assert r.returncode == 0, r.stderr
     r = train_tiny(
-        tiny, doubled, *common, "--set", "optim.lr=6e-3", "--set", "optim.min_lr=2e-4"
+        tiny,
+        doubled,
+        *common,
+        *("--set", "optim.lr=6e-3", "--set", "optim.min_lr=2e-4"),
+        *("--set", "parallel.lr_scale=1"),
     )  # tiny.toml: lr 3e-3, min_lr the default 1e-4
     assert r.returncode == 0, r.stderr
     assert losses(scaled) == losses(doubled)
     rates = [r["lr"] for r in read_jsonl(scaled / "metrics.jsonl")]
     assert rates == [r["lr"] for r in read_jsonl(doubled / "metrics.jsonl")]
     assert rates[0] == pytest.approx(6e-3 / 2)  # warm-up step 1 of 2
+    # the default (0) is sqrt(workers): 2 workers here
+    auto = tiny / "lr_auto"
+    assert train_tiny(tiny, auto, *common).returncode == 0
+    rates = [r["lr"] for r in read_jsonl(auto / "metrics.jsonl")]
+    assert rates[0] == pytest.approx(3e-3 / 2 * 2**0.5)

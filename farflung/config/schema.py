@@ -186,19 +186,29 @@ class ParallelConfig:
     overlap: bool = True
     """cocktail: run the sync of step t in a background thread while step t+1
     computes (one step of staleness); false syncs in the foreground."""
-    lr_scale: float = 1.0
-    """cocktail: each worker's learning rate is the schedule's times this. Each
-    worker's AdamW divides by second moments of its own 1/n of the batch, up to n x
-    larger than the whole batch's, so its steps are up to sqrt(n) x too short;
-    sqrt(workers) compensates where gradient noise dominates (docs/data-parallel.md,
-    issue 11). It works better than ``delta_scale``: the workers' own trajectories
-    move too."""
+    lr_scale: float = 0.0
+    """cocktail: each worker's learning rate is the schedule's times this; 0 (the
+    default) means sqrt(workers). Each worker's AdamW divides by second moments of its
+    own 1/n of the batch, up to n x larger than the whole batch's where gradient
+    noise dominates, so its steps are up to sqrt(n) x too short (docs/data-parallel.md,
+    issue 11; measured at n = 2). Set 1 for the paper's CocktailSGD."""
     delta_scale: float = 1.0
     """cocktail: the averaged model delta moves the global model (and every worker)
     by this multiple of itself, an outer learning rate. Each worker's AdamW divides by
     second moments of its own 1/n of the batch, up to n x larger than the whole
     batch's, so its steps are up to sqrt(n) x too short; sqrt(workers) compensates
     where gradient noise dominates (docs/data-parallel.md, issue 11)."""
+    moment_sync_every: int = 16
+    """cocktail: every this many steps the workers share their AdamW second moments
+    (0: never). Each worker's own moments follow its own gradients, so its
+    normalisation correlates with its update; one shared estimate of their mean
+    closes part of the gap to all-reduce (docs/data-parallel.md, issue 11). At 16 with
+    the factored estimate it costs about 8% more bytes than the model deltas."""
+    moment_sync: str = "factored"
+    """cocktail: what ``moment_sync_every`` sends, in bfloat16: ``factored`` (row and
+    column sums of each matrix, as Adafactor; about 1% of the model) or ``full`` (the
+    moments themselves, as many numbers as the model: a reference, not for slow
+    links)."""
     local_steps: int = 50
     """diloco: inner optimizer steps between outer synchronisations (H)."""
     outer_lr: float = 0.7
@@ -218,9 +228,10 @@ class ParallelConfig:
     timeout_s: float = 120.0
     """Seconds a collective may wait for a peer before the run fails with a message."""
 
-    CHOICES = {"backend": ("auto", "gloo", "nccl")}
+    CHOICES = {"backend": ("auto", "gloo", "nccl"), "moment_sync": ("factored", "full")}
     BOUNDS = {
         "warmup_steps": (0, None),
+        "moment_sync_every": (0, None),
         "local_steps": (1, None),
         "outer_lr": (0.0, None),
         "delta_scale": (0.0, None),

@@ -15,7 +15,15 @@ error feedback). ``s`` is ``parallel.delta_scale`` (default 1): an outer learnin
 rate that makes up for each worker's AdamW normalising by the second moments of its
 own share of the batch (inflated by its gradient noise, so its steps are short).
 ``parallel.lr_scale`` (:attr:`lr_scale`, applied by the training loop to the local
-learning rate) does the same from inside the workers' steps, and measured better.
+learning rate; sqrt(workers) by default) does the same from inside the workers'
+steps, and measured better.
+
+This project's departure from the paper (issue 11): every ``moment_sync_every`` steps
+the snapshot carries the statistics of the worker's AdamW second moments too, the
+same sync averages them, and every worker's moments become one shared estimate
+(:mod:`farflung.parallel.moments`). Per-worker moments correlate with the worker's
+own update; sharing them, with the sqrt(n) learning rate, halves the gap to
+all-reduce for about 8% more bytes.
 
 Why the thread never races the optimizer: it only reads the snapshot taken on the
 training thread and writes its own result buffers; parameters are touched only on
@@ -44,6 +52,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,10 +81,12 @@ from farflung.parallel.flat import (
     swapped_params,
     trainable,
 )
+from farflung.parallel.moments import SharedMoments, average_stats
 
 MASK_SEED = 0xC0C7
 
-SyncResult = tuple[torch.Tensor | None, torch.Tensor | None, SyncFaults]
+# (Δ, δ̂, faults, the workers' averaged second-moment statistics or None)
+SyncResult = tuple[torch.Tensor | None, torch.Tensor | None, SyncFaults, torch.Tensor | None]
 
 
 @register("cocktail")
@@ -103,10 +114,14 @@ class Cocktail(DataParallel):
         self.pending: Future | None = None
         self.report: SyncFaults | None = None
         self.syncs = 0
+        self.moments = None
+        if self.cfg.moment_sync_every:
+            self.moments = SharedMoments(self.optimizer, self.params, self.cfg.moment_sync)
 
     @property
     def lr_scale(self) -> float:
-        return self.cfg.lr_scale
+        """``parallel.lr_scale``, or sqrt(workers) when it is 0 (the default)."""
+        return self.cfg.lr_scale or math.sqrt(self.comm.size)
 
     def _sync_group(self):
         """The background thread's group: the same ranks as ``self.comm``'s (a
@@ -125,7 +140,10 @@ class Cocktail(DataParallel):
         delta = flat_params(self.params, out=self.delta).sub_(self.global_flat)
         status = SKIPPED if self.skipped_since_sync else OK
         self.skipped_since_sync = False
-        self.pending = self.executor.submit(self._sync, delta, self.syncs, status)
+        stats = None
+        if self.moments is not None and step % self.cfg.moment_sync_every == 0:
+            stats = self.moments.take()
+        self.pending = self.executor.submit(self._sync, delta, self.syncs, status, stats)
         self.syncs += 1
         if not self.cfg.overlap:
             self._apply_pending()
@@ -134,17 +152,26 @@ class Cocktail(DataParallel):
             ranks = self.global_ranks(report.bad or report.skipped)
             raise NonFiniteStep(ranks, dropped=report.dropped)
 
-    def _sync(self, delta: torch.Tensor, k: int, status: int) -> SyncResult:
-        """Runs on the background thread: (Δ, δ̂, faults) for the snapshot ``delta``;
-        Δ and δ̂ are None when the round was dropped."""
+    def _sync(
+        self, delta: torch.Tensor, k: int, status: int, stats: torch.Tensor | None
+    ) -> SyncResult:
+        """Runs on the background thread: (Δ, δ̂, faults, averaged moment statistics)
+        for the snapshot ``delta`` (and ``stats``, when this step shares moments); Δ
+        and δ̂ are None when the round was dropped."""
         try:
             if k < self.cfg.warmup_steps:  # uncompressed: δ̂ is the delta itself
                 avg, faults = exact_average(self.sync_comm, delta, status)
-                return avg, delta, faults
-            avg, sent = self.op(delta, step=k, seed=MASK_SEED, out=self.buffers, status=status)
+                sent = delta
+            else:
+                avg, sent = self.op(delta, step=k, seed=MASK_SEED, out=self.buffers, status=status)
+                faults = self.op.last_faults
         except PoisonedSync as e:
-            return None, None, e.faults
-        return avg, sent, self.op.last_faults
+            return None, None, e.faults, None
+        if stats is not None:
+            # every rank decided the same (step % every), so every rank joins; a rank
+            # that skipped its steps still has finite moments
+            stats = average_stats(self.sync_comm, stats)
+        return avg, sent, faults, stats
 
     def _wait(self) -> SyncResult | None:
         """The in-flight sync's result; the time spent waiting for it blocks training.
@@ -169,9 +196,11 @@ class Cocktail(DataParallel):
         self.pending = None
         if result is None:
             return
-        avg, sent, faults = result
+        avg, sent, faults, stats = result
         if faults.dropped or faults.skipped:
             self.report = faults
+        if stats is not None and self.moments is not None:
+            self.moments.apply(stats)
         if avg is None:  # dropped everywhere; the unsent delta stays in x_i
             if self.comm.rank in faults.bad:  # but ours is what went wrong: start over
                 set_params(self.params, self.global_flat)
@@ -194,27 +223,35 @@ class Cocktail(DataParallel):
         result = self._wait()  # an in-flight sync is saved as its result, not applied
         pending = None
         if result is not None:
-            avg, sent, faults = result
-            pending = [avg, sent, dataclasses.asdict(faults)]
+            avg, sent, faults, stats = result
+            pending = [avg, sent, dataclasses.asdict(faults), stats]
         return {
             "global": self.global_flat.clone(),
             "syncs": self.syncs,
             "pending": pending,
             "op": self.op.state_dict(),
+            "moments": self.moments.state_dict() if self.moments is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        dev = self.global_flat.device  # saved tensors come back on the CPU
         self.global_flat.copy_(state["global"])
         self.syncs = state["syncs"]
         self.op.load_state_dict(state["op"])
         self.pending = None
         if state["pending"] is not None:
-            avg, sent, *rest = state["pending"]  # checkpoints before 0.2 hold two
-            dev = self.global_flat.device  # saved tensors come back on the CPU
-            avg = avg.to(dev) if avg is not None else None
-            sent = sent.to(dev) if sent is not None else None
+            # checkpoints before 0.2 hold two items, before 0.3 three
+            avg, sent, *rest = state["pending"]
+            faults = SyncFaults(**rest[0]) if rest else SyncFaults()
+            stats = rest[1] if len(rest) > 1 else None
+            avg, sent, stats = (t.to(dev) if t is not None else None for t in (avg, sent, stats))
             self.pending = Future()
-            self.pending.set_result((avg, sent, SyncFaults(**rest[0]) if rest else SyncFaults()))
+            self.pending.set_result((avg, sent, faults, stats))
+        if self.moments is not None and state.get("moments"):
+            moments = state["moments"]
+            if moments["taken"] is not None:
+                moments["taken"] = [t.to(dev) for t in moments["taken"]]
+            self.moments.load_state_dict(moments)
 
     def close(self, abort: bool = False) -> None:
         """Wait for the last sync (its result stays pending, as in a checkpoint); on
