@@ -187,11 +187,12 @@ class ParallelConfig:
     """cocktail: run the sync of step t in a background thread while step t+1
     computes (one step of staleness); false syncs in the foreground."""
     lr_scale: float = 0.0
-    """cocktail: each worker's learning rate is the schedule's times this; 0 (the
-    default) means sqrt(workers). Each worker's AdamW divides by second moments of its
-    own 1/n of the batch, up to n x larger than the whole batch's where gradient
-    noise dominates, so its steps are up to sqrt(n) x too short (docs/data-parallel.md,
-    issue 11; measured at n = 2). Set 1 for the paper's CocktailSGD."""
+    """cocktail, diloco: each worker's learning rate is the schedule's times this; 0
+    (the default) means sqrt(workers) for cocktail and 1 for diloco. Each worker's
+    AdamW divides by second moments of its own 1/n of the batch, up to n x larger
+    than the whole batch's where gradient noise dominates, so its steps are up to
+    sqrt(n) x too short (docs/data-parallel.md, issue 11; measured at n = 2). Set 1
+    for the paper's CocktailSGD."""
     delta_scale: float = 1.0
     """cocktail: the averaged model delta moves the global model (and every worker)
     by this multiple of itself, an outer learning rate. Each worker's AdamW divides by

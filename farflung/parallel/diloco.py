@@ -42,7 +42,6 @@ from farflung.comm.sharded import OK, SKIPPED, PoisonedSync, ShardedAllReduce
 from farflung.compress import make_codec
 from farflung.parallel.base import DataParallel, NonFiniteStep, register
 from farflung.parallel.flat import flat_params, set_params, swapped_params, trainable
-from farflung.parallel.moments import SharedMoments, average_stats
 
 MASK_SEED = 0xD110C0
 """Seed of the codec contexts (random-k masks); the same on every rank."""
@@ -77,12 +76,12 @@ class DiLoCo(DataParallel):
         self.outer_optimizer = torch.optim.SGD(
             [self.global_flat], lr=cfg.outer_lr, momentum=momentum, nesterov=momentum > 0
         )
-        self.moments = None
-        if cfg.moment_sync_every:
-            self.moments = SharedMoments(self.optimizer, self.params, cfg.moment_sync)
 
     @property
     def lr_scale(self) -> float:
+        """``parallel.lr_scale`` for the inner steps; 0 (the default) means 1 here: the
+        sqrt(workers) that helps cocktail gained only 1.6% over 600 demo steps
+        (docs/data-parallel.md)."""
         return self.cfg.lr_scale or 1.0
 
     def sync_gradients(self, finite: bool = True) -> None:
@@ -110,7 +109,6 @@ class DiLoCo(DataParallel):
             ranks = self.global_ranks(e.faults.bad or e.faults.skipped)
             raise NonFiniteStep(ranks, dropped=True) from None
         self._outer_update(pseudo, average, sent)
-        self._share_moments()
         if self.op.last_faults.skipped:
             raise NonFiniteStep(self.global_ranks(self.op.last_faults.skipped), dropped=False)
 
@@ -125,16 +123,6 @@ class DiLoCo(DataParallel):
             set_params(self.params, self.global_flat - (pseudo - sent))
         else:
             set_params(self.params, self.global_flat)
-
-    def _share_moments(self) -> None:
-        """Every outer step, when ``moment_sync_every`` is set: the workers' AdamW
-        second moments become one shared estimate (see :mod:`~farflung.parallel.moments`;
-        synchronous here, so applied at once)."""
-        if self.moments is None:
-            return
-        stats = self.moments.take()
-        if stats is not None:
-            self.moments.apply(average_stats(self.comm, stats, kind=self.kind))
 
     @contextlib.contextmanager
     def eval_parameters(self) -> Iterator[nn.Module]:
