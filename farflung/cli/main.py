@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from farflung.cli import net, plan
+from farflung.cli import data, net, plan
 from farflung.config import Config, ConfigError, check_batch, load_config
 from farflung.data import DataError
 from farflung.train.checkpoint import CheckpointError
@@ -69,26 +69,12 @@ def load_placement(args: argparse.Namespace, cfg: Config) -> StageMap | None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from farflung.data import prepare
-
     cfg = load_config(args.config, args.set)
-    d = cfg.data
-    sources = args.source or d.sources
-    target = args.out or d.dir
-    index = prepare(
-        sources,
-        target,
-        args.vocab_size or d.vocab_size,
-        d.val_fraction,
-        d.shard_tokens,
-        seed=cfg.train.seed,
-        progress=True,
-    )
-    print(
-        f"prepared {target}: vocab {index.vocab_size}, train {index.tokens('train'):,} "
-        f"tokens, val {index.tokens('val'):,} tokens"
-    )
-    return 0
+    sources = args.source or cfg.data.sources
+    target = args.out or cfg.data.dir
+    if args.filter is not None or args.dedup is not None:
+        sources = data.run_recipe(args, sources, Path(target))
+    return data.tokenize_to(sources, target, args.vocab_size, cfg)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -175,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--source", action="append", help="'bundled' or a .txt/.jsonl file/folder")
     pr.add_argument("--out", help="output folder (default: data.dir)")
     pr.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size")
+    data.add_recipe_args(pr)
     pr.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint or run folder")
@@ -207,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     net.add_parsers(sub, add_network_args)
     plan.add_parser(sub)
+    data.add_parsers(sub)
     return p
 
 

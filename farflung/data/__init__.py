@@ -9,11 +9,26 @@ Typical use::
     index = ShardIndex.load("data/bundled")
     samples = SampleSet(TokenStream(index, "train"), context=256)
     x, y = samples.batch(batch_ids(step, batch_size, len(samples), seed))
+
+The recipe before tokenizing (``farflung data ...``, ``farflung prepare --filter``)::
+
+    from farflung.data.pipeline import open_executor
+    from farflung.data.recipe import run_dedup, run_filter, run_signals
+
+    with open_executor("process", processes=8) as ex:      # or "dask", scheduler=ADDR
+        run_signals(["corpus/"], "out/signals", ex)          # RedPajama-v2 signals
+        run_filter("out/signals", "gopher", "out/filter", ex)  # preset or rule file
+        run_dedup(["out/filter"], "out/dedup", ex, threshold=0.8)
+    prepare(["out/dedup/kept"], ...)
+
+Modules: ``documents`` (lenient readers of .txt/.jsonl/.jsonl.gz/.parquet),
+``pipeline`` (bounded shards, executors, resumable stages), ``signals``, ``rules`` (the
+paper presets in ``presets/`` and user rule files), ``dedup`` and ``recipe`` (the
+steps as pipeline stages).
 """
 
 from farflung.data.corpus import BUNDLED, Document, bundled_documents, iter_documents
 from farflung.data.errors import DataError
-from farflung.data.loader import SampleSet, batch_ids, rank_slice, val_batch_ids
 from farflung.data.shards import (
     FORMAT,
     INDEX_FILE,
@@ -27,6 +42,19 @@ from farflung.data.shards import (
     sha256_file,
 )
 from farflung.data.tokenizer import EOT, Tokenizer, train_tokenizer
+
+# The loader needs torch (2 s to import); the pipeline's worker processes import this
+# package but never the loader, so its names are resolved on first use only.
+_LAZY = {"SampleSet", "batch_ids", "rank_slice", "val_batch_ids"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from farflung.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BUNDLED",

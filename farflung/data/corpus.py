@@ -50,25 +50,46 @@ def iter_documents(sources: list[str]) -> Iterator[Document]:
 
 def _path_documents(source: str) -> Iterator[Document]:
     """Documents of one path source: a single file or a folder searched recursively."""
+    for path, file_id in source_files(source):
+        yield from _file_documents(path, file_id)
+
+
+def source_files(source: str, suffixes: tuple[str, ...] = SUFFIXES) -> list[tuple[Path, str]]:
+    """The files of one path source with their ids: ``(path, file_id)`` in sorted order.
+
+    A file source is itself (id: its name); a folder source is every file below it
+    whose name ends with one of ``suffixes`` (id: ``<folder name>/<relative path>``).
+    The data pipeline (farflung.data.documents) lists its inputs through this too, so
+    both readers name documents the same way.
+    """
     root = Path(source).expanduser()
     if not root.exists():
         raise DataError(f"corpus source not found: {source}")
     if root.is_file():
-        if root.suffix not in SUFFIXES:
+        if file_format(root, suffixes) is None:
             raise DataError(
-                f"unsupported corpus file {source}: expected one of {', '.join(SUFFIXES)}"
+                f"unsupported corpus file {source}: expected one of {', '.join(suffixes)}"
             )
-        yield from _file_documents(root, root.name)
-        return
+        return [(root, root.name)]
     # "." or "corpus/" still needs a name to prefix ids with.
     name = root.name or root.resolve().name
-    for path in _corpus_files(root):
-        yield from _file_documents(path, f"{name}/{path.relative_to(root).as_posix()}")
+    return [(p, f"{name}/{p.relative_to(root).as_posix()}") for p in _corpus_files(root, suffixes)]
 
 
-def _corpus_files(root: Path) -> list[Path]:
-    """Every .txt/.jsonl file under ``root``, sorted by relative path for determinism."""
-    files = [p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES]
+def file_format(path: Path, suffixes: tuple[str, ...] = SUFFIXES) -> str | None:
+    """The suffix of ``suffixes`` that ``path``'s name ends with (the longest), or None.
+
+    Names are matched whole-suffix so compound ones like ``.jsonl.gz`` work, which
+    ``Path.suffix`` (``.gz``) cannot tell apart from other gzip files.
+    """
+    name = path.name
+    matches = [s for s in suffixes if name.endswith(s) and len(name) > len(s)]
+    return max(matches, key=len) if matches else None
+
+
+def _corpus_files(root: Path, suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
+    """Every file of a known type under ``root``, sorted by relative path for determinism."""
+    files = [p for p in root.rglob("*") if p.is_file() and file_format(p, suffixes)]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -140,7 +141,7 @@ def prepare(
         "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_file(out / TOKENIZER_FILE)},
         "splits": {split: w.finish() for split, w in writers.items()},
     }
-    _write_json(out / INDEX_FILE, index)
+    write_json(out / INDEX_FILE, index)
     _remove_stale_shards(out, index)
     # Hashes were just taken from the files themselves; no need to read them again.
     return ShardIndex.load(out, verify=False)
@@ -275,8 +276,9 @@ class _ShardWriter:
         self.shards.append(Shard(file=name, tokens=n, sha256=digest))
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically: a reader sees the old file, the new one, or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
