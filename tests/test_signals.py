@@ -273,9 +273,12 @@ def test_overlapping_duplicate_ngrams_count_each_word_once():
 def test_gopher_duplicate_lines_and_paragraphs():
     text = "x\ny\nx\n\nx\ny\nx"  # 12 characters
     got = doc_scores(text)
-    # lines x y x "" x y x: the 3rd, 5th, 6th and 7th repeat an earlier line
-    assert got["rps_doc_frac_dupe_lines"] == round(4 / 7, 8)
+    # lines x y x x y x (a blank line is no line): the 3rd to 6th repeat an earlier one
+    assert got["rps_doc_frac_dupe_lines"] == round(4 / 6, 8)
     assert got["rps_doc_frac_chars_dupe_lines"] == round(4 / 12, 8)
+    # distinct paragraphs between blank lines: no duplicate lines at all
+    paragraphs = "".join(f"Paragraph {w} says something.\n\n" for w in ("one", "two", "three"))
+    assert doc_scores(paragraphs)["rps_doc_frac_dupe_lines"] == 0.0
     # paragraphs "x\ny\nx" twice
     assert got["rps_doc_frac_dupe_paragraphs"] == 0.5
     assert got["rps_doc_frac_chars_dupe_paragraphs"] == round(5 / 12, 8)
@@ -286,6 +289,7 @@ def test_gopher_stop_words_counts_distinct_words_of_the_eight():
     got = doc_scores("The cat and the hat. Other theme, tobe.")
     assert got["rps_doc_gopher_stop_words"] == 2  # the, and
     assert doc_scores("")["rps_doc_gopher_stop_words"] == 0
+    assert doc_scores("_The_ cat *and* the1")["rps_doc_gopher_stop_words"] == 2  # Markdown
     assert doc_scores("to be or not to be, that is: with HAVE of")["rps_doc_gopher_stop_words"] == 6
 
 

@@ -18,8 +18,9 @@ of every n-gram for nine values of n.
 Lines and paragraphs: RedPajama-v2 does not publish these; they follow Gopher (Rae et
 al. 2021, "Scaling Language Models: Methods, Analysis & Insights from Training Gopher",
 appendix A, Table A1), read as datatrove's Gopher repetition filter reads them: lines
-are ``text.splitlines()``, paragraphs are ``text.strip()`` split at two or more
-newlines; a line or paragraph is a duplicate when it equals an *earlier* one; the
+are ``text`` split at runs of newlines (so blank lines are not lines, and a document of
+distinct paragraphs has no duplicate lines), paragraphs are ``text.strip()`` split at
+two or more newlines; a line or paragraph is a duplicate when it equals an *earlier* one; the
 fractions are duplicates over all lines (paragraphs), and characters of duplicates over
 the characters of the whole text. Rounded and named like the RedPajama-v2 signals.
 """
@@ -47,11 +48,15 @@ GOPHER_NAMES = (
     "rps_doc_gopher_stop_words",
 )
 _PARAGRAPH_BREAK = re.compile(r"\n{2,}")
+_LINE_BREAKS = re.compile(r"\n+")
 # Gopher's quality filter (Rae et al. 2021, A.1.1) keeps documents holding at least two
 # of these eight words; RedPajama-v2 has no signal for it (its stop-word fraction uses
-# a 570-word list), so this one is a farflung addition. Matched case-insensitively as
-# whole words; the score is how many of the eight occur.
-_GOPHER_STOP_WORDS = re.compile(r"\b(?:the|be|to|of|and|that|have|with)\b", re.IGNORECASE)
+# a 570-word list), so this one is a farflung addition. Matched case-insensitively
+# between non-alphanumerics (so Markdown's "_the_" counts); the score is how many of
+# the eight occur.
+_GOPHER_STOP_WORDS = re.compile(
+    r"(?<![^\W_])(?:the|be|to|of|and|that|have|with)(?![^\W_])", re.IGNORECASE
+)
 
 
 def _next_size(
@@ -122,7 +127,7 @@ def _duplicates(parts: list[str]) -> tuple[int, int]:
 
 def gopher_signals(text: str) -> dict[str, Spans]:
     """Every signal of :data:`GOPHER_NAMES`."""
-    lines = text.splitlines()
+    lines = _LINE_BREAKS.split(text) if text else []
     paragraphs = _PARAGRAPH_BREAK.split(text.strip())
     dupe_lines, line_chars = _duplicates(lines)
     dupe_paragraphs, paragraph_chars = _duplicates(paragraphs)
