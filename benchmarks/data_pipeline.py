@@ -21,10 +21,12 @@ the documents held in memory, from the first task handed out to the last result 
   decision; disagreements by rule go to stderr and ``filter_disagreement``.
 * ``dedup``: text -> duplicate clusters at Jaccard 0.8: farflung's ``shard_keys``
   (exact keys + RedPajama-v2 MinHash, word 13-grams, 128 permutations) in the pool,
-  then exact + MinHash clustering, once with RedPajama-v2's 9x13 bands and once with
-  ``verify=True``; peer: datatrove's MinHash stages 1-3 (signatures per rank, buckets
-  per band, clustering) with the same shingles size and bands (13-grams, 9x13, 32-bit
-  SHA-1), through its files in a temporary folder, as it is built to run.
+  then exact + MinHash clustering: with RedPajama-v2's 9x13 bands, with
+  ``verify="signatures"`` and with ``verify="shingles"`` (its keys timed apart: they
+  also keep each document's shingle hashes); peer: datatrove's MinHash stages 1-3
+  (signatures per rank, buckets per band, clustering) with the same shingles size and
+  bands (13-grams, 9x13, 32-bit SHA-1), through its files in a temporary folder, as it
+  is built to run.
   ``agreement``: fraction of documents both sides put (or both leave out of) a cluster.
   ``recall``: pairs at true Jaccard >= 0.8 that end up in one cluster; ``precision``:
   reported pairs at true Jaccard >= 0.8 (``doc_*``: the same per document). True Jaccard
@@ -78,13 +80,16 @@ from farflung.data.corpus import bundled_documents  # noqa: E402
 from farflung.data.dedup import (  # noqa: E402
     RPV2_SEED,
     VERIFY_FN_WEIGHT,
+    ShingleSets,
     cluster,
     duplicate_pairs,
     exact_clusters,
     lsh_params,
     merge_clusters,
     optimal_params,
+    recall_params,
     shard_keys,
+    shard_shingle_keys,
 )
 from farflung.data.pipeline import open_executor  # noqa: E402
 from farflung.data.recipe import Sharding, run_dedup, run_filter, run_signals  # noqa: E402
@@ -381,6 +386,11 @@ def _ours_keys(span: Span) -> tuple[int, np.ndarray, np.ndarray]:
     return span[0], keys, sigs
 
 
+def _ours_shingle_keys(span: Span) -> tuple[int, np.ndarray, np.ndarray, ShingleSets]:
+    _, keys, sigs, sets = shard_shingle_keys((str(i), _DOCS[i]) for i in range(*span))
+    return span[0], keys, sigs, sets
+
+
 def _reason(result: bool | tuple[bool, str]) -> str | None:
     """datatrove's filter result as a rejection reason (None: kept)."""
     return None if result is True else result[1]
@@ -516,29 +526,36 @@ def ours_filter_and_signals(
 
 
 def ours_dedup(processes: int, n: int, repeat: int) -> dict[str, Any]:
-    """Keys and signatures in the pool, then clustering both ways in this process."""
+    """Keys and signatures in the pool (a second time keeping shingle hashes, for the
+    exact mode, so that the other rows do not pay for storing them), then clustering
+    each way in this process."""
     pool = Pool("ours", processes)
+    tasks = spans(n, CHUNKS_PER_PROCESS * processes)
     try:
-        t_keys, parts = best(
-            repeat, lambda: pool.timed(_ours_keys, spans(n, CHUNKS_PER_PROCESS * processes))
-        )
+        t_keys, parts = best(repeat, lambda: pool.timed(_ours_keys, tasks))
+        t_shingle_keys, shingle_parts = best(repeat, lambda: pool.timed(_ours_shingle_keys, tasks))
     finally:
         pool.close()
     parts.sort(key=lambda p: p[0])
+    shingle_parts.sort(key=lambda p: p[0])
     keys = np.concatenate([p[1] for p in parts]).tolist()
     sigs = np.concatenate([p[2] for p in parts])
+    sets = ShingleSets.concat([p[3] for p in shingle_parts])
     pos = [str(i) for i in range(n)]
-    out: dict[str, Any] = {"keys": t_keys}
-    for verify in (False, True):
+    out: dict[str, Any] = {}
+    for verify in (False, "signatures", "shingles"):
+        shingles = sets if verify == "shingles" else None
 
-        def clustering(verify: bool = verify) -> tuple[list, list]:
+        def clustering(verify: Any = verify, shingles: Any = shingles) -> tuple[list, list]:
             exact = exact_clusters(pos, keys)
-            return exact, merge_clusters(pos, exact, cluster(pos, sigs, THRESHOLD, verify))
+            found = cluster(pos, sigs, THRESHOLD, verify, shingles)
+            return exact, merge_clusters(pos, exact, found)
 
         seconds, (exact, clusters) = in_parent(clustering)
-        pairs = duplicate_pairs(sigs, THRESHOLD, verify)  # untimed: for precision only
+        pairs = duplicate_pairs(sigs, THRESHOLD, verify, shingles)  # untimed: for precision
         exact_pairs = [(int(c[0]), int(m)) for c in exact for m in c[1:]]
-        out["verify" if verify else "rpv2"] = {
+        out[{False: "rpv2", "signatures": "verify", "shingles": "shingles"}[verify]] = {
+            "keys": t_shingle_keys if shingles is not None else t_keys,
             "clustering": seconds,
             "clusters": [[int(m) for m in c] for c in clusters],
             "reported": [tuple(p) for p in pairs.tolist()],
@@ -808,7 +825,7 @@ def rows_for(
     pipe: dict[str, Any],
     peer: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """The signals, filter and two dedup rows of one process count."""
+    """The signals, filter and three dedup rows of one process count."""
     ours_keep = [verdicts[i][0] is None for i in range(n)]
     filt_extra: dict[str, Any] = {"kept": sum(ours_keep), "pipeline_kept": pipe["kept"]}
     if peer:
@@ -824,6 +841,7 @@ def rows_for(
         "verify": "verify {}x{} + signature check".format(
             *optimal_params(THRESHOLD, 128, VERIFY_FN_WEIGHT)
         ),
+        "shingles": "verify-shingles {}x{} + exact Jaccard".format(*recall_params(THRESHOLD, 128)),
     }
     for variant, label in bands.items():
         found = dedup[variant]
@@ -843,7 +861,7 @@ def rows_for(
             peer_score = score(n, peer_dedup_["reported"], peer_dedup_["reported"], truth)
             extra.update({f"peer_{k}": v for k, v in peer_score.items()})
             extra["peer_duplicates_removed"] = peer_dedup_["removed"]
-        timing = dedup["keys"] + found["clustering"]
+        timing = found["keys"] + found["clustering"]
         pipeline_s = pipe["dedup"] if variant == "rpv2" else None  # the pipeline has no verify
         peer_t = peer_dedup_["timing"] if peer_dedup_ else None
         out.append(row("dedup", p, n, mb, timing, peer_t, pipeline_s, **extra))

@@ -111,10 +111,14 @@ def test_step_by_step_equals_prepare_recipe(
     clusters = [json.loads(line) for line in (dd / "clusters.jsonl").open()]
     assert clusters == [{"survivor": "good-2", "members": ["good-2", "copy-of-good-2"]}]
     assert "copy-of-good-2" not in {d["id"] for d in kept(dd)}
-    verified = tmp_path / "dedup_verified"
-    code, out, err = run(capsys, "data", "dedup", str(filt), "--out", str(verified), "--verify")
-    assert code == 0, err
-    assert [json.loads(line) for line in (verified / "clusters.jsonl").open()] == clusters
+    for mode in ([], ["signatures"]):  # --verify alone: exact Jaccard of the shingles
+        verified = tmp_path / f"dedup_verified{'_'.join(['', *mode])}"
+        argv = ["data", "dedup", str(filt), "--out", str(verified), "--verify", *mode]
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        assert f"{mode[0] if mode else 'shingles'} verified" in out
+        assert [json.loads(line) for line in (verified / "clusters.jsonl").open()] == clusters
+        assert any(verified.glob("keys/*.shingles.npy")) == (not mode)
 
     data = tmp_path / "data"
     code, out, err = run(

@@ -20,6 +20,7 @@ from farflung.data.dedup import (
     EMPTY,
     RPV2_BANDS,
     MinHasher,
+    ShingleSets,
     candidate_pairs,
     cluster,
     components,
@@ -27,19 +28,24 @@ from farflung.data.dedup import (
     exact_clusters,
     exact_key,
     groups,
+    jaccard,
     lsh_params,
     merge_clusters,
     normalize,
     optimal_params,
     permutations,
+    recall_params,
     shard_exact_keys,
     shard_keys,
+    shard_shingle_keys,
     shard_signatures,
+    shingle_hashes,
     survivors,
     words,
 )
 from farflung.data.dedup import lsh as lsh_module
 from farflung.data.dedup import minhash as minhash_module
+from farflung.data.dedup import shingles as shingles_module
 
 P61 = (1 << 61) - 1
 
@@ -393,3 +399,73 @@ def test_rpv2_minhash_recall_and_precision_at_jaccard_08() -> None:
     assert scores(pairs, ids, clear)["recall"] >= 0.9
     assert found["recall"] <= scores(duplicate_pairs(sigs, 0.8, True), ids, jaccard)["recall"]
     assert cluster(ids, sigs, 0.8) == groups(ids, components(len(ids), pairs))
+
+
+# --- exact verification by shingle sets --------------------------------------------------
+
+
+def test_exact_jaccard_matches_python_sets_in_any_chunking(monkeypatch) -> None:
+    rng = random.Random(5)
+    sets = [{rng.randrange(300) for _ in range(rng.randrange(60))} for _ in range(40)]
+    packed = ShingleSets.pack([np.array(sorted(x), dtype=np.uint32) for x in sets])
+    pairs = np.array(list(itertools.combinations(range(40), 2)))
+    expected = [len(sets[i] & sets[j]) / max(1, len(sets[i] | sets[j])) for i, j in pairs]
+    assert np.allclose(jaccard(packed, pairs), expected)
+    monkeypatch.setattr(shingles_module, "_HASHES_PER_STEP", 50)  # many small chunks
+    assert np.allclose(jaccard(packed, pairs), expected)
+    halves = ShingleSets.concat([ShingleSets.pack(packed_part) for packed_part in _split(packed)])
+    assert all(np.array_equal(a, b) for a, b in zip(halves, packed, strict=True))
+
+
+def _split(packed: ShingleSets) -> list[list[np.ndarray]]:
+    sets = [packed.flat[a:b] for a, b in itertools.pairwise(packed.offsets)]
+    return [sets[:15], sets[15:]]
+
+
+def test_recall_banding_reaches_099_at_the_threshold() -> None:
+    assert recall_params(0.8, 128) == (21, 6)
+    for t in (0.7, 0.8, 0.9):
+        b, r = recall_params(t, 128)
+        assert b * r <= 128 and 1 - (1 - t**r) ** b >= 0.99
+        assert 1 - (1 - t ** (r + 1)) ** (128 // (r + 1)) < 0.99  # the most rows that do
+
+
+def test_shingle_verify_keeps_pairs_just_above_the_threshold_and_not_below() -> None:
+    """One word replaced mid-text changes 13 shingles: Jaccard (n - 25) / (n + 1) for n
+    distinct words, 0.8015 at 130 words and 0.7984 at 128, either side of 0.8."""
+    texts, expected = [], {}
+    for n in (130, 128):
+        base = [f"w{n}x{i}" for i in range(n)]
+        copy = base[: n // 2] + ["replaced"] + base[n // 2 + 1 :]
+        texts += [" ".join(base), " ".join(copy)]
+        expected[n] = len(shingle_set(texts[-2]) & shingle_set(texts[-1])) / len(
+            shingle_set(texts[-2]) | shingle_set(texts[-1])
+        )
+    assert 0.8 < expected[130] < 0.81 and 0.79 < expected[128] < 0.8
+    ids = [f"d{i}" for i in range(4)]
+    found_ids, _, sigs, sets = shard_shingle_keys(zip(ids, texts, strict=True))
+    assert found_ids == ids
+    assert np.array_equal(sigs, shard_signatures(zip(ids, texts, strict=True))[1])
+    assert np.array_equal(
+        sets.flat[: sets.offsets[1]], np.unique(shingle_hashes(texts[0].encode()))
+    )
+    pairs = np.array([[0, 1], [2, 3]])
+    assert np.allclose(jaccard(sets, pairs), [expected[130], expected[128]])
+    assert cluster(ids, sigs, 0.8, "shingles", sets) == [["d0", "d1"]]
+    as_list = [sets.flat[a:b] for a, b in itertools.pairwise(sets.offsets)]
+    assert cluster(ids, sigs, 0.8, "shingles", as_list) == [["d0", "d1"]]
+    with pytest.raises(ValueError, match="shingles"):
+        cluster(ids, sigs, 0.8, "shingles")
+
+
+def test_shingle_verified_recall_and_precision_at_jaccard_08() -> None:
+    ids, sigs, jaccard_of = scored_corpus()
+    texts = near_duplicate_corpus()
+    _, _, same_sigs, sets = shard_shingle_keys(zip(ids, texts, strict=True))
+    assert np.array_equal(same_sigs, sigs)
+    pairs = duplicate_pairs(sigs, 0.8, "shingles", sets)
+    found = scores(pairs, ids, jaccard_of)
+    print("shingles:", {k: round(v, 3) for k, v in found.items()})
+    assert found["recall"] >= 0.95 and found["doc_recall"] >= 0.95
+    assert found["precision"] == 1.0  # every kept pair's exact Jaccard is >= 0.8
+    assert found["recall"] >= scores(duplicate_pairs(sigs, 0.8, True), ids, jaccard_of)["recall"]

@@ -2,7 +2,7 @@
 
     farflung data signals IN... --out DIR       RedPajama-v2 quality signals per document
     farflung data filter DIR --rules gopher --out DIR [--rejected]
-    farflung data dedup IN... --out DIR [--threshold 0.8 | --exact]
+    farflung data dedup IN... --out DIR [--threshold 0.8 | --exact] [--verify [signatures]]
     farflung data tokenize IN... --out DATA_DIR
 
 Every step runs shard by shard on all cores (``--processes``, ``--executor dask``),
@@ -62,9 +62,13 @@ def add_parsers(sub: Any) -> None:
     how.add_argument("--exact", action="store_true", help="exact (normalized text) dedup only")
     d.add_argument(
         "--verify",
-        action="store_true",
-        help="band for recall, then keep pairs whose signatures agree on >= threshold of "
-        "their values (better recall near the threshold than RedPajama-v2's banding)",
+        nargs="?",
+        const="shingles",
+        choices=["shingles", "signatures"],
+        help="band for recall, then keep the pairs at >= threshold (better recall near the "
+        "threshold than RedPajama-v2's banding): by exact Jaccard of their 13-grams "
+        "(--verify alone: the most accurate, stores ~4 bytes per word) or by MinHash "
+        "signature agreement (--verify signatures)",
     )
     _add_read_args(d)
     add_run_args(d)
@@ -325,6 +329,8 @@ def print_filter_table(summary: dict) -> None:
 
 def print_dedup(summary: dict, out: Path) -> None:
     how = "exact" if summary["threshold"] is None else f"Jaccard >= {summary['threshold']}"
+    if summary["threshold"] is not None and summary.get("verify"):
+        how += f", {summary['verify']} verified"
     print(
         f"dedup ({how}): {summary['documents']:,} documents, {summary['clusters']:,} "
         f"duplicate clusters, {summary['duplicates']:,} duplicates removed, "

@@ -191,8 +191,8 @@ class ParallelConfig:
     (the default) means sqrt(workers) for cocktail and 1 for diloco. Each worker's
     AdamW divides by second moments of its own 1/n of the batch, up to n x larger
     than the whole batch's where gradient noise dominates, so its steps are up to
-    sqrt(n) x too short (docs/data-parallel.md, issue 11; measured at n = 2). Set 1
-    for the paper's CocktailSGD."""
+    sqrt(n) x too short (docs/data-parallel.md, issue 11; measured at n = 2 and 4).
+    Set 1 for the paper's CocktailSGD."""
     delta_scale: float = 1.0
     """cocktail: the averaged model delta moves the global model (and every worker)
     by this multiple of itself, an outer learning rate. Each worker's AdamW divides by

@@ -14,7 +14,7 @@ Layout::
     signals/  signals/<shard>.jsonl   {"id", "quality_signals": {name: [[start, end, score]]}}
     filter/   kept/<shard>.jsonl      {"id", "text"} (lines dropped by drop_lines rules cut)
               rejected/<shard>.jsonl  {"id", "text", "rejected_by", "failed"} (--rejected)
-    dedup/    keys/<shard>.*.npy      exact keys and MinHash signatures, per shard
+    dedup/    keys/<shard>.*.npy      exact keys, MinHash signatures (+ shingle hashes), per shard
               clusters.jsonl          {"survivor", "members"} per duplicate cluster
               kept/<shard>.jsonl      {"id", "text"}: documents outside clusters + survivors
 """
@@ -445,6 +445,7 @@ class _KeysArg:
     shard: InputShard
     read: ReadOptions
     fuzzy: bool
+    shingles: bool = False
 
 
 @dataclass(frozen=True)
@@ -453,7 +454,7 @@ class _ClusterArg:
     root: str
     sums: tuple[str, ...]
     threshold: float | None
-    verify: bool = False
+    verify: str | None = None
 
 
 @dataclass(frozen=True)
@@ -472,18 +473,24 @@ def run_dedup(
     opts: ReadOptions = DEFAULT_READ,
     sharding: Sharding = DEFAULT_SHARDING,
     progress: bool = True,
-    verify: bool = False,
+    verify: bool | str | None = False,
 ) -> dict[str, Any]:
     """Exact (``threshold`` None) or exact + MinHash LSH dedup at a Jaccard ``threshold``:
     clusters written out, one survivor per cluster (its first document) kept.
 
-    ``verify``: band for recall and keep only the candidate pairs whose signatures
-    agree on at least ``threshold`` of their values (see
-    :func:`farflung.data.dedup.cluster`), instead of RedPajama-v2's banding alone."""
-    out = Path(out)
-    if threshold is not None:
-        from farflung.data.dedup import lsh_params
+    ``verify``: band for recall and keep only the candidate pairs that reach
+    ``threshold``, instead of RedPajama-v2's banding alone (see
+    :func:`farflung.data.dedup.duplicate_pairs`): by exact Jaccard ("shingles"; the keys
+    stage then also stores each document's shingle hashes, about 4 bytes per word) or by
+    signature agreement ("signatures", or True)."""
+    from farflung.data.dedup import lsh_params, verify_mode
 
+    out = Path(out)
+    try:
+        verify = verify_mode(verify)
+    except ValueError as exc:
+        raise DataError(f"--verify: {exc}") from None
+    if threshold is not None:
         try:
             lsh_params(threshold)
         except ValueError as exc:
@@ -493,7 +500,8 @@ def run_dedup(
     settings = {"read": asdict(opts), "threshold": threshold, "verify": verify}
     _start(out, "dedup", sources, settings, shards)
     fuzzy = threshold is not None
-    keys_items = [(s.name, _KeysArg(s, opts, fuzzy)) for s in shards]
+    shingles = fuzzy and verify == "shingles"
+    keys_items = [(s.name, _KeysArg(s, opts, fuzzy, shingles)) for s in shards]
     keyed = run_stage("keys", _keys_shard, keys_items, out, settings, executor, progress)
     names = tuple(s.name for s in shards)
     files = _done_files_partial(out, "keys", names)
@@ -531,19 +539,23 @@ def _done_files_partial(out: Path, stage: str, names: tuple[str, ...]) -> dict[s
 
 
 def _keys_shard(arg: _KeysArg, out: ShardOutput) -> dict:
-    from farflung.data.dedup import shard_exact_keys, shard_keys
+    from farflung.data.dedup import shard_exact_keys, shard_keys, shard_shingle_keys
 
     name = arg.shard.name
     issues = IssueLog(name)
     pairs = ((d.id, d.text) for d in read_shard(arg.shard, arg.read, issues))
-    if arg.fuzzy:
-        ids, keys, signatures = shard_keys(pairs)
-        with out.open(f"keys/{name}.minhash.npy", "wb") as f:
-            np.save(f, signatures, allow_pickle=False)
+    arrays: dict[str, np.ndarray] = {}
+    if arg.shingles:
+        ids, keys, signatures, sets = shard_shingle_keys(pairs)
+        arrays.update(minhash=signatures, shingles=sets.flat, offsets=sets.offsets)
+    elif arg.fuzzy:
+        ids, keys, arrays["minhash"] = shard_keys(pairs)
     else:
         ids, keys = shard_exact_keys(pairs)
-    with out.open(f"keys/{name}.exact.npy", "wb") as f:
-        np.save(f, keys, allow_pickle=False)
+    arrays["exact"] = keys
+    for kind, array in arrays.items():
+        with out.open(f"keys/{name}.{kind}.npy", "wb") as f:
+            np.save(f, array, allow_pickle=False)
     with out.open(f"keys/{name}.ids.json") as f:
         json.dump(ids, f, ensure_ascii=False)
     return {"documents": len(ids), "issues": issues.to_json()}
@@ -551,25 +563,28 @@ def _keys_shard(arg: _KeysArg, out: ShardOutput) -> dict:
 
 def _cluster_all(arg: _ClusterArg, out: ShardOutput) -> dict:
     """Cluster every shard's keys at once; write clusters.jsonl and per-shard drop lists."""
-    from farflung.data.dedup import cluster, exact_clusters, merge_clusters
+    from farflung.data.dedup import ShingleSets, cluster, exact_clusters, merge_clusters
 
     root = Path(arg.root)
     ids: list[str] = []
     where: list[tuple[str, int]] = []  # (shard, index in shard) of each position
-    keys, sigs = [], []
+    keys, sigs, sets = [], [], []
     for name in arg.shards:
         shard_ids = json.loads((root / f"keys/{name}.ids.json").read_text(encoding="utf-8"))
         ids += shard_ids
         where += [(name, i) for i in range(len(shard_ids))]
-        keys.append(np.load(root / f"keys/{name}.exact.npy", allow_pickle=False))
+        keys.append(_load_keys(root, name, "exact"))
         if arg.threshold is not None:
-            sigs.append(np.load(root / f"keys/{name}.minhash.npy", allow_pickle=False))
+            sigs.append(_load_keys(root, name, "minhash"))
+        if arg.threshold is not None and arg.verify == "shingles":
+            sets.append(ShingleSets(*(_load_keys(root, name, k) for k in ("shingles", "offsets"))))
     # Positions, not document ids, name documents here: ids need not be unique.
     pos = [str(i) for i in range(len(ids))]
     all_keys = np.concatenate(keys) if keys else np.array([], dtype="S40")
     found = exact_clusters(pos, all_keys.tolist())
     if arg.threshold is not None and sigs:
-        fuzzy = cluster(pos, np.concatenate(sigs), arg.threshold, verify=arg.verify)
+        shingles = ShingleSets.concat(sets) if sets else None
+        fuzzy = cluster(pos, np.concatenate(sigs), arg.threshold, arg.verify, shingles)
         found = merge_clusters(pos, found, fuzzy)
     drops: dict[str, list[int]] = {name: [] for name in arg.shards}
     with out.open(CLUSTERS_FILE, "wb") as f:
@@ -582,6 +597,10 @@ def _cluster_all(arg: _ClusterArg, out: ShardOutput) -> dict:
         with out.open(f"drop/{name}.json") as f:
             json.dump(sorted(dropped), f)
     return {"clusters": len(found), "duplicates": sum(len(m) - 1 for m in found)}
+
+
+def _load_keys(root: Path, shard: str, kind: str) -> np.ndarray:
+    return np.load(root / f"keys/{shard}.{kind}.npy", allow_pickle=False)
 
 
 def _write_shard(arg: _WriteArg, out: ShardOutput) -> dict:

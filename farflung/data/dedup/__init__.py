@@ -13,8 +13,11 @@ Exact keys hash RedPajama-v2's normalised text (``normalize``). Signatures are
 RedPajama-v2's MinHash of word 13-grams with 128 permutations (seed 42), and
 ``lsh_params`` its bands x rows: 14x9, 9x13, 5x25, 1x128 for Jaccard 0.7, 0.8, 0.9, 1.0.
 Documents shorter than 13 words have no signature and are only found by exact dedup.
-``cluster(..., verify=True)`` trades RedPajama-v2's exact LSH for more recall near the
-threshold: a more sensitive banding whose candidates are checked (``duplicate_pairs``).
+``cluster(..., verify="signatures")`` (or ``True``) trades RedPajama-v2's exact LSH for
+more recall near the threshold: a more sensitive banding whose candidates are checked by
+signature agreement; ``verify="shingles"`` checks candidates of a still more sensitive
+banding by their exact Jaccard, from each document's shingle hashes (``shard_shingle_keys``,
+``ShingleSets``), the most accurate (``duplicate_pairs``).
 """
 
 from farflung.data.dedup.clusters import (
@@ -27,12 +30,16 @@ from farflung.data.dedup.clusters import (
 )
 from farflung.data.dedup.lsh import (
     RPV2_BANDS,
+    SHINGLE_RECALL,
     VERIFY_FN_WEIGHT,
+    Verify,
     agreement,
     candidate_pairs,
     duplicate_pairs,
     lsh_params,
     optimal_params,
+    recall_params,
+    verify_mode,
 )
 from farflung.data.dedup.minhash import EMPTY, RPV2_SEED, MinHasher, permutations, shingle_hashes
 from farflung.data.dedup.normalize import exact_key, normalize, words
@@ -41,16 +48,21 @@ from farflung.data.dedup.shard import (
     default_hasher,
     shard_exact_keys,
     shard_keys,
+    shard_shingle_keys,
     shard_signatures,
 )
+from farflung.data.dedup.shingles import ShingleSets, jaccard, unique_hashes
 
 __all__ = [
     "EMPTY",
     "KEY_DTYPE",
     "RPV2_BANDS",
     "RPV2_SEED",
+    "SHINGLE_RECALL",
     "VERIFY_FN_WEIGHT",
     "MinHasher",
+    "ShingleSets",
+    "Verify",
     "agreement",
     "candidate_pairs",
     "cluster",
@@ -60,15 +72,20 @@ __all__ = [
     "exact_clusters",
     "exact_key",
     "groups",
+    "jaccard",
     "lsh_params",
     "merge_clusters",
     "normalize",
     "optimal_params",
     "permutations",
+    "recall_params",
     "shard_exact_keys",
     "shard_keys",
+    "shard_shingle_keys",
     "shard_signatures",
     "shingle_hashes",
     "survivors",
+    "unique_hashes",
+    "verify_mode",
     "words",
 ]

@@ -12,21 +12,28 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from farflung.data.dedup.lsh import duplicate_pairs
+from farflung.data.dedup.lsh import Verify, duplicate_pairs
+from farflung.data.dedup.shingles import ShingleSets
 
 
 def cluster(
-    ids: Sequence[str], signatures: np.ndarray, threshold: float, verify: bool = False
+    ids: Sequence[str],
+    signatures: np.ndarray,
+    threshold: float,
+    verify: Verify = False,
+    shingles: ShingleSets | Sequence[np.ndarray] | None = None,
 ) -> list[list[str]]:
     """Near-duplicate clusters at a Jaccard threshold: components of ``duplicate_pairs``.
 
-    ``ids[i]`` names ``signatures[i]``; for several shards, concatenate both in shard
-    order. ``verify=False`` is RedPajama-v2's LSH; see ``duplicate_pairs`` for both modes.
+    ``ids[i]`` names ``signatures[i]`` (and ``shingles``' set ``i``, which
+    ``verify="shingles"`` needs); for several shards, concatenate them in shard order
+    (``ShingleSets.concat``). ``verify=False`` is RedPajama-v2's LSH; see
+    ``duplicate_pairs`` for the verified modes.
     """
     if len(ids) != len(signatures):
         raise ValueError(f"{len(ids)} ids for {len(signatures)} signatures")
     _check_unique(ids)
-    pairs = duplicate_pairs(signatures, threshold, verify)
+    pairs = duplicate_pairs(signatures, threshold, verify, shingles)
     return groups(ids, components(len(ids), pairs))
 
 

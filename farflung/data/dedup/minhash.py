@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from farflung.data.dedup.normalize import normalize
+from farflung.data.dedup.shingles import unique_hashes
 
 EMPTY = np.uint32(0xFFFFFFFF)
 """Every value of the signature row of a document too short to have a shingle."""
@@ -106,19 +107,29 @@ class MinHasher:
         """The ``(len(texts), num_perm)`` uint32 signatures, one row per text, in order."""
         return self.from_normalized(normalize(t).encode("utf-8") for t in texts)
 
-    def from_normalized(self, texts: Iterable[bytes]) -> np.ndarray:
-        """Signatures of already normalised, UTF-8 encoded texts (see ``normalize``)."""
-        blocks = [self._batch(batch) for batch in self._batches(texts)]
+    def from_normalized(
+        self, texts: Iterable[bytes], shingles: list[np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Signatures of already normalised, UTF-8 encoded texts (see ``normalize``).
+
+        ``shingles``: if given, each text's sorted unique shingle hashes are appended to
+        it, reusing the hashes of the signatures (exact verification, ``ShingleSets``).
+        """
+        blocks = [self._batch(batch) for batch in self._batches(texts, shingles)]
         if not blocks:
             return np.empty((0, self.num_perm), dtype=np.uint32)
         return np.concatenate(blocks)
 
-    def _batches(self, texts: Iterable[bytes]) -> Iterator[list[np.ndarray]]:
+    def _batches(
+        self, texts: Iterable[bytes], keep: list[np.ndarray] | None
+    ) -> Iterator[list[np.ndarray]]:
         """Shingle hashes of consecutive documents, in batches of about ``_BATCH`` shingles."""
         batch: list[np.ndarray] = []
         size = 0
         for text in texts:
             hashes = shingle_hashes(text, self.ngram)
+            if keep is not None:
+                keep.append(unique_hashes(hashes))
             batch.append(hashes)
             size += len(hashes)
             if size >= _BATCH:

@@ -2,7 +2,9 @@
 
 A pipeline computes each shard's ids, exact keys and signatures in parallel (saving them
 as ``.npy``: a signature row is 128 x 4 bytes), then concatenates them in shard order
-and runs ``exact_clusters`` / ``cluster`` once over the whole corpus.
+and runs ``exact_clusters`` / ``cluster`` once over the whole corpus. For
+``verify="shingles"`` it also keeps each document's shingle hashes (``shard_shingle_keys``;
+4 bytes per distinct 13-gram, about 4 bytes per word of the corpus).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from farflung.data.dedup.minhash import MinHasher
 from farflung.data.dedup.normalize import normalize
+from farflung.data.dedup.shingles import ShingleSets
 
 KEY_DTYPE = np.dtype("S40")
 """Exact keys as saved: 40 ASCII hex digits of SHA-1 (no NUL bytes that ``S`` would drop)."""
@@ -46,6 +49,21 @@ def shard_keys(
     docs: Iterable[tuple[str, str]], hasher: MinHasher | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Ids, exact keys and signatures in one pass, normalising each text once."""
+    return _keys(docs, hasher, None)
+
+
+def shard_shingle_keys(
+    docs: Iterable[tuple[str, str]], hasher: MinHasher | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray, ShingleSets]:
+    """``shard_keys`` and each document's shingle-hash set, hashing each shingle once."""
+    shingles: list[np.ndarray] = []
+    ids, keys, signatures = _keys(docs, hasher, shingles)
+    return ids, keys, signatures, ShingleSets.pack(shingles)
+
+
+def _keys(
+    docs: Iterable[tuple[str, str]], hasher: MinHasher | None, shingles: list[np.ndarray] | None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     ids: list[str] = []
     keys: list[str] = []
 
@@ -55,7 +73,7 @@ def shard_keys(
             keys.append(_sha1_hex(data))
             yield data
 
-    signatures = (hasher or default_hasher()).from_normalized(normalized())
+    signatures = (hasher or default_hasher()).from_normalized(normalized(), shingles)
     return ids, np.array(keys, dtype=KEY_DTYPE), signatures
 
 
