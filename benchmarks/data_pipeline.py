@@ -509,19 +509,31 @@ def best(repeat: int, run: Callable[[], tuple[Timing, Any]]) -> tuple[Timing, An
     return min(runs, key=lambda r: r[0].wall)
 
 
+def best_two(
+    side: str, processes: int, n: int, repeat: int, first: Callable, second: Callable
+) -> tuple[tuple[Timing, Any], tuple[Timing, Any]]:
+    """Time two task functions over the same ``n`` documents in one pool of ``side``'s
+    workers, each the best of ``repeat`` runs."""
+    pool = Pool(side, processes)
+    tasks = spans(n, CHUNKS_PER_PROCESS * processes)
+    try:
+        return (
+            best(repeat, lambda: pool.timed(first, tasks)),
+            best(repeat, lambda: pool.timed(second, tasks)),
+        )
+    finally:
+        pool.close()
+
+
 # ---------------------------------------------------------------------------- our side
 
 
 def ours_filter_and_signals(
     processes: int, n: int, repeat: int
 ) -> tuple[Timing, Timing, dict[int, tuple]]:
-    pool = Pool("ours", processes)
-    tasks = spans(n, CHUNKS_PER_PROCESS * processes)
-    try:
-        t_signals, _ = best(repeat, lambda: pool.timed(_ours_signals, tasks))
-        t_filter, found = best(repeat, lambda: pool.timed(_ours_filter, tasks))
-    finally:
-        pool.close()
+    (t_signals, _), (t_filter, found) = best_two(
+        "ours", processes, n, repeat, _ours_signals, _ours_filter
+    )
     return t_signals, t_filter, {i: (rej, failed) for part in found for i, rej, failed in part}
 
 
@@ -529,13 +541,9 @@ def ours_dedup(processes: int, n: int, repeat: int) -> dict[str, Any]:
     """Keys and signatures in the pool (a second time keeping shingle hashes, for the
     exact mode, so that the other rows do not pay for storing them), then clustering
     each way in this process."""
-    pool = Pool("ours", processes)
-    tasks = spans(n, CHUNKS_PER_PROCESS * processes)
-    try:
-        t_keys, parts = best(repeat, lambda: pool.timed(_ours_keys, tasks))
-        t_shingle_keys, shingle_parts = best(repeat, lambda: pool.timed(_ours_shingle_keys, tasks))
-    finally:
-        pool.close()
+    (t_keys, parts), (t_shingle_keys, shingle_parts) = best_two(
+        "ours", processes, n, repeat, _ours_keys, _ours_shingle_keys
+    )
     parts.sort(key=lambda p: p[0])
     shingle_parts.sort(key=lambda p: p[0])
     keys = np.concatenate([p[1] for p in parts]).tolist()
@@ -570,13 +578,9 @@ def ours_dedup(processes: int, n: int, repeat: int) -> dict[str, Any]:
 def peer_filter_and_signals(
     processes: int, n: int, repeat: int
 ) -> tuple[Timing, Timing, dict[int, tuple], dict[int, str | None]]:
-    pool = Pool("peer", processes)
-    tasks = spans(n, CHUNKS_PER_PROCESS * processes)
-    try:
-        t_all, both = best(repeat, lambda: pool.timed(_peer_signals, tasks))
-        t_chain, chained = best(repeat, lambda: pool.timed(_peer_filter, tasks))
-    finally:
-        pool.close()
+    (t_all, both), (t_chain, chained) = best_two(
+        "peer", processes, n, repeat, _peer_signals, _peer_filter
+    )
     reasons = {i: (q, r) for part in both for i, q, r in part}
     decisions = {i: reason for part in chained for i, reason in part}
     return t_all, t_chain, reasons, decisions

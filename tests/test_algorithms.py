@@ -100,6 +100,23 @@ def test_compressed_identity_equals_allreduce():
     torch.testing.assert_close(ours[0]["losses"], base[0]["losses"], rtol=1e-5, atol=0)
 
 
+def _two_workers() -> tuple[list[GPT], list[torch.optim.Optimizer]]:
+    """The sequential simulation's two workers: one start, each its own AdamW."""
+    torch.manual_seed(0)
+    models = [GPT(CFG), GPT(CFG)]
+    models[1].load_state_dict(models[0].state_dict())
+    return models, [torch.optim.AdamW(param_groups(m, 0.0), lr=3e-3) for m in models]
+
+
+def _local_steps(models: list[GPT], opts: list[torch.optim.Optimizer], step: int) -> None:
+    """Each simulated worker's own AdamW step on its half of step ``step``'s batch."""
+    for r, (m, o) in enumerate(zip(models, opts, strict=True)):
+        _, loss = m(*_batch(step, r, 2))
+        loss.backward()
+        o.step()
+        o.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("scale", [1.0, 1.5])
 def test_cocktail_identity_is_model_averaging(scale):
     """With an exact codec and no overlap, cocktail averages the local models every
@@ -107,17 +124,10 @@ def test_cocktail_identity_is_model_averaging(scale):
     sequential simulation of the two workers."""
     pcfg = {"codec": "identity", "overlap": False, "delta_scale": scale}
     ours = run_distributed(train_worker, 2, "cocktail", pcfg, 5)
-    torch.manual_seed(0)
-    models = [GPT(CFG), GPT(CFG)]
-    models[1].load_state_dict(models[0].state_dict())
-    opts = [torch.optim.AdamW(param_groups(m, 0.0), lr=3e-3) for m in models]
+    models, opts = _two_workers()
     for step in range(5):
         start = [p.detach().clone() for p in models[0].parameters()]
-        for r, (m, o) in enumerate(zip(models, opts, strict=True)):
-            _, loss = m(*_batch(step, r, 2))
-            loss.backward()
-            o.step()
-            o.zero_grad(set_to_none=True)
+        _local_steps(models, opts, step)
         with torch.no_grad():
             pairs = zip(start, models[0].parameters(), models[1].parameters(), strict=True)
             for x, p0, p1 in pairs:
@@ -154,16 +164,9 @@ def test_cocktail_shared_moments_against_simulation(mode):
     averaged every step; checked against a sequential simulation."""
     pcfg = {"codec": "identity", "overlap": False, "moment_sync_every": 2, "moment_sync": mode}
     ours = run_distributed(train_worker, 2, "cocktail", pcfg, 5)
-    torch.manual_seed(0)
-    models = [GPT(CFG), GPT(CFG)]
-    models[1].load_state_dict(models[0].state_dict())
-    opts = [torch.optim.AdamW(param_groups(m, 0.0), lr=3e-3) for m in models]
+    models, opts = _two_workers()
     for step in range(5):
-        for r, (m, o) in enumerate(zip(models, opts, strict=True)):
-            _, loss = m(*_batch(step, r, 2))
-            loss.backward()
-            o.step()
-            o.zero_grad(set_to_none=True)
+        _local_steps(models, opts, step)
         with torch.no_grad():
             for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
                 mean = (p0 + p1) / 2
