@@ -48,10 +48,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "placement", None):
         # absolute: the workers need not share the launcher's working directory
         worker_args += ["--placement", str(Path(args.placement).resolve())]
+    if cfg.elastic.enabled and args.join:  # one worker, entering a running job
+        import subprocess
+
+        cmd = [sys.executable, "-m", "farflung.train", *worker_args, "--join", args.join]
+        return subprocess.call(cmd)
     with network(args.netlab, args.link_model, args.workers, out, stage_map=stage_map) as placement:
         if placement.description != "unshaped" and not args.quiet:
             print(f"farflung: network {placement.description}", file=sys.stderr)
+        if cfg.elastic.enabled:
+            return run_elastic(worker_args, args, cfg, out, placement)
         return launch_local(worker_args, args.workers, placement=placement)
+
+
+def run_elastic(worker_args: list[str], args: argparse.Namespace, cfg: Config, out: Path, placement) -> int:
+    """The coordinator here, the workers as local processes; the summary at the end."""
+    from farflung.train.elastic_run import launch_elastic
+    from farflung.train.progress import print_summary
+
+    code = launch_elastic(worker_args, args.workers, cfg, out, placement, quiet=args.quiet)
+    summary = out / "summary.json"
+    if code == 0 and summary.is_file() and not args.quiet:
+        import json
+
+        print_summary({out.name: json.loads(summary.read_text())})
+    return code
 
 
 def load_placement(args: argparse.Namespace, cfg: Config) -> StageMap | None:

@@ -36,10 +36,28 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from farflung.comm.errors import Reconfigure
 from farflung.comm.link import LinkModel
 from farflung.comm.meter import Meter
 
 _link_model: LinkModel | None = None
+
+_epoch: Callable[[], int] | None = None
+POLL_S = 0.0005  # how often an elastic wait looks at the membership (and the work)
+
+
+def set_epoch_source(source: Callable[[], int] | None) -> None:
+    """Elastic training: ``source()`` is the membership's epoch, which moves on when the
+    coordinator re-forms the group. A :class:`Comm` created in an older epoch stops
+    waiting for its collectives (they may wait on a dead or frozen peer) and raises
+    :class:`~farflung.comm.errors.Reconfigure`. None: waits block (gloo's own timeout
+    is the bound)."""
+    global _epoch
+    _epoch = source
+
+
+def current_epoch() -> int | None:
+    return _epoch() if _epoch is not None else None
 
 # A part of a collective's modelled time: (when its last byte has left the queue, the
 # delay its arrival still takes after that)
@@ -122,6 +140,8 @@ class Handle:
             return
         t0 = time.perf_counter() if self._since is None else self._since
         if self._work is not None:
+            if self._comm.epoch is not None:
+                self._comm.wait_or_abort(self._work)
             self._work.wait()
         if self._legs:
             link = self._comm.link
@@ -153,6 +173,15 @@ class Comm:
         # link-model host ids: ranks sharing a host cross no emulated link between them
         self.hosts = [host_of(self._global(r)) for r in range(self.size)]
         self._nccl = dist.get_backend(group) == "nccl"
+        self.epoch = current_epoch()
+
+    def wait_or_abort(self, work: object) -> None:
+        """Poll ``work`` until it completes, or raise Reconfigure once the membership
+        has moved past this Comm's epoch (the peer it waits on may never answer)."""
+        while not work.is_completed():
+            if _epoch is not None and _epoch() != self.epoch:
+                raise Reconfigure(f"membership changed (epoch {self.epoch} -> {_epoch()})")
+            time.sleep(POLL_S)
 
     # -- collectives -------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, kind: str, op=dist.ReduceOp.SUM) -> None:
@@ -334,7 +363,10 @@ class Comm:
 
     def barrier(self) -> None:
         if self.size > 1:
-            dist.barrier(group=self.group)
+            work = dist.barrier(group=self.group, async_op=True)
+            if self.epoch is not None:
+                self.wait_or_abort(work)
+            work.wait()
 
     def account(self, kind: str, seconds: float) -> None:
         """Record time spent waiting on communication of ``kind``."""
@@ -442,3 +474,6 @@ class _Works:
     def wait(self) -> None:
         for w in self.works:
             w.wait()
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)

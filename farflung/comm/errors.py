@@ -21,6 +21,12 @@ class PeerLostError(RuntimeError):
     is down); the message says which peer and what this rank was doing."""
 
 
+class Reconfigure(Exception):
+    """Elastic training: the coordinator re-formed the group (a member was lost or one
+    joined) while this rank waited on a collective of the old group. The step in
+    flight is abandoned and redone in the new group."""
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an error's message, without gloo's source location prefix
     (``[/.../pair.cc:553] ``), at most ``limit`` characters."""

@@ -287,6 +287,36 @@ class PipelineConfig:
 
 
 @dataclass
+class ElasticConfig:
+    """Elastic, fault-tolerant data parallelism (docs/fault-tolerance.md): workers may
+    crash, freeze, lose their link, leave and join; the run goes on."""
+
+    enabled: bool = False
+    """Off: a lost worker stops the run (resume it with ``--resume``). On: a
+    coordinator in the launcher keeps the membership; survivors re-form their group,
+    redo the step that failed and continue."""
+    heartbeat_s: float = 2.0
+    """The one timing knob: a worker (or the coordinator) silent this long is lost.
+    Beats go out five times per bound; a crash is seen at once (its connection
+    closes), a freeze or a cut link within this bound."""
+    min_workers: int = 1
+    """The run waits (commits nothing) while fewer workers are live."""
+    max_lag_steps: int = 2
+    """How many steps a worker may run ahead of the last step every member has
+    committed (each uncommitted step keeps a snapshot in memory to roll back to)."""
+    respawn: bool = True
+    """The local launcher restarts a worker that crashed as a joiner (it fetches its
+    state from a live peer), so a run keeps its size through crashes."""
+
+    CHOICES = {}
+    BOUNDS = {
+        "heartbeat_s": (0.2, 600.0),
+        "min_workers": (1, None),
+        "max_lag_steps": (1, 64),
+    }
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -296,6 +326,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -305,4 +336,5 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "parallel": ParallelConfig,
     "pipeline": PipelineConfig,
+    "elastic": ElasticConfig,
 }

@@ -203,6 +203,33 @@ class DataParallel:
         if state:
             raise ValueError(f"{self.name} keeps no state but the checkpoint holds {list(state)}")
 
+    # -- elastic training (farflung/train/elastic_worker.py) ---------------------------
+    settle_every: int = 1
+    """Steps between the points where every rank's contribution has been averaged
+    (DiLoCo: its local steps); an elastic run rolls back only to such points."""
+
+    def settled_step(self, step: int) -> int:
+        """The newest step whose contribution every rank has averaged in, after
+        ``after_step(step)``."""
+        return step
+
+    def shared_state(self) -> dict[str, Any]:
+        """What this algorithm keeps equal on every rank at a settled step (hashed
+        there to prove it): the model and optimizer when replicas are identical."""
+        if not self.replicas_identical:
+            return {}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def elastic_state(self) -> dict[str, Any]:
+        """A snapshot to roll back to, taken without waiting for background work
+        (copied by the caller)."""
+        return self.state_dict()
+
+    def load_elastic_state(self, state: dict[str, Any], same_group: bool) -> None:
+        """Restore :meth:`elastic_state`'s snapshot; ``same_group``: the group has as
+        many ranks as when it was taken (per-chunk state depends on that)."""
+        self.load_state_dict(state)
+
     def step(self, finite: bool = True) -> None:
         """The whole sync-and-step for a user's loop, after ``loss.backward()``:
         sync gradients, optimizer step, zero the gradients, then ``after_step``.

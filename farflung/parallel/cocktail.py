@@ -54,7 +54,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -115,6 +115,8 @@ class Cocktail(DataParallel):
         self.report: SyncFaults | None = None
         self.syncs = 0
         self.moments = None
+        # elastic training: called with (sync index, result) before a result is applied
+        self.on_result: Callable[[int, SyncResult], None] | None = None
         if self.cfg.moment_sync_every:
             self.moments = SharedMoments(self.optimizer, self.params, self.cfg.moment_sync)
 
@@ -196,6 +198,8 @@ class Cocktail(DataParallel):
         self.pending = None
         if result is None:
             return
+        if self.on_result is not None:
+            self.on_result(self.syncs - 1, result)
         avg, sent, faults, stats = result
         if faults.dropped or faults.skipped:
             self.report = faults
@@ -209,6 +213,30 @@ class Cocktail(DataParallel):
             avg.mul_(self.cfg.delta_scale)  # the outer step s·Δ (in the result's buffer)
         self.global_flat.add_(avg)
         add_to_params(self.params, sent.neg_().add_(avg))  # s·Δ − δ̂, in sent's buffer
+
+    # -- elastic training -------------------------------------------------------------
+    def settled_step(self, step: int) -> int:
+        # after_step(step) applied sync step-1 and launched sync step
+        return step - 1 if self.cfg.overlap else step
+
+    def shared_state(self) -> dict[str, Any]:
+        return {"global": self.global_flat, "syncs": self.syncs}
+
+    def elastic_state(self) -> dict[str, Any]:
+        """As :meth:`state_dict` without waiting: the in-flight sync's result is
+        attached later by :attr:`on_result` (the elastic worker keeps it)."""
+        return {
+            "global": self.global_flat,
+            "syncs": self.syncs,
+            "pending": None,
+            "op": self.op.state_dict(),
+            "moments": self.moments.state_dict() if self.moments is not None else None,
+        }
+
+    def load_elastic_state(self, state: dict[str, Any], same_group: bool) -> None:
+        if not same_group:
+            state = {**state, "op": {"server_ef": None}}
+        self.load_state_dict(state)
 
     def quiesce(self) -> None:
         self._wait()  # the future keeps its result for _apply_pending

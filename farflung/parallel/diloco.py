@@ -124,6 +124,21 @@ class DiLoCo(DataParallel):
         else:
             set_params(self.params, self.global_flat)
 
+    @property
+    def settle_every(self) -> int:
+        return self.cfg.local_steps
+
+    def settled_step(self, step: int) -> int:
+        return step - step % self.cfg.local_steps
+
+    def shared_state(self) -> dict[str, Any]:
+        return {"global": self.global_flat, "outer_optimizer": self.outer_optimizer.state_dict()}
+
+    def load_elastic_state(self, state: dict[str, Any], same_group: bool) -> None:
+        if not same_group:  # per-chunk error feedback does not fit another split
+            state = {**state, "sharded": {"server_ef": None}}
+        self.load_state_dict(state)
+
     @contextlib.contextmanager
     def eval_parameters(self) -> Iterator[nn.Module]:
         """The model with the global weights; the local weights come back afterwards."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ from farflung.comm import watchdog as wd
 from farflung.comm.dist import store_barrier
 from farflung.comm.emulation import install_link_model_from_env
 from farflung.comm.errors import NonFiniteError, PeerLostError, first_line
+from farflung.comm.member import MembershipLost
 from farflung.config import Config, ConfigError, load_config
 from farflung.data import INDEX_FILE, DataError, ShardIndex, prepare
 from farflung.parallel import algorithm_names, check_parallel_config
@@ -60,6 +62,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    p.add_argument(
+        "--join",
+        metavar="HOST:PORT",
+        help="enter a running elastic run (elastic.enabled = true) through its coordinator",
+    )
     p.add_argument(
         "--placement",
         metavar="FILE",
@@ -164,6 +171,13 @@ def _guarded(args: argparse.Namespace, rank: int) -> int:
         return EXIT_INTERRUPTED
     except NonFiniteError as e:  # every rank raises it at the same step: rank 0 says it
         return _fail(rank, "nonfinite", EXIT_NONFINITE, f"error: {e}")
+    except MembershipLost as e:
+        if e.leave:
+            _say(rank, f"rank {rank}: {e}", always=True)
+            return 0
+        _say(rank, f"rank {rank}: elastic worker: {e}", always=True)
+        write_report(rank, "lost_peer", EXIT_PEER_LOST, str(e))
+        return EXIT_PEER_LOST
     except Exception as e:
         if is_comm_failure(e):
             return _comm_failed(rank, e)
@@ -261,6 +275,8 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args)
     out = out_dir(args)
+    if cfg.elastic.enabled:
+        return _run_elastic(args, cfg, out)
     check_out_dir(out, args.resume, args.force)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     dog = wd.start_watchdog(
@@ -290,6 +306,49 @@ def _run(args: argparse.Namespace) -> int:
     if info.rank == 0 and not args.quiet:
         print_summary({out.name: summary})
     return 0
+
+
+def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
+    """One worker of an elastic run: started by the launcher (the coordinator's
+    address in the environment) or by hand with ``--join HOST:PORT``."""
+    from farflung.comm.collectives import set_epoch_source
+    from farflung.comm.dist import pick_backend
+    from farflung.comm.member import Member, StateServer
+    from farflung.train.elastic_run import COORDINATOR_ENV, ID_ENV, JOIN_ENV
+    from farflung.train.elastic_worker import ElasticWorker, join_group
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where it waits
+    address = getattr(args, "join", None) or os.environ.get(COORDINATOR_ENV)
+    if not address:
+        raise ConfigError(
+            "elastic.enabled = true needs a coordinator: run with `farflung train "
+            "--workers N` or join a running one with --join HOST:PORT"
+        )
+    joining = bool(getattr(args, "join", None)) or os.environ.get(JOIN_ENV) == "1"
+    wid = None if joining or ID_ENV not in os.environ else int(os.environ[ID_ENV])
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    ensure_data(cfg, show_progress=False)
+    holder: dict[str, ElasticWorker] = {}
+    server = StateServer(lambda step: holder["w"].provide(step) if "w" in holder else None)
+    member = Member(
+        address,
+        wid=wid,
+        join=joining,
+        step=0,
+        state_port=server.port,
+        connect_timeout_s=cfg.parallel.timeout_s,
+    )
+    set_epoch_source(member.current_epoch)
+    gen = member.next_generation(-1)
+    info = join_group(member, gen, pick_backend(cfg.parallel.backend), cfg.parallel.timeout_s)
+    worker = ElasticWorker(cfg, out, info, member, gen)
+    holder["w"] = worker
+    worker.run()
+    member.close()
+    server.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # abandoned process groups' destructors would wait on dead peers
 
 
 def raise_interrupt(signum: int, frame: object) -> None:

@@ -43,6 +43,9 @@ class Placement:
     envs: list[dict[str, str]]
     master_addr: str = "127.0.0.1"
     description: str = "unshaped"
+    coordinator_addr: str = ""
+    """Where the workers reach an elastic run's coordinator (this process); empty:
+    127.0.0.1."""
 
     @classmethod
     def plain(cls, workers: int, env: dict[str, str] | None = None) -> Placement:

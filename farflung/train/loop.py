@@ -75,7 +75,7 @@ class Worker:
         self.comm = Comm()
         # before any algorithm builds groups of its own: a world group is entered by
         # every rank in the same order
-        self.telemetry_group = new_group() if info.world_size > 1 else None
+        self.telemetry_group = self._telemetry_group()
         torch.manual_seed(cfg.train.seed)
         self.model = self._build_model()
         o = cfg.optim
@@ -105,6 +105,9 @@ class Worker:
         self.telemetry = Telemetry(
             telemetry_comm, cfg.train.log_every, self._on_record, info.device
         )
+
+    def _telemetry_group(self) -> dist.ProcessGroup | None:
+        return new_group() if self.info.world_size > 1 else None
 
     def _build_model(self) -> torch.nn.Module:
         """The module this rank trains (the whole GPT here; a stage in a pipeline)."""

@@ -1,0 +1,235 @@
+"""The launcher's side of an elastic run: the coordinator, the run's files, and the
+local worker processes (restarted as joiners when they crash).
+
+Files in the run folder, written here from the coordinator's decisions:
+
+- ``metrics.jsonl``: one record per committed step (every member's row aggregated);
+- ``samples.jsonl``: per committed step, the members in order and the sample ids each
+  trained (:func:`check_samples` proves them exact);
+- ``events.jsonl``: one record per membership change: who left or joined, why, the
+  step committed before it, how long the worker had been silent, how long recovery
+  took (until the next commit), the state transferred to a joiner;
+- ``summary.json``: as for any run, counted from the committed steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from farflung.comm import free_port
+from farflung.comm.coordinator import Coordinator
+from farflung.config import Config, config_to_toml
+from farflung.data import batch_ids
+from farflung.train.metrics import aggregate, read_jsonl
+
+COORDINATOR_ENV = "FARFLUNG_COORDINATOR"  # host:port of the coordinator
+ID_ENV = "FARFLUNG_ELASTIC_ID"  # the worker's id (initial workers)
+JOIN_ENV = "FARFLUNG_ELASTIC_JOIN"  # "1": enter the running job as a joiner
+
+
+class RunLog:
+    """Writes the run's files from the coordinator's decisions (its Handler)."""
+
+    def __init__(self, cfg: Config, out: Path, quiet: bool = False) -> None:
+        self.cfg, self.out, self.quiet = cfg, Path(out), quiet
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.toml").write_text(config_to_toml(cfg))
+        self.totals = {"steps": 0, "tokens": 0, "train_s": 0.0, "sent": 0, "recv": 0}
+        self.member_steps = 0  # sum over committed steps of the members that made them
+        self.by_kind: dict[str, int] = {}
+        self.hash_disagreements = 0
+        self.last_step_time = time.monotonic()
+        self.longest_stall_s = 0.0
+        self.summary: dict[str, Any] | None = None
+
+    def _append(self, name: str, record: dict[str, Any] | str) -> None:
+        line = record if isinstance(record, str) else json.dumps(record)
+        with open(self.out / name, "a") as f:
+            f.write(line + "\n")
+
+    def on_commit(self, step: int, gen: int, members: list[int], votes: dict[int, dict]) -> None:
+        now = time.monotonic()
+        self.longest_stall_s = max(self.longest_stall_s, now - self.last_step_time)
+        self.last_step_time = now
+        rows = torch.tensor([votes[i]["row"] for i in members], dtype=torch.float64)
+        rec = aggregate(rows)
+        rec.tokens = step * self.cfg.train.batch_size * self.cfg.model.context
+        self._append("metrics.jsonl", rec.to_json())
+        self._append(
+            "samples.jsonl",
+            {"step": step, "gen": gen, "members": members, "samples": [votes[i]["samples"] for i in members]},
+        )
+        hashes = {votes[i]["hash"] for i in members if "hash" in votes[i]}
+        if len(hashes) > 1:
+            self.hash_disagreements += 1
+            print(f"farflung: step {step}: members' states differ ({len(hashes)} hashes)", file=sys.stderr)
+        val = [votes[i]["val_loss"] for i in members if "val_loss" in votes[i]]
+        if val:
+            self._append("eval.jsonl", {"step": step, "val_loss": val[0], "tokens": rec.tokens})
+        t = self.totals
+        t["steps"], t["tokens"] = step, rec.tokens
+        self.member_steps += len(members)
+        t["train_s"] += rec.wall_s
+        t["sent"] += rec.bytes_sent
+        t["recv"] += rec.bytes_recv
+        for k, n in rec.bytes_by_kind.items():
+            self.by_kind[k] = self.by_kind.get(k, 0) + n
+        if not self.quiet and (step % 10 == 0 or step == self.cfg.train.steps):
+            print(f"farflung: step {step}/{self.cfg.train.steps} loss {rec.loss:.4f} members {members}", file=sys.stderr)
+
+    def on_event(self, record: dict[str, Any]) -> None:
+        self._append("events.jsonl", record)
+        if not self.quiet:
+            what = "left" if record["event"] == "left" else "joined"
+            why = f" ({record['why']}: {record['detail']})" if what == "left" else ""
+            print(
+                f"farflung: worker {record['id']} {what}{why} after step {record['committed']}; "
+                f"members now {record.get('members')}, recovered in {record.get('recovery_s')} s",
+                file=sys.stderr,
+            )
+
+    def on_finish(self, done: dict[int, dict]) -> None:
+        t, cfg = self.totals, self.cfg
+        first = done[min(done)].get("summary", {})
+        events = read_jsonl(self.out / "events.jsonl")
+        self.summary = {
+            "steps": t["steps"],
+            "steps_this_run": t["steps"],
+            "tokens": t["tokens"],
+            "final_val_loss": first.get("final_val_loss"),
+            "tokens_per_s": t["tokens"] / t["train_s"] if t["train_s"] else 0.0,
+            "wall_s": first.get("wall_s", 0.0),
+            "train_s": t["train_s"],
+            "bytes_sent_total": t["sent"],
+            "bytes_recv_total": t["recv"],
+            "bytes_sent_by_kind_total": self.by_kind,
+            "bytes_sent_per_step_per_rank": t["sent"] / max(1, self.member_steps),
+            "algorithm": cfg.parallel.algorithm,
+            "world_size": len(done),
+            "params": first.get("params"),
+            "backend": "gloo",
+            "network": os.environ.get("FARFLUNG_NETWORK", "unshaped"),
+            "elastic": {
+                "membership_changes": len(events),
+                "left": sum(e["event"] == "left" for e in events),
+                "joined": sum(e["event"] == "joined" for e in events),
+                "hash_disagreements": self.hash_disagreements,
+                "longest_stall_s": round(self.longest_stall_s, 3),
+            },
+        }
+        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1) + "\n")
+
+
+def check_samples(path: Path, cfg: Config, n_train: int) -> list[str]:
+    """Problems with a run's sample log: a step missing or committed twice, a step
+    whose members' samples are not exactly its global batch. Empty: exact."""
+    problems, seen = [], set()
+    for rec in read_jsonl(path):
+        step = rec["step"]
+        if step in seen:
+            problems.append(f"step {step} committed twice")
+        seen.add(step)
+        got = np.sort(np.concatenate([np.asarray(s, dtype=np.int64) for s in rec["samples"]]))
+        want = np.sort(batch_ids(step - 1, cfg.train.batch_size, n_train, cfg.train.seed))
+        if not np.array_equal(got, want):
+            problems.append(f"step {step}: the members trained other samples than its batch")
+    missing = set(range(1, max(seen, default=0) + 1)) - seen
+    problems += [f"step {s} never committed" for s in sorted(missing)]
+    return problems
+
+
+def launch_elastic(
+    worker_args: list[str],
+    workers: int,
+    cfg: Config,
+    out: Path,
+    placement: Any,
+    quiet: bool = False,
+    replay: list[dict[str, int]] | None = None,
+) -> int:
+    """Run ``workers`` local workers under a coordinator in this process; a crashed
+    worker is restarted as a joiner when ``elastic.respawn`` (at most ``workers``
+    times each). Returns 0 once every step is committed and the members finished."""
+    from farflung.train.entry import EXIT_PEER_LOST
+    from farflung.train.launch import GRACE_S, worker_env
+
+    log = RunLog(cfg, out, quiet)
+    say = (lambda m: None) if quiet else (lambda m: print(f"farflung: coordinator: {m}", file=sys.stderr))
+    coord = Coordinator(
+        workers, cfg.elastic.heartbeat_s, log, min_workers=cfg.elastic.min_workers, replay=replay, log=say
+    ).start()
+    host = placement.coordinator_addr or "127.0.0.1"
+    address = f"{host}:{coord.port}"
+    if not quiet:
+        print(f"farflung: elastic run; join it with: farflung train ... --join {address}", file=sys.stderr)
+    reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
+    procs: dict[int, subprocess.Popen] = {}
+    slots: dict[int, int] = {}  # process key -> placement slot (its namespace)
+    respawns = 0
+
+    def start(key: int, slot: int, join: bool) -> None:
+        extra = {**placement.envs[slot], COORDINATOR_ENV: address, "FARFLUNG_NETWORK": placement.description}
+        extra["FARFLUNG_REPORT_DIR"] = str(reports)
+        extra.update({JOIN_ENV: "1"} if join else {ID_ENV: str(slot)})
+        env = worker_env(slot, workers, free_port(), placement.master_addr, extra)
+        procs[key] = subprocess.Popen(
+            [*placement.prefixes[slot], sys.executable, "-m", "farflung.train", *worker_args],
+            env=env,
+            start_new_session=True,
+        )
+        slots[key] = slot
+
+    try:
+        for r in range(workers):
+            start(r, r, join=False)
+        next_key = workers
+        while not coord.finished.is_set():
+            for key, p in list(procs.items()):
+                code = p.poll()
+                if code is None or code == 0:
+                    continue
+                del procs[key]
+                if code > 0 and code != EXIT_PEER_LOST:  # bad input or a bug: no retry helps
+                    print(f"farflung: worker process {key} failed (exit {code}); stopping", file=sys.stderr)
+                    return code
+                if cfg.elastic.respawn and respawns < workers * workers:
+                    respawns += 1
+                    say(f"worker process {key} exited with {code}; starting a joiner in its place")
+                    start(next_key, slots[key], join=True)
+                    next_key += 1
+            if not any(p.poll() is None for p in procs.values()):
+                print("farflung: every worker has exited before the run finished", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        deadline = time.monotonic() + GRACE_S
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
+            time.sleep(0.05)
+        return 0
+    except KeyboardInterrupt:
+        print("farflung: interrupted; stopping workers", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        alive = [p for p in procs.values() if p.poll() is None]
+        for p in alive:
+            p.send_signal(signal.SIGTERM)
+            p.send_signal(signal.SIGCONT)
+        for p in alive:
+            try:
+                p.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        coord.close()
+        import shutil
+
+        shutil.rmtree(reports, ignore_errors=True)

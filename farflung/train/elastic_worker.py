@@ -1,0 +1,371 @@
+"""One worker of an elastic run (``elastic.enabled = true``).
+
+The loop is :class:`~farflung.train.loop.Worker`'s, with four additions:
+
+- **generations**: the coordinator names the members and their order; each
+  generation gets a process group of its own (the old one is abandoned, not torn
+  down: a collective waiting on a dead peer inside it never returns);
+- **snapshots**: before each step that may follow a commit point, the worker keeps a
+  copy of everything it would need to redo that step (model, optimizer, algorithm
+  state, totals); a new generation rolls every member back to the state after the
+  last committed step, and a joiner fetches that same snapshot from a donor;
+- **exactly-once data**: step ``t`` always trains the global batch ``batch_ids(t)``,
+  split over the members in order, so survivors take over a lost member's share;
+  dropout is seeded from (seed, step, position), so a redone step is the same step;
+- **votes**: once a step's contribution has been averaged (the algorithm says when:
+  :meth:`~farflung.parallel.base.DataParallel.settled_step`), the worker tells the
+  coordinator, with its sample ids, its metrics row and a hash of the state the
+  algorithm keeps equal on every member.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from farflung.comm import Comm, DistInfo
+from farflung.comm.errors import Reconfigure
+from farflung.comm.member import Member, fetch_state
+from farflung.config import Config
+from farflung.data import batch_ids, val_batch_ids
+from farflung.parallel import NonFiniteStep, make_algorithm
+from farflung.train import checkpoint as ckpt
+from farflung.train.loop import Worker, lr_at
+from farflung.train.metrics import local_row
+
+
+def join_group(member: Member, gen: dict[str, Any], backend: str, timeout_s: float) -> DistInfo:
+    """Initialise the default process group of generation ``gen`` (abandoning the
+    previous one: see the module docstring)."""
+    if dist.is_initialized():
+        _GRAVEYARD.append(dist.group.WORLD)
+        dist.destroy_process_group()
+    store = dist.TCPStore(
+        member.coordinator_host,
+        gen["store_port"],
+        None,
+        is_master=False,
+        timeout=torch.distributed.constants.default_pg_timeout,
+        wait_for_workers=False,
+    )
+    _GRAVEYARD.append(store)
+    members = gen["members"]
+    rank = members.index(member.id)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"gen{gen['gen']}/", store),
+        rank=rank,
+        world_size=len(members),
+        timeout=_timedelta(timeout_s),
+    )
+    return DistInfo(rank, len(members), 0, 1, backend, torch.device("cpu"))
+
+
+_GRAVEYARD: list[Any] = []  # abandoned groups and works: their destructors would block
+
+
+def _timedelta(seconds: float):
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds)
+
+
+def state_hash(obj: Any) -> str:
+    """A hash of every tensor and number in ``obj`` (dicts in key order)."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(x.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(str(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                feed(v)
+        else:
+            h.update(repr(x).encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+class ElasticWorker(Worker):
+    """See the module docstring. ``member``: the connection to the coordinator, whose
+    first generation this worker has entered already (``info``)."""
+
+    def __init__(self, cfg: Config, out: Path, info: DistInfo, member: Member, gen: dict) -> None:
+        self.member, self.gen = member, gen
+        self.snapshots: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, Any] = {}  # cocktail: sync results by the step they settle
+        self.pending_votes: dict[int, dict[str, Any]] = {}
+        self.voted = 0
+        super().__init__(cfg, out, info, show_progress=False)
+        self.is_main = self.replica == 0
+        self._hook_algorithm()
+        if gen["restart"] != self.step + 1:  # a joiner: the donor's state
+            snap = self._fetch(gen)
+            self._restore(snap)
+            self.snapshots = {gen["restart"]: snap}
+            self.voted = self.step
+
+    def _telemetry_group(self) -> None:
+        return None  # rows travel with the votes
+
+    # -- membership ------------------------------------------------------------------
+    def _position(self) -> tuple[int, int]:
+        return self.gen["members"].index(self.member.id), len(self.gen["members"])
+
+    def enter(self, gen: dict[str, Any]) -> None:
+        """Re-form the group of generation ``gen`` and roll back to its restart step."""
+        self.algo.close(abort=True)
+        self.gen = gen
+        restart = gen["restart"]
+        info = join_group(self.member, gen, self.info.backend, self.cfg.parallel.timeout_s)
+        self.info = info
+        self.replica, self.dp = info.rank, info.world_size
+        self.is_main = self.replica == 0
+        self.comm = Comm(meter=self.comm.meter)
+        self.algo = make_algorithm(
+            self.cfg.parallel.algorithm, self.model, self.optimizer, self.comm, self.cfg.parallel
+        )
+        self.algo.setup()
+        self._hook_algorithm()
+        snap = self.snapshots.get(restart)
+        if snap is None:
+            snap = self._fetch(gen)
+        self._restore(snap)
+        self.snapshots = {restart: snap}
+        self.pending_votes = {t: v for t, v in self.pending_votes.items() if t < restart}
+        self.voted = restart - 1
+
+    def _fetch(self, gen: dict[str, Any]) -> dict[str, Any]:
+        """This worker holds no state for the restart step (it is joining): the
+        donor's, over a connection of its own."""
+        t0 = time.perf_counter()
+        data = fetch_state(gen["donor_addr"], gen["restart"], self.cfg.parallel.timeout_s)
+        seconds = time.perf_counter() - t0
+        self.member.send({"op": "healed", "bytes": len(data), "seconds": seconds})
+        return torch.load(io.BytesIO(data), weights_only=False)
+
+    def provide(self, step: int) -> bytes | None:
+        """The snapshot for ``step`` as bytes, for a joiner (the state server's thread)."""
+        snap = self.snapshots.get(step)
+        if snap is None:
+            return None
+        buf = io.BytesIO()
+        torch.save(snap, buf)
+        return buf.getvalue()
+
+    def _hook_algorithm(self) -> None:
+        if hasattr(self.algo, "on_result"):
+            self.algo.on_result = self._on_result
+
+    def _on_result(self, sync_index: int, result: Any) -> None:
+        """A cocktail sync result, before it is applied: the snapshot of the step it
+        settles needs it to redo what follows (results are reused buffers: copied)."""
+        snap = self.snapshots.get(self.step)  # taken at the boundary that launched it
+        if snap is not None:
+            snap["result"] = copy.deepcopy(result)
+
+    # -- snapshots ---------------------------------------------------------------------
+    def _snapshot(self) -> None:
+        """Keep what redoing step ``self.step + 1`` needs (when it may follow a commit)."""
+        if self.step % self.algo.settle_every:
+            return
+        self.snapshots[self.step + 1] = copy.deepcopy(
+            {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "algorithm": self.algo.elastic_state(),
+                "totals": self.totals,
+                "group_size": self.dp,
+                "result": None,
+            }
+        )
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        snap = copy.deepcopy(snap)  # the snapshot stays intact for another rollback
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.algo.load_elastic_state(snap["algorithm"], snap["group_size"] == self.dp)
+        if snap["result"] is not None:
+            from concurrent.futures import Future
+
+            self.algo.pending = Future()
+            self.algo.pending.set_result(snap["result"])
+        self.step = snap["step"]
+        self.totals = snap["totals"]
+
+    def _forget_committed(self) -> None:
+        """Committed steps are never redone: their snapshots go."""
+        committed = self.member.committed
+        for t in [t for t in self.snapshots if t <= committed]:
+            del self.snapshots[t]
+
+    # -- the loop ---------------------------------------------------------------------
+    def step_ids(self, step: int) -> np.ndarray:
+        ids = batch_ids(step, self.cfg.train.batch_size, self.n_train, self.cfg.train.seed)
+        return np.array_split(ids, self.dp)[self.replica]
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg.train
+        self.t_start = time.perf_counter() - self.totals["elapsed_s"]
+        self.comm.meter.snapshot(reset=True)
+        self._snapshot()
+        pending: dict[str, Any] | None = None
+        while True:
+            try:
+                if pending is not None:
+                    self.enter(pending)
+                    pending = None
+                self.mark = time.perf_counter()
+                while self.step < cfg.steps:
+                    self._keep_pace()
+                    self.train_step()
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        self.evaluate()
+                        self.mark = time.perf_counter()
+                    self._boundary()
+                if self.voted < self.step:  # the last steps settle only when waited for
+                    self.algo.quiesce()
+                    self._vote(self.step)
+                self.member.wait_committed(cfg.steps, self.member.epoch)
+                return self._finish()
+            except Reconfigure:
+                pass
+            except NonFiniteStep:
+                raise
+            except Exception as e:  # a collective failed: a peer died or a link broke
+                if not _is_comm_error(e):
+                    raise
+                why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                print(
+                    f"farflung: worker {self.member.id}: a collective failed ({why}); "
+                    "waiting for the coordinator",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.member.fault(self.gen["gen"], why)
+            pending = self.member.next_generation(self.gen["gen"])
+
+    def _keep_pace(self) -> None:
+        """Run at most ``elastic.max_lag_steps`` ahead of the last commit (each step
+        ahead holds a snapshot)."""
+        behind = self.step - self.cfg.elastic.max_lag_steps
+        if behind > self.member.committed:
+            self.member.wait_committed(behind, self.member.epoch)
+        self._forget_committed()
+
+    def train_step(self) -> None:
+        t = self.step + 1
+        # dropout: the same for a redone step, whichever attempt and group size
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + t * 1009 + self.replica)
+        lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim) * self.algo.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ids = self.step_ids(self.step)
+        loss = self._forward_backward_share(ids)
+        self.step = t
+        skipped = self._update(math.isfinite(loss))
+        now = time.perf_counter()
+        wall, self.mark = now - self.mark, now
+        snap = self.comm.meter.snapshot(reset=True)
+        self.totals["tokens"] += self.cfg.train.batch_size * self.cfg.model.context
+        row = local_row(t, lr, self.totals["tokens"], now - self.t_start, loss, wall, snap, skipped)
+        self.pending_votes[t] = {"samples": [int(i) for i in ids], "row": row}
+
+    def _forward_backward_share(self, ids: np.ndarray) -> float:
+        """Mean loss over this member's share, its gradient weighted so that the
+        group's average is the global batch's mean whatever the shares' sizes."""
+        micro = self.cfg.train.micro_batch_size or len(ids)
+        weight = len(ids) * self.dp / self.cfg.train.batch_size
+        loss_sum = 0.0
+        for start in range(0, len(ids), micro):
+            part = ids[start : start + micro]
+            x, y = self.train_set.batch(part)
+            _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
+            scale = len(part) / len(ids)
+            if weight != 1.0:
+                scale *= weight
+            (loss * scale).backward()
+            loss_sum += loss.item() * len(part)
+        return loss_sum / len(ids)
+
+    def _boundary(self) -> None:
+        """After a step: vote the steps now settled, keep a snapshot for the next."""
+        self._vote(self.algo.settled_step(self.step))
+        self._snapshot()
+
+    def _vote(self, settled: int) -> None:
+        if settled <= self.voted:
+            return
+        votes = [{"step": t, **self.pending_votes.pop(t)} for t in range(self.voted + 1, settled + 1)]
+        votes[-1]["hash"] = state_hash({"step": settled, "state": self.algo.shared_state()})
+        self.member.vote(self.gen["gen"], votes)
+        self.voted = settled
+
+    def drain(self) -> None:
+        """No telemetry collective: rows travel with the votes."""
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        b = self.cfg.train.batch_size
+        total = torch.zeros(1, dtype=torch.float64, device=self.info.device)
+        with self.algo.eval_parameters() as model:
+            model.eval()
+            for i in range(self.cfg.train.eval_batches):
+                ids = np.array_split(val_batch_ids(i, b, len(self.val_set)), self.dp)[self.replica]
+                total += self._eval_loss_sum(model, ids)
+            model.train()
+        self.comm.all_reduce(total, kind="ctrl")
+        self.last_val = total.item() / (b * self.cfg.train.eval_batches)
+        if self.step in self.pending_votes:
+            self.pending_votes[self.step]["val_loss"] = self.last_val
+        return self.last_val
+
+    def _finish(self) -> dict[str, Any]:
+        """Every step is committed: the final evaluation, the model, and the end."""
+        val = self.evaluate()
+        if self.is_main:
+            self.save()
+        self.totals["elapsed_s"] = time.perf_counter() - self.t_start
+        summary = {"final_val_loss": val, "params": self.params, "wall_s": self.totals["elapsed_s"]}
+        self.member.done(self.gen["gen"], {"summary": summary})
+        epoch = self.member.epoch
+        self.member.wait_committed(10**18, epoch, until=lambda: self.member.finished)
+        return summary
+
+    def save(self) -> None:
+        """The run's model and this worker's state as a one-rank checkpoint (the first
+        member only: the state every member can resume from)."""
+        root = self.out / "checkpoints"
+        tmp = ckpt.tmp_dir(root, self.step)
+        ckpt.mark_present(tmp, 0)
+        ckpt.write_rank_state(tmp, 0, self._rank_state())
+        with_model = self._write_model(tmp, [0])
+        from farflung.config import config_to_toml
+
+        (tmp / "config.toml").write_text(config_to_toml(replace(self.cfg)))
+        (tmp / "tokenizer.json").write_bytes(self.tokenizer_path.read_bytes())
+        extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": self.last_val}
+        ckpt.commit(tmp, self.step, 1, [0], extra, self.cfg.train.keep_checkpoints, with_model)
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    from farflung.train.entry import is_comm_failure
+
+    return is_comm_failure(e)
