@@ -66,7 +66,14 @@ def run_elastic(worker_args: list[str], args: argparse.Namespace, cfg: Config, o
     from farflung.train.elastic_run import launch_elastic
     from farflung.train.progress import print_summary
 
-    code = launch_elastic(worker_args, args.workers, cfg, out, placement, quiet=args.quiet)
+    replay = None
+    if args.replay:
+        from farflung.train.metrics import read_jsonl
+
+        replay = read_jsonl(Path(args.replay))
+    code = launch_elastic(
+        worker_args, args.workers, cfg, out, placement, quiet=args.quiet, replay=replay
+    )
     summary = out / "summary.json"
     if code == 0 and summary.is_file() and not args.quiet:
         import json
@@ -173,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with N local worker processes")
     add_train_args(t)
     t.add_argument("--workers", type=int, default=1, help="local worker processes")
+    t.add_argument(
+        "--replay",
+        metavar="EVENTS",
+        help="elastic runs: reproduce the membership changes of another run's "
+        "events.jsonl at the same steps (a reference run for a faulted one)",
+    )
     add_network_args(t)
     t.set_defaults(func=cmd_train)
 

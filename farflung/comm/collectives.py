@@ -30,6 +30,7 @@ the real transfer's completion, so over a real shaped link and a delay-only mode
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -142,7 +143,8 @@ class Handle:
         if self._work is not None:
             if self._comm.epoch is not None:
                 self._comm.wait_or_abort(self._work)
-            self._work.wait()
+            else:
+                self._work.wait()
         if self._legs:
             link = self._comm.link
             # the callback may still be running right after wait(): then it is now
@@ -176,12 +178,36 @@ class Comm:
         self.epoch = current_epoch()
 
     def wait_or_abort(self, work: object) -> None:
-        """Poll ``work`` until it completes, or raise Reconfigure once the membership
-        has moved past this Comm's epoch (the peer it waits on may never answer)."""
+        """Wait for ``work``, or raise Reconfigure once the membership has moved past
+        this Comm's epoch (the peer it waits on may never answer).
+
+        Collectives are polled. gloo's point-to-point works report completion only
+        from inside ``wait()``, so those are waited on by a helper thread, which is
+        left behind if the membership changes first."""
+        if isinstance(work, _Works):
+            done, failure = threading.Event(), []
+
+            def waiter() -> None:
+                try:
+                    work.wait()
+                except Exception as e:  # handed to the caller
+                    failure.append(e)
+                done.set()
+
+            threading.Thread(target=waiter, daemon=True).start()
+            while not done.wait(POLL_S * 4):
+                self._check_epoch()
+            if failure:
+                raise failure[0]
+            return
         while not work.is_completed():
-            if _epoch is not None and _epoch() != self.epoch:
-                raise Reconfigure(f"membership changed (epoch {self.epoch} -> {_epoch()})")
+            self._check_epoch()
             time.sleep(POLL_S)
+        work.wait()
+
+    def _check_epoch(self) -> None:
+        if _epoch is not None and _epoch() != self.epoch:
+            raise Reconfigure(f"membership changed (epoch {self.epoch} -> {_epoch()})")
 
     # -- collectives -------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, kind: str, op=dist.ReduceOp.SUM) -> None:
@@ -346,7 +372,7 @@ class Comm:
         return self._start(
             kind,
             lambda t0: [self._send(peer, nbytes(t), t0)],
-            lambda: dist.isend(t, self._global(peer), group=self.group, tag=tag),
+            lambda: _Works([dist.isend(t, self._global(peer), group=self.group, tag=tag)]),
             blocking=False,
         )
 
@@ -357,7 +383,7 @@ class Comm:
         return self._start(
             kind,
             lambda t0: [self._recv(peer, nbytes(t), t0)],
-            lambda: dist.irecv(t, self._global(peer), group=self.group, tag=tag),
+            lambda: _Works([dist.irecv(t, self._global(peer), group=self.group, tag=tag)]),
             blocking=False,
         )
 
@@ -366,7 +392,8 @@ class Comm:
             work = dist.barrier(group=self.group, async_op=True)
             if self.epoch is not None:
                 self.wait_or_abort(work)
-            work.wait()
+            else:
+                work.wait()
 
     def account(self, kind: str, seconds: float) -> None:
         """Record time spent waiting on communication of ``kind``."""

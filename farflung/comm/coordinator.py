@@ -107,8 +107,10 @@ class _Change:
 class Coordinator:
     """Serve an elastic run of ``expected`` initial workers; see the module docstring.
 
-    ``replay``: a membership log to reproduce (``[{"id", "step"}]``: member ``id``
-    leaves once step ``step`` is committed), for reference runs."""
+    ``replay``: a membership log to reproduce, for reference runs: records
+    ``{"event": "left" | "joined", "id", "committed"}`` as ``events.jsonl`` holds them.
+    A leaver is told to leave once ``committed`` is; a joiner is admitted only then,
+    and no later step commits before it is."""
 
     def __init__(
         self,
@@ -124,7 +126,8 @@ class Coordinator:
     ) -> None:
         self.expected, self.heartbeat_s, self.handler = expected, heartbeat_s, handler
         self.min_workers = min_workers
-        self.replay = sorted(replay or [], key=lambda r: r["step"])
+        # a joiner lost before it entered changed nothing
+        self.replay = [dict(r) for r in replay or [] if r.get("member", True)]
         self.log = log or (lambda msg: None)
         self.listener = socket.create_server((host, port), reuse_port=False)
         self.port = self.listener.getsockname()[1]
@@ -199,20 +202,27 @@ class Coordinator:
         while True:
             msg = conn.outbox.get()
             if msg is None:
+                self._shut(conn.sock)
                 return
             try:
                 send_line(conn.sock, lock, msg)
             except OSError:
                 return
 
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: _Conn, drain: bool = False) -> None:
+        """Stop talking to a worker; ``drain``: after what is queued for it is sent."""
         conn.alive = False
         conn.outbox.put(None)
+        if not drain:
+            self._shut(conn.sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
         try:
-            conn.sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        conn.sock.close()
+        sock.close()
 
     def _hello(self, sock: socket.socket, msg: dict[str, Any]) -> _Conn:
         with self.lock:
@@ -227,7 +237,8 @@ class Coordinator:
             if joiner:
                 self.joiners.append(wid)
                 self.log(f"worker {wid} asks to join")
-                self._reconsider()
+                if not self._replay_due():
+                    self._reconsider()
             else:
                 self._form_first()
         return conn
@@ -274,23 +285,40 @@ class Coordinator:
             votes = self.votes.get(step, {})
             if not set(self.members) <= set(votes):
                 return
+            if self.replay and self.replay[0]["committed"] < step:
+                return  # a replayed change comes first (a join still on its way)
             self.handler.on_commit(step, self.gen, list(self.members), votes)
             del self.votes[step]
             self.committed = step
             self._flush_change()
             for i in self.members:
                 self.conns[i].send({"op": "commit", "step": step})
-            while self.replay and self.replay[0]["step"] <= step:
-                entry = self.replay.pop(0)
-                leaver = self.conns.get(entry["id"])
-                if leaver is not None and leaver.alive:
-                    leaver.send({"op": "leave"})
-                    self._lose(leaver, "replay", f"the replayed log has it leave after step {step}")
-                    return
+            if self._replay_due():
+                return
+
+    def _replay_due(self) -> bool:
+        """Act on the replayed log's changes due now; True when the group changed."""
+        changed = False
+        while self.replay and self.replay[0]["committed"] == self.committed:
+            entry = self.replay[0]
+            if entry["event"] == "joined":
+                if not any(self.conns[i].alive for i in self.joiners):
+                    break  # wait for it: commits are held meanwhile
+                self._reconsider()  # admits it: the log's next change is this join
+                self.replay.pop(0)
+                return True
+            self.replay.pop(0)
+            leaver = self.conns.get(entry["id"])
+            if leaver is not None and leaver.alive:
+                leaver.send({"op": "leave"})
+                step = self.committed
+                self._lose(leaver, "replay", f"the replayed log has it leave after step {step}")
+                changed = True
+        return changed
 
     def _lose(self, conn: _Conn, why: str, detail: str) -> None:
         silent = time.monotonic() - conn.last_seen
-        self._close(conn)
+        self._close(conn, drain=why == "replay")
         was_member = conn.id in self.members
         if conn.id in self.joiners:
             self.joiners.remove(conn.id)
@@ -339,6 +367,10 @@ class Coordinator:
                 f"{len(live) + len(ready)} live workers, fewer than elastic.min_workers = "
                 f"{self.min_workers}; waiting for joiners"
             )
+        if self.replay and ready and lost == []:
+            nxt = self.replay[0]
+            if nxt["event"] != "joined" or nxt["committed"] != self.committed:
+                return  # a replayed join enters where the log has it, not before
         self.joiners = [i for i in self.joiners if i not in ready]
         for i in ready:
             self._pending_records().append(
@@ -398,7 +430,7 @@ class Coordinator:
 
     def _monitor_loop(self) -> None:
         period = self.heartbeat_s / BEATS_PER_BOUND
-        while not self.closed.wait(period / 2):
+        while not self.closed.wait(period / 2) and not self.finished.is_set():
             now = time.monotonic()
             with self.lock:
                 for c in list(self.conns.values()):

@@ -302,8 +302,9 @@ class ElasticConfig:
     min_workers: int = 1
     """The run waits (commits nothing) while fewer workers are live."""
     max_lag_steps: int = 2
-    """How many steps a worker may run ahead of the last step every member has
-    committed (each uncommitted step keeps a snapshot in memory to roll back to)."""
+    """How many steps (DiLoCo: rounds) a worker may run ahead of the last step every
+    member has committed; each uncommitted one keeps a snapshot in memory to roll
+    back to."""
     respawn: bool = True
     """The local launcher restarts a worker that crashed as a joiner (it fetches its
     state from a live peer), so a run keeps its size through crashes."""

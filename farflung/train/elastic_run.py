@@ -176,6 +176,7 @@ def launch_elastic(
     procs: dict[int, subprocess.Popen] = {}
     slots: dict[int, int] = {}  # process key -> placement slot (its namespace)
     respawns = 0
+    joins_due = sum(r["event"] == "joined" for r in replay or [])
 
     def start(key: int, slot: int, join: bool) -> None:
         extra = {**placement.envs[slot], COORDINATOR_ENV: address, "FARFLUNG_NETWORK": placement.description}
@@ -196,9 +197,15 @@ def launch_elastic(
         while not coord.finished.is_set():
             for key, p in list(procs.items()):
                 code = p.poll()
-                if code is None or code == 0:
+                if code is None:
                     continue
                 del procs[key]
+                if code == 0:  # it left (a replayed log): its replacement joins when due
+                    if joins_due > 0:
+                        joins_due -= 1
+                        start(next_key, slots[key], join=True)
+                        next_key += 1
+                    continue
                 if code > 0 and code != EXIT_PEER_LOST:  # bad input or a bug: no retry helps
                     print(f"farflung: worker process {key} failed (exit {code}); stopping", file=sys.stderr)
                     return code

@@ -24,6 +24,8 @@ import copy
 import hashlib
 import io
 import math
+import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -112,6 +114,7 @@ class ElasticWorker(Worker):
         self.results: dict[int, Any] = {}  # cocktail: sync results by the step they settle
         self.pending_votes: dict[int, dict[str, Any]] = {}
         self.voted = 0
+        self.signal_at = _parse_signal(os.environ.get(SIGNAL_ENV), member.id)
         super().__init__(cfg, out, info, show_progress=False)
         self.is_main = self.replica == 0
         self._hook_algorithm()
@@ -265,13 +268,16 @@ class ElasticWorker(Worker):
     def _keep_pace(self) -> None:
         """Run at most ``elastic.max_lag_steps`` ahead of the last commit (each step
         ahead holds a snapshot)."""
-        behind = self.step - self.cfg.elastic.max_lag_steps
+        behind = self.step - self.cfg.elastic.max_lag_steps * self.algo.settle_every
         if behind > self.member.committed:
             self.member.wait_committed(behind, self.member.epoch)
         self._forget_committed()
 
     def train_step(self) -> None:
         t = self.step + 1
+        if self.signal_at is not None and self.signal_at[0] == t:
+            os.kill(os.getpid(), self.signal_at[1])  # a real SIGKILL/SIGSTOP, for tests
+            self.signal_at = None
         # dropout: the same for a redone step, whichever attempt and group size
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + t * 1009 + self.replica)
         lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim) * self.algo.lr_scale
@@ -363,6 +369,18 @@ class ElasticWorker(Worker):
         (tmp / "tokenizer.json").write_bytes(self.tokenizer_path.read_bytes())
         extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": self.last_val}
         ckpt.commit(tmp, self.step, 1, [0], extra, self.cfg.train.keep_checkpoints, with_model)
+
+
+SIGNAL_ENV = "FARFLUNG_SIGNAL_AT"
+"""Fault injection: ``ID:STEP:SIGNAL`` (e.g. ``1:7:SIGKILL``): worker ``ID`` sends
+itself ``SIGNAL`` as it starts step ``STEP``."""
+
+
+def _parse_signal(spec: str | None, wid: int | None) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    who, step, name = spec.split(":")
+    return (int(step), signal.Signals[name].value) if int(who) == wid else None
 
 
 def _is_comm_error(e: BaseException) -> bool:
