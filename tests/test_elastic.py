@@ -63,7 +63,7 @@ def test_fault_then_replay_is_bit_identical(tiny, tmp_path, algorithm, sig, sets
     step = random.Random().randint(3, STEPS - 4)
     sets = (f"parallel.algorithm={algorithm}", *sets)
     faulted = tmp_path / "faulted"
-    r = elastic_run(tiny, faulted, *sets, env={"FARFLUNG_SIGNAL_AT": f"1:{step}:{sig}"})
+    r = elastic_run(tiny, faulted, *sets, env={"FARFLUNG_FAULTS": f"1:{step}:{sig}"})
     assert r.returncode == 0, f"fault at step {step}: {r.stderr}"
     events = check_run(faulted)
     left = [e for e in events if e["event"] == "left"]

@@ -72,7 +72,14 @@ def run_elastic(worker_args: list[str], args: argparse.Namespace, cfg: Config, o
 
         replay = read_jsonl(Path(args.replay))
     code = launch_elastic(
-        worker_args, args.workers, cfg, out, placement, quiet=args.quiet, replay=replay
+        worker_args,
+        args.workers,
+        cfg,
+        out,
+        placement,
+        quiet=args.quiet,
+        replay=replay,
+        resume=args.resume,
     )
     summary = out / "summary.json"
     if code == 0 and summary.is_file() and not args.quiet:

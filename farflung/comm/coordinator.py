@@ -56,6 +56,10 @@ class Handler(Protocol):
     def on_finish(self, done: dict[int, dict]) -> None:
         """Every member has finished; ``done`` holds each one's last message."""
 
+    def rewind(self) -> int:
+        """Every member is lost: go back to the last checkpoint (0: the start), drop
+        what was committed after it, and return its step."""
+
 
 def send_line(sock: socket.socket, lock: threading.Lock, msg: dict[str, Any]) -> None:
     data = (json.dumps(msg) + "\n").encode()
@@ -89,6 +93,7 @@ class _Conn:
     last_seen: float
     outbox: queue.Queue = field(default_factory=queue.Queue)
     alive: bool = True
+    joined: float = field(default_factory=time.monotonic)
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.alive:
@@ -349,12 +354,31 @@ class Coordinator:
         if self.gen < 0 or self.finished.is_set():
             return
         live = [i for i in self.members if self.conns[i].alive]
+        # joiners come in bursts (a launcher restarting several): one generation for
+        # the burst, once no new one has arrived for a beat
+        settle = self.heartbeat_s / BEATS_PER_BOUND
+        newest = max((self.conns[i].joined for i in self.joiners), default=0.0)
         ready = [i for i in self.joiners if self.conns[i].alive]
+        if ready and time.monotonic() - newest < settle:
+            ready = []
         if live == self.members and not ready and self.fault_since is None:
             return
         lost = [i for i in self.members if not self.conns[i].alive]
         if not live:
-            return self._stall("every member is lost; no state to continue from")
+            if not ready:
+                return self._stall("every member is lost; waiting for joiners to resume")
+            step = self.handler.rewind()  # nobody holds the state: a checkpoint does
+            self._pending_records().append(
+                {"event": "rewound", "id": None, "committed": self.committed, "to_step": step}
+            )
+            self.log(f"every member was lost: resuming from the checkpoint of step {step}")
+            self.committed = step
+            self.joiners = [i for i in self.joiners if i not in ready]
+            for i in ready:
+                self._pending_records().append(
+                    {"event": "joined", "id": i, "committed": step, "at": time.time()}
+                )
+            return self._new_generation(ready, donor=None)
         certain = all(r.get("why") in ("crash", "replay") for r in self._lost_records(lost))
         # returning members (a healed partition) come back as joiners and count
         if lost and not certain and 2 * (len(live) + len(ready)) <= len(self.members):
@@ -442,4 +466,6 @@ class Coordinator:
                 # a failed collective with no loss seen within a beat: the group broke
                 # (a link flapped) while everyone is alive; re-form it as it was
                 if self.fault_since is not None and now - self.fault_since > period:
+                    self._reconsider()
+                elif self.joiners:  # admitted once their burst has settled
                     self._reconsider()

@@ -30,7 +30,8 @@ from farflung.comm import free_port
 from farflung.comm.coordinator import Coordinator
 from farflung.config import Config, config_to_toml
 from farflung.data import batch_ids
-from farflung.train.metrics import aggregate, read_jsonl
+from farflung.train import checkpoint as ckpt
+from farflung.train.metrics import aggregate, read_jsonl, truncate_jsonl
 
 COORDINATOR_ENV = "FARFLUNG_COORDINATOR"  # host:port of the coordinator
 ID_ENV = "FARFLUNG_ELASTIC_ID"  # the worker's id (initial workers)
@@ -87,9 +88,35 @@ class RunLog:
         if not self.quiet and (step % 10 == 0 or step == self.cfg.train.steps):
             print(f"farflung: step {step}/{self.cfg.train.steps} loss {rec.loss:.4f} members {members}", file=sys.stderr)
 
+    def rewind(self) -> int:
+        """Back to the newest intact checkpoint (0 when none): the files lose what was
+        committed after it."""
+        valid, _ = ckpt.verified(self.out / "checkpoints", rank=0)
+        step = max(valid, default=0)
+        self.resume_from(step)
+        return step
+
+    def resume_from(self, step: int) -> None:
+        """Files and totals as they were when ``step`` was committed."""
+        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+            truncate_jsonl(self.out / name, step)
+        records = read_jsonl(self.out / "metrics.jsonl")
+        t = self.totals
+        t.update(steps=step, tokens=step * self.cfg.train.batch_size * self.cfg.model.context)
+        t["train_s"] = sum(r["wall_s"] for r in records)
+        t["sent"] = sum(r["bytes_sent"] for r in records)
+        t["recv"] = sum(r["bytes_recv"] for r in records)
+        self.by_kind = {}
+        for r in records:
+            for k, n in r["bytes_by_kind"].items():
+                self.by_kind[k] = self.by_kind.get(k, 0) + n
+        self.member_steps = sum(len(r["members"]) for r in read_jsonl(self.out / "samples.jsonl"))
+
     def on_event(self, record: dict[str, Any]) -> None:
         self._append("events.jsonl", record)
-        if not self.quiet:
+        if not self.quiet and record["event"] == "rewound":
+            print(f"farflung: every worker was lost; resumed from step {record['to_step']}", file=sys.stderr)
+        elif not self.quiet:
             what = "left" if record["event"] == "left" else "joined"
             why = f" ({record['why']}: {record['detail']})" if what == "left" else ""
             print(
@@ -148,6 +175,16 @@ def check_samples(path: Path, cfg: Config, n_train: int) -> list[str]:
     return problems
 
 
+def _netns(name: str):
+    if not name:
+        import contextlib
+
+        return contextlib.nullcontext()
+    from farflung.comm.netlab import in_netns
+
+    return in_netns(name)
+
+
 def launch_elastic(
     worker_args: list[str],
     workers: int,
@@ -156,6 +193,7 @@ def launch_elastic(
     placement: Any,
     quiet: bool = False,
     replay: list[dict[str, int]] | None = None,
+    resume: bool = False,
 ) -> int:
     """Run ``workers`` local workers under a coordinator in this process; a crashed
     worker is restarted as a joiner when ``elastic.respawn`` (at most ``workers``
@@ -164,12 +202,22 @@ def launch_elastic(
     from farflung.train.launch import GRACE_S, worker_env
 
     log = RunLog(cfg, out, quiet)
+    if resume:
+        log.rewind()
     say = (lambda m: None) if quiet else (lambda m: print(f"farflung: coordinator: {m}", file=sys.stderr))
-    coord = Coordinator(
-        workers, cfg.elastic.heartbeat_s, log, min_workers=cfg.elastic.min_workers, replay=replay, log=say
-    ).start()
+    with _netns(placement.coordinator_netns):  # its sockets live where workers reach them
+        coord = Coordinator(
+            workers,
+            cfg.elastic.heartbeat_s,
+            log,
+            min_workers=cfg.elastic.min_workers,
+            replay=replay,
+            log=say,
+        )
+    coord.start()
     host = placement.coordinator_addr or "127.0.0.1"
     address = f"{host}:{coord.port}"
+    (out / "coordinator.json").write_text(json.dumps({"address": address, "pid": os.getpid()}))
     if not quiet:
         print(f"farflung: elastic run; join it with: farflung train ... --join {address}", file=sys.stderr)
     reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))

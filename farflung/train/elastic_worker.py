@@ -21,14 +21,15 @@ The loop is :class:`~farflung.train.loop.Worker`'s, with four additions:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,19 @@ def join_group(member: Member, gen: dict[str, Any], backend: str, timeout_s: flo
     _GRAVEYARD.append(store)
     members = gen["members"]
     rank = members.index(member.id)
+    prefixed = dist.PrefixStore(f"gen{gen['gen']}/", store)
+    # meet first, abortably: torch's own rendezvous would wait out its whole timeout
+    # for a member that has moved on to a newer generation
+    prefixed.add("arrived", 1)
+    while prefixed.add("arrived", 0) < len(members):
+        if member.lost is not None:
+            raise member.lost
+        if member.gen is not None and member.gen["gen"] != gen["gen"]:
+            raise Reconfigure(f"generation {gen['gen']} was replaced before it met")
+        time.sleep(0.01)
     dist.init_process_group(
         backend,
-        store=dist.PrefixStore(f"gen{gen['gen']}/", store),
+        store=prefixed,
         rank=rank,
         world_size=len(members),
         timeout=_timedelta(timeout_s),
@@ -114,15 +125,25 @@ class ElasticWorker(Worker):
         self.results: dict[int, Any] = {}  # cocktail: sync results by the step they settle
         self.pending_votes: dict[int, dict[str, Any]] = {}
         self.voted = 0
-        self.signal_at = _parse_signal(os.environ.get(SIGNAL_ENV), member.id)
+        self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""), member.id)
         super().__init__(cfg, out, info, show_progress=False)
         self.is_main = self.replica == 0
         self._hook_algorithm()
-        if gen["restart"] != self.step + 1:  # a joiner: the donor's state
-            snap = self._fetch(gen)
+        self.saved_step = 0
+        self._snapshot()
+        self.initial = self.snapshots[1]
+        if gen["restart"] != self.step + 1:  # resumed, or a joiner: not the start
+            snap = self._state_for(gen)
             self._restore(snap)
             self.snapshots = {gen["restart"]: snap}
-            self.voted = self.step
+            self.voted = self.saved_step = self.step
+
+    def _state_for(self, gen: dict[str, Any]) -> dict[str, Any]:
+        """The state to enter ``gen`` with, when this worker holds none: a donor's, or
+        a checkpoint's (every member was lost, or the run resumes)."""
+        if gen.get("donor") is None:
+            return self._load_checkpoint(gen["restart"] - 1)
+        return self._fetch(gen)
 
     def _telemetry_group(self) -> None:
         return None  # rows travel with the votes
@@ -148,7 +169,7 @@ class ElasticWorker(Worker):
         self._hook_algorithm()
         snap = self.snapshots.get(restart)
         if snap is None:
-            snap = self._fetch(gen)
+            snap = self._state_for(gen)
         self._restore(snap)
         self.snapshots = {restart: snap}
         self.pending_votes = {t: v for t, v in self.pending_votes.items() if t < restart}
@@ -178,25 +199,29 @@ class ElasticWorker(Worker):
 
     def _on_result(self, sync_index: int, result: Any) -> None:
         """A cocktail sync result, before it is applied: the snapshot of the step it
-        settles needs it to redo what follows (results are reused buffers: copied)."""
+        settles needs it to redo what follows (results are reused buffers: copied),
+        in the algorithm's checkpoint form."""
         snap = self.snapshots.get(self.step)  # taken at the boundary that launched it
         if snap is not None:
-            snap["result"] = copy.deepcopy(result)
+            avg, sent, faults, stats = copy.deepcopy(result)
+            snap["algorithm"]["pending"] = [avg, sent, dataclasses.asdict(faults), stats]
 
     # -- snapshots ---------------------------------------------------------------------
     def _snapshot(self) -> None:
         """Keep what redoing step ``self.step + 1`` needs (when it may follow a commit)."""
-        if self.step % self.algo.settle_every:
-            return
-        self.snapshots[self.step + 1] = copy.deepcopy(
+        if self.step % self.algo.settle_every == 0:
+            self.snapshots[self.step + 1] = self._state(self.algo.elastic_state())
+
+    def _state(self, algorithm: dict[str, Any]) -> dict[str, Any]:
+        """A copy of everything this worker's future depends on, at this step."""
+        return copy.deepcopy(
             {
                 "step": self.step,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "algorithm": self.algo.elastic_state(),
+                "algorithm": algorithm,
                 "totals": self.totals,
                 "group_size": self.dp,
-                "result": None,
             }
         )
 
@@ -205,19 +230,51 @@ class ElasticWorker(Worker):
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.algo.load_elastic_state(snap["algorithm"], snap["group_size"] == self.dp)
-        if snap["result"] is not None:
-            from concurrent.futures import Future
-
-            self.algo.pending = Future()
-            self.algo.pending.set_result(snap["result"])
         self.step = snap["step"]
         self.totals = snap["totals"]
 
     def _forget_committed(self) -> None:
-        """Committed steps are never redone: their snapshots go."""
+        """Committed steps are never redone: their snapshots go (the first member
+        checkpoints one first when ``train.checkpoint_every`` says so)."""
         committed = self.member.committed
-        for t in [t for t in self.snapshots if t <= committed]:
-            del self.snapshots[t]
+        every = self.cfg.train.checkpoint_every
+        for t in sorted(self.snapshots):
+            step = t - 1  # the snapshot holds the state after this step
+            if step > committed:
+                break
+            due = every and step // every > self.saved_step // every
+            if self.is_main and due and 0 < step < self.cfg.train.steps:
+                self._save_snapshot(self.snapshots[t])
+            if t <= committed:
+                del self.snapshots[t]
+
+    def _save_snapshot(self, snap: dict[str, Any]) -> None:
+        """A committed state as a one-rank checkpoint any member can resume from."""
+        step = snap["step"]
+        tmp = ckpt.tmp_dir(self.out / "checkpoints", step)
+        ckpt.mark_present(tmp, 0)
+        ckpt.write_rank_state(tmp, 0, snap)
+        self._write_shared(tmp)
+        extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": None, "elastic": True}
+        keep = self.cfg.train.keep_checkpoints
+        ckpt.commit(tmp, step, 1, [0], extra, keep, with_model=False)
+        self.saved_step = step
+
+    def _write_shared(self, tmp: Path) -> None:
+        from farflung.config import config_to_toml
+
+        (tmp / "config.toml").write_text(config_to_toml(self.cfg))
+        (tmp / "tokenizer.json").write_bytes(self.tokenizer_path.read_bytes())
+
+    def _load_checkpoint(self, step: int) -> dict[str, Any]:
+        """The snapshot a checkpoint of this run holds for ``step`` (0: the initial
+        state, which every worker builds for itself)."""
+        if step == 0:
+            return self.initial
+        valid, problems = ckpt.verified(self.out / "checkpoints", rank=0)
+        if step not in valid:
+            raise ckpt.CheckpointError(f"no intact checkpoint of step {step}: {problems}")
+        return ckpt.load_rank_state(valid[step], 0)
 
     # -- the loop ---------------------------------------------------------------------
     def step_ids(self, step: int) -> np.ndarray:
@@ -228,7 +285,6 @@ class ElasticWorker(Worker):
         cfg = self.cfg.train
         self.t_start = time.perf_counter() - self.totals["elapsed_s"]
         self.comm.meter.snapshot(reset=True)
-        self._snapshot()
         pending: dict[str, Any] | None = None
         while True:
             try:
@@ -275,9 +331,8 @@ class ElasticWorker(Worker):
 
     def train_step(self) -> None:
         t = self.step + 1
-        if self.signal_at is not None and self.signal_at[0] == t:
-            os.kill(os.getpid(), self.signal_at[1])  # a real SIGKILL/SIGSTOP, for tests
-            self.signal_at = None
+        for action in self.faults.pop(t, []):
+            inject(action)
         # dropout: the same for a redone step, whichever attempt and group size
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + t * 1009 + self.replica)
         lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim) * self.algo.lr_scale
@@ -361,26 +416,45 @@ class ElasticWorker(Worker):
         root = self.out / "checkpoints"
         tmp = ckpt.tmp_dir(root, self.step)
         ckpt.mark_present(tmp, 0)
-        ckpt.write_rank_state(tmp, 0, self._rank_state())
+        # the algorithm's checkpoint form: it waits for a sync in flight and keeps it
+        ckpt.write_rank_state(tmp, 0, self._state(self.algo.state_dict()))
         with_model = self._write_model(tmp, [0])
-        from farflung.config import config_to_toml
-
-        (tmp / "config.toml").write_text(config_to_toml(replace(self.cfg)))
-        (tmp / "tokenizer.json").write_bytes(self.tokenizer_path.read_bytes())
+        self._write_shared(tmp)
         extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": self.last_val}
         ckpt.commit(tmp, self.step, 1, [0], extra, self.cfg.train.keep_checkpoints, with_model)
 
 
-SIGNAL_ENV = "FARFLUNG_SIGNAL_AT"
-"""Fault injection: ``ID:STEP:SIGNAL`` (e.g. ``1:7:SIGKILL``): worker ``ID`` sends
-itself ``SIGNAL`` as it starts step ``STEP``."""
+FAULTS_ENV = "FARFLUNG_FAULTS"
+"""Fault injection for tests and benchmarks: ``ID:STEP:ACTION[,...]``; worker ``ID``
+does ``ACTION`` to itself as it starts step ``STEP``: a signal name (``SIGKILL``,
+``SIGSTOP``), ``LINKDOWN`` (its network interface goes down, in the network lab) or
+``LINKFLAP<seconds>`` (down, and up again that much later)."""
 
 
-def _parse_signal(spec: str | None, wid: int | None) -> tuple[int, int] | None:
-    if not spec:
-        return None
-    who, step, name = spec.split(":")
-    return (int(step), signal.Signals[name].value) if int(who) == wid else None
+def parse_faults(spec: str, wid: int | None) -> dict[int, list[str]]:
+    faults: dict[int, list[str]] = {}
+    for item in filter(None, spec.split(",")):
+        who, step, action = item.split(":")
+        if int(who) == wid:
+            faults.setdefault(int(step), []).append(action)
+    return faults
+
+
+def inject(action: str) -> None:
+    """Do ``action`` (see :data:`FAULTS_ENV`) to this process or its link: real faults."""
+    if action.startswith("SIG"):
+        os.kill(os.getpid(), signal.Signals[action])
+        return
+    iface = os.environ.get("GLOO_SOCKET_IFNAME")
+    if not iface:
+        raise RuntimeError(f"fault {action} needs the network lab (GLOO_SOCKET_IFNAME)")
+    subprocess.run(["ip", "link", "set", iface, "down"], check=True)
+    if action.startswith("LINKFLAP"):
+        seconds = float(action.removeprefix("LINKFLAP"))
+        # a process of its own: this one may be gone (evicted) before the link is back
+        subprocess.Popen(
+            ["sh", "-c", f"sleep {seconds}; ip link set {iface} up"], start_new_session=True
+        )
 
 
 def _is_comm_error(e: BaseException) -> bool:

@@ -24,7 +24,7 @@ from farflung.comm import DistInfo, init_distributed, shutdown_distributed
 from farflung.comm import watchdog as wd
 from farflung.comm.dist import store_barrier
 from farflung.comm.emulation import install_link_model_from_env
-from farflung.comm.errors import NonFiniteError, PeerLostError, first_line
+from farflung.comm.errors import NonFiniteError, PeerLostError, Reconfigure, first_line
 from farflung.comm.member import MembershipLost
 from farflung.config import Config, ConfigError, load_config
 from farflung.data import INDEX_FILE, DataError, ShardIndex, prepare
@@ -175,7 +175,12 @@ def _guarded(args: argparse.Namespace, rank: int) -> int:
         if e.leave:
             _say(rank, f"rank {rank}: {e}", always=True)
             return 0
-        _say(rank, f"rank {rank}: elastic worker: {e}", always=True)
+        _say(
+            rank,
+            f"rank {rank}: elastic worker: {e}; if the coordinator is gone, continue the "
+            "run with --resume (from its last checkpoint)",
+            always=True,
+        )
         write_report(rank, "lost_peer", EXIT_PEER_LOST, str(e))
         return EXIT_PEER_LOST
     except Exception as e:
@@ -328,20 +333,33 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     wid = None if joining or ID_ENV not in os.environ else int(os.environ[ID_ENV])
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     ensure_data(cfg, show_progress=False)
+    step = 0
+    if args.resume and not joining:  # every initial worker resumes the same checkpoint
+        from farflung.train import checkpoint as ckpt
+
+        valid, _ = ckpt.verified(out / "checkpoints", rank=0)
+        step = max(valid, default=0)
     holder: dict[str, ElasticWorker] = {}
     server = StateServer(lambda step: holder["w"].provide(step) if "w" in holder else None)
     member = Member(
         address,
         wid=wid,
         join=joining,
-        step=0,
+        step=step,
         state_port=server.port,
         connect_timeout_s=cfg.parallel.timeout_s,
     )
     set_epoch_source(member.current_epoch)
-    gen = member.next_generation(-1)
-    info = join_group(member, gen, pick_backend(cfg.parallel.backend), cfg.parallel.timeout_s)
-    worker = ElasticWorker(cfg, out, info, member, gen)
+    backend, gen_no = pick_backend(cfg.parallel.backend), -1
+    while True:  # a generation may be replaced while this worker enters it
+        gen = member.next_generation(gen_no)
+        gen_no = gen["gen"]
+        try:
+            info = join_group(member, gen, backend, cfg.parallel.timeout_s)
+            worker = ElasticWorker(cfg, out, info, member, gen)
+            break
+        except Reconfigure:
+            continue
     holder["w"] = worker
     worker.run()
     member.close()

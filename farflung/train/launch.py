@@ -46,6 +46,9 @@ class Placement:
     coordinator_addr: str = ""
     """Where the workers reach an elastic run's coordinator (this process); empty:
     127.0.0.1."""
+    coordinator_netns: str = ""
+    """The network namespace the coordinator listens in (the lab's bridge); empty:
+    this process's own."""
 
     @classmethod
     def plain(cls, workers: int, env: dict[str, str] | None = None) -> Placement:

@@ -143,4 +143,6 @@ def _lab_placement(
         envs=[{"GLOO_SOCKET_IFNAME": lab.iface(h), **extra} for h in rank_hosts],
         master_addr=lab.address(rank_hosts[0]),
         description=f"{spec} ({how})",
+        coordinator_addr=lab.hub_address,
+        coordinator_netns=lab.bridge_netns,
     )

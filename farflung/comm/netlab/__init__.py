@@ -9,7 +9,7 @@ from farflung.comm.netlab.housekeeping import (
     list_labs,
     netlab_down,
 )
-from farflung.comm.netlab.lab import MAX_HOSTS, Lab
+from farflung.comm.netlab.lab import MAX_HOSTS, Lab, in_netns
 from farflung.comm.netlab.throughput import (
     ThroughputResult,
     measure_duplex,
@@ -25,6 +25,7 @@ __all__ = [
     "NetlabError",
     "ThroughputResult",
     "available",
+    "in_netns",
     "list_labs",
     "measure_duplex",
     "measure_pairs",

@@ -24,6 +24,8 @@ in :meth:`Lab.env`) so the comm layer can sleep the delay in-process."""
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import json
 import math
 import os
@@ -33,7 +35,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +268,21 @@ class Lab:
         """Host i's IPv4 address (reachable from the other lab hosts only)."""
         return f"10.213.{self._subnet_octet}.{self._check(i) + 1}"
 
+    @property
+    def hub_address(self) -> str:
+        """The bridge's own address, in the bridge namespace: a service there (an
+        elastic run's coordinator) reaches every host through that host's link, and a
+        host cut off from the others is cut off from it too."""
+        return f"10.213.{self._subnet_octet}.254"
+
+    def link_down(self, i: int) -> None:
+        """Cut host i's link (``ip link set ... down``), as a failing cable would."""
+        run_cmd(["ip", "-n", self.netns(i), "link", "set", self.iface(i), "down"])
+
+    def link_up(self, i: int) -> None:
+        """Restore host i's link after :meth:`link_down` (address and shaping stay)."""
+        run_cmd(["ip", "-n", self.netns(i), "link", "set", self.iface(i), "up"])
+
     def exec_prefix(self, i: int) -> list[str]:
         """``["ip", "netns", "exec", <netns>]``: put it in front of a command line."""
         return ["ip", "netns", "exec", self.netns(i)]
@@ -374,6 +391,7 @@ class Lab:
             run_batch(["ip"], sysctls, check=False)
         br = self.bridge_netns  # the bridge device shares the namespace's name
         lines = ["link set lo up", f"link add {br} type bridge", f"link set {br} up"]
+        lines += [f"addr add {self.hub_address}/24 dev {br}"]
         for i in range(self.n):
             # the veth is born in the bridge namespace with its peer straight in host i
             lines += [
@@ -477,3 +495,24 @@ class Lab:
     def __repr__(self) -> str:
         state = "up" if self._up else "down"
         return f"Lab({self.prefix}, {self.matrix.describe()}, shaping={self.shaping}, {state})"
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run the calling thread inside network namespace ``name`` for the block:
+    sockets created there stay in it (e.g. a server listening in the lab's bridge
+    namespace while the rest of the process lives outside)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newnet = 0x40000000
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(there, clone_newnet) != 0:
+            raise NetlabError(f"cannot enter network namespace {name}: {os.strerror(ctypes.get_errno())}")
+        try:
+            yield
+        finally:
+            libc.setns(here, clone_newnet)
+    finally:
+        os.close(here)
+        os.close(there)
