@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +24,17 @@ from farflung.train.metrics import read_jsonl
 STEPS = 16
 
 
-def elastic_run(tiny: Path, out: Path, *sets: str, env: dict | None = None, replay: Path | None = None):  # noqa: F811
-    args = ["train", str(tiny / "tiny.toml"), "--workers", "3", "--out", str(out), "--quiet"]
+def elastic_run(
+    tiny: Path,  # noqa: F811
+    out: Path,
+    *sets: str,
+    env: dict | None = None,
+    replay: Path | None = None,
+    workers: int = 3,
+    netlab: str = "",
+):
+    args = ["train", str(tiny / "tiny.toml"), "--workers", str(workers), "--out", str(out)]
+    args += ["--quiet", *(["--netlab", netlab] if netlab else [])]
     args += ["--set", "elastic.enabled=true", "--set", "elastic.heartbeat_s=1.5"]
     args += ["--set", "train.batch_size=12", "--set", f"train.steps={STEPS}"]
     args += ["--set", "train.checkpoint_every=0", "--set", "train.eval_every=8"]
@@ -76,3 +89,92 @@ def test_fault_then_replay_is_bit_identical(tiny, tmp_path, algorithm, sig, sets
     key = [(e["event"], e["id"], e["committed"], e["members"]) for e in events]
     assert [(e["event"], e["id"], e["committed"], e["members"]) for e in replayed] == key
     assert model_digest(faulted) == model_digest(reference)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tiny, tmp_path_factory):  # noqa: F811
+    """An elastic allreduce run with no fault, checkpointing every 4 steps."""
+    out = tmp_path_factory.mktemp("elastic") / "undisturbed"
+    r = elastic_run(tiny, out, "train.checkpoint_every=4")
+    assert r.returncode == 0, r.stderr
+    assert check_run(out) == []
+    return out
+
+
+def test_every_member_lost_resumes_from_the_checkpoint(tiny, tmp_path, undisturbed):  # noqa: F811
+    """All three workers SIGKILLed at once: their replacements rewind to the last
+    checkpoint and the run ends with the undisturbed run's model, bit for bit."""
+    out = tmp_path / "mass"
+    kill_all = ",".join(f"{i}:10:SIGKILL" for i in range(3))
+    r = elastic_run(tiny, out, "train.checkpoint_every=4", env={"FARFLUNG_FAULTS": kill_all})
+    assert r.returncode == 0, r.stderr
+    events = check_run(out)
+    assert [e["to_step"] for e in events if e["event"] == "rewound"] == [8]
+    assert sum(e["event"] == "joined" for e in events) == 3
+    assert model_digest(out) == model_digest(undisturbed)
+
+
+def test_coordinator_killed_then_resume(tiny, tmp_path, undisturbed):  # noqa: F811
+    """The coordinator (the launcher) dies: every worker stops by itself at once (no
+    hang), and --resume continues from the last checkpoint to the same model."""
+    out = tmp_path / "coordinator"
+    cmd = [sys.executable, "-m", "farflung.cli.main", "train", str(tiny / "tiny.toml")]
+    cmd += ["--workers", "3", "--out", str(out), "--quiet"]
+    sets = ["elastic.enabled=true", "elastic.heartbeat_s=1.5", "train.batch_size=12"]
+    sets += [f"train.steps={STEPS}", "train.checkpoint_every=4", "train.eval_every=8"]
+    for s in sets:
+        cmd += ["--set", s]
+    launcher = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while len(read_jsonl(metrics)) < 10 and launcher.poll() is None:
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.05)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while workers_of(out):
+        assert time.monotonic() < deadline, f"workers still running: {workers_of(out)}"
+        time.sleep(0.1)
+    r = farflung(*cmd[3:], "--resume", timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert check_run(out) == []
+    assert model_digest(out) == model_digest(undisturbed)
+
+
+def test_join_from_the_command_line(tiny, tmp_path):  # noqa: F811
+    """`farflung train --join HOST:PORT` enters a running run: it fetches a member's
+    state, and its state hash agrees with the others' at every commit after."""
+    out = tmp_path / "joined"
+    cmd = [sys.executable, "-m", "farflung.cli.main", "train", str(tiny / "tiny.toml")]
+    sets = ["elastic.enabled=true", "elastic.heartbeat_s=1.5", "train.batch_size=12"]
+    sets += ["train.steps=40", "train.checkpoint_every=0", "train.eval_every=0"]
+    sets_args = [a for s in sets for a in ("--set", s)]
+    launcher = subprocess.Popen(
+        [*cmd, "--workers", "2", "--out", str(out), "--quiet", *sets_args],
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "FARFLUNG_FAULTS": "0:4:SLEEP10"},  # the joiner comes mid-run
+    )
+    deadline = time.monotonic() + 120
+    while len(read_jsonl(out / "metrics.jsonl")) < 3:
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    address = json.loads((out / "coordinator.json").read_text())["address"]
+    joiner = farflung(*cmd[3:], "--out", str(tmp_path / "joiner"), "--join", address, *sets_args)
+    assert joiner.returncode == 0, joiner.stderr
+    assert launcher.wait(timeout=120) == 0
+    joined = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "joined"]
+    assert len(joined) == 1 and joined[0]["members"] == [0, 1, 2]
+    assert joined[0]["state_bytes"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["elastic"]["hash_disagreements"] == 0
+    cfg = load_config(out / "config.toml")
+    n = len(SampleSet(TokenStream(ShardIndex.load(cfg.data.dir), "train"), cfg.model.context))
+    assert check_samples(out / "samples.jsonl", cfg, n) == []
+    assert not workers_of(out)
+
+
+def workers_of(out: Path) -> list[str]:
+    """Live processes working for the run in ``out``."""
+    r = subprocess.run(["pgrep", "-af", f"farflung.* --out {out}"], capture_output=True, text=True)
+    return [line for line in r.stdout.splitlines() if "pgrep" not in line]

@@ -143,6 +143,7 @@ class Coordinator:
         self.conns: dict[int, _Conn] = {}
         self.next_id = expected
         self.members: list[int] = []
+        self.quorum_base: list[int] = []  # the last generation that committed a step
         self.joiners: list[int] = []
         self.gen = -1
         self.committed = 0
@@ -293,6 +294,7 @@ class Coordinator:
             if self.replay and self.replay[0]["committed"] < step:
                 return  # a replayed change comes first (a join still on its way)
             self.handler.on_commit(step, self.gen, list(self.members), votes)
+            self.quorum_base = list(self.members)
             del self.votes[step]
             self.committed = step
             self._flush_change()
@@ -321,7 +323,7 @@ class Coordinator:
                 changed = True
         return changed
 
-    def _lose(self, conn: _Conn, why: str, detail: str) -> None:
+    def _lose(self, conn: _Conn, why: str, detail: str, decide: bool = True) -> None:
         silent = time.monotonic() - conn.last_seen
         self._close(conn, drain=why == "replay")
         was_member = conn.id in self.members
@@ -337,12 +339,15 @@ class Coordinator:
             "committed": self.committed,
             "silent_s": round(silent, 3),
             "at": time.time(),
+            # steps some member had already voted and will now redo
+            "steps_redone": max(self.votes, default=self.committed) - self.committed,
         }
         if not was_member:  # a joiner that never entered: nothing to recover from
             self.handler.on_event({**record, "gen": self.gen, "restart": None})
             return
         self._pending_records().append(record)
-        self._reconsider()
+        if decide:
+            self._reconsider()
 
     def _pending_records(self) -> list[dict[str, Any]]:
         if self.change is None:
@@ -380,10 +385,13 @@ class Coordinator:
                 )
             return self._new_generation(ready, donor=None)
         certain = all(r.get("why") in ("crash", "replay") for r in self._lost_records(lost))
-        # returning members (a healed partition) come back as joiners and count
-        if lost and not certain and 2 * (len(live) + len(ready)) <= len(self.members):
+        # majority of the last generation that made progress (one lost by one, a
+        # partition would otherwise shrink it step by step); returning members (a
+        # healed partition) come back as joiners and count
+        base = self.quorum_base or self.members
+        if lost and not certain and 2 * (len(live) + len(ready)) <= len(base):
             return self._stall(
-                f"only {len(live)} of {len(self.members)} members answer: no majority "
+                f"only {len(live)} of {len(base)} members answer: no majority "
                 "(a partition?), waiting"
             )
         if len(live) + len(ready) < self.min_workers:
@@ -457,12 +465,16 @@ class Coordinator:
         while not self.closed.wait(period / 2) and not self.finished.is_set():
             now = time.monotonic()
             with self.lock:
+                silent = []
                 for c in list(self.conns.values()):
-                    if not c.alive:
-                        continue
-                    c.send({"op": "tick"})
-                    if now - c.last_seen > self.heartbeat_s:
-                        self._lose(c, "silent", f"no message for {now - c.last_seen:.1f} s")
+                    if c.alive:
+                        c.send({"op": "tick"})
+                        if now - c.last_seen > self.heartbeat_s:
+                            silent.append(c)
+                for c in silent:  # all of this tick's losses, then one decision
+                    self._lose(c, "silent", f"no message for {now - c.last_seen:.1f} s", decide=False)
+                if silent:
+                    self._reconsider()
                 # a failed collective with no loss seen within a beat: the group broke
                 # (a link flapped) while everyone is alive; re-form it as it was
                 if self.fault_since is not None and now - self.fault_since > period:

@@ -102,6 +102,11 @@ def validate(cfg: Config, choices: Mapping[str, Iterable[str]] | None = None) ->
         raise ConfigError(
             f"optim.min_lr = {cfg.optim.min_lr} must not exceed optim.lr = {cfg.optim.lr}"
         )
+    if cfg.elastic.enabled and cfg.pipeline.stages > 1:
+        raise ConfigError(
+            "elastic.enabled = true works with data parallelism only; allowed: "
+            "pipeline.stages = 1 (or elastic.enabled = false)"
+        )
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty; allowed: 'bundled' and/or file paths")
     _validate_pipeline(cfg)
@@ -159,6 +164,13 @@ def check_batch(cfg: Config, world_size: int) -> tuple[int, int, int]:
         _, local, micro = check_pipeline(cfg, world_size)
         return local, micro, cfg.pipeline.micro_batches
     b, mb = cfg.train.batch_size, cfg.train.micro_batch_size
+    if cfg.elastic.enabled:  # shares follow the membership: any split is allowed
+        if b < world_size:
+            raise ConfigError(
+                f"train.batch_size = {b} is smaller than the {world_size} workers; "
+                f"allowed: at least {world_size}"
+            )
+        return b // world_size, mb or b // world_size, 1
     if b % world_size:
         raise ConfigError(
             f"train.batch_size = {b} must be divisible by the {world_size} data-parallel "

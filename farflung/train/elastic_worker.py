@@ -428,7 +428,8 @@ FAULTS_ENV = "FARFLUNG_FAULTS"
 """Fault injection for tests and benchmarks: ``ID:STEP:ACTION[,...]``; worker ``ID``
 does ``ACTION`` to itself as it starts step ``STEP``: a signal name (``SIGKILL``,
 ``SIGSTOP``), ``LINKDOWN`` (its network interface goes down, in the network lab) or
-``LINKFLAP<seconds>`` (down, and up again that much later)."""
+``LINKFLAP<seconds>`` (down, and up again that much later); ``SLEEP<seconds>`` is a
+slow step (a straggler, not a fault)."""
 
 
 def parse_faults(spec: str, wid: int | None) -> dict[int, list[str]]:
@@ -444,6 +445,9 @@ def inject(action: str) -> None:
     """Do ``action`` (see :data:`FAULTS_ENV`) to this process or its link: real faults."""
     if action.startswith("SIG"):
         os.kill(os.getpid(), signal.Signals[action])
+        return
+    if action.startswith("SLEEP"):  # a slow step, not a fault: heartbeats go on
+        time.sleep(float(action.removeprefix("SLEEP")))
         return
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
     if not iface:

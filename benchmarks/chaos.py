@@ -1,0 +1,638 @@
+"""Chaos test of elastic training: random kills, freezes, link flaps and joins.
+
+Runs ``configs/demo.toml`` elastically with ``--workers`` local workers, each in its own
+network namespace behind ``--links`` (``--netlab``, root), twice with the same settings:
+
+1. the undisturbed run, the reference for the final loss. Its step count is chosen so
+   it lasts about ``--duration`` seconds, from a 15-step calibration run (skipped with
+   ``--steps``);
+2. the chaos run: once the first step is committed, every U(``--every``) seconds a
+   fault of a random kind (``--kinds``, seeded by ``--seed``) hits a random live worker:
+
+   - ``kill``: SIGKILL (the launcher restarts it as a joiner);
+   - ``freeze``: SIGSTOP, SIGCONT after U(3, 10) s (evicted after ``heartbeat_s``; it
+     exits on waking and the launcher starts a joiner in its place);
+   - ``flap``: its namespace's interface down for U(2, 8) s, then up again;
+   - ``join``: one more worker (``farflung train --join``) in a live worker's namespace
+     (at most ``--workers`` + 2 live workers: past that another kind is drawn).
+
+   No fault while fewer than 2 workers are live (running, not frozen, link up), none
+   that would leave no live worker, and none in the last 15 s the run is expected to
+   take (estimated from the reference run's step time).
+
+Each kill/freeze/flap is matched to the first unmatched ``left`` event of
+``events.jsonl`` decided at or after it (within ``heartbeat_s`` + 10 s, preferring the
+victim's id when its process shows it, and the matching ``why``: crash for a kill,
+silent otherwise); ``detection_s`` = the event's ``at`` - the fault's time. A freeze
+or flap shorter than ``heartbeat_s`` may go unnoticed: ``undetected`` counts those.
+
+JSON on the last line: ``faults`` (by kind), ``detection_p50_s``/``_p95_s``,
+``detections``, ``longest_stall_s`` (the coordinator's, which counts the start-up
+before the first step) and ``observed_stall_s`` (the longest gap between commits seen
+here after the first one), ``steps_lost`` (steps redone: the largest ``steps_redone``
+of each membership change, summed), ``hash_disagreements``, ``sample_violations``
+(:func:`farflung.train.elastic_run.check_samples`), ``leaks`` (processes of the runs
+still alive, namespaces that were not there before, the coordinator's port still
+open), ``final_val_loss``/``reference_val_loss``/``loss_ratio``, ``targets``
+(detection p95 <= 3 s, longest stall <= 2 x heartbeat + one step) and ``met``.
+
+    python benchmarks/chaos.py [--workers 4] [--duration 600] [--every 5 20]
+        [--kinds kill,freeze,flap,join] [--links 20mbit,5ms] [--algorithm allreduce]
+        [--heartbeat 2.0] [--seed 0] [--out DIR] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT
+
+CONFIG = "configs/demo.toml"
+CALIBRATION_STEPS = 15
+QUIET_TAIL_S = 15.0  # no fault this close to the expected end
+MATCH_SLACK_S = 10.0  # a left event this long after heartbeat_s still counts
+EXTRA_WORKERS = 2  # joins stop at --workers + this many live workers
+
+
+def say(msg: str) -> None:
+    print(f"[chaos] {msg}", file=sys.stderr, flush=True)
+
+
+def overrides(args: argparse.Namespace, steps: int) -> list[str]:
+    sets = [
+        "elastic.enabled=true",
+        f"elastic.heartbeat_s={args.heartbeat}",
+        "train.batch_size=12",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        f"parallel.algorithm={args.algorithm}",
+    ]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return out
+
+
+def netns_list() -> set[str]:
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    return {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def proc_state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (a.decode(errors="replace").split("=", 1) for a in raw.split(b"\0") if b"=" in a)
+    return dict(pairs)
+
+
+def pids_of(folders: list[Path]) -> list[int]:
+    """Every process (but this one) whose argv names one of ``folders``."""
+    names = [str(f) for f in folders]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        argv = cmdline(int(entry.name))
+        if any(a == n or a.startswith(n + "/") for a in argv for n in names):
+            found.append(int(entry.name))
+    return found
+
+
+def workers_of(folders: list[Path]) -> list[int]:
+    """The worker processes (``python -m farflung.train ... --out F``) of ``folders``."""
+    out = []
+    for pid in pids_of(folders):
+        argv = cmdline(pid)
+        if "farflung.train" in argv and "--out" in argv:
+            target = argv[argv.index("--out") + 1] if argv.index("--out") + 1 < len(argv) else ""
+            if target in {str(f) for f in folders}:
+                out.append(pid)
+    return out
+
+
+def netns_of(pid: int) -> str | None:
+    r = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
+def port_open(address: str, netns: str | None) -> bool:
+    host, port = address.rsplit(":", 1)
+    if netns is None:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return True
+        except OSError:
+            return False
+    code = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1.0)"
+    cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", code, host, port]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def launch(
+    out: Path, workers: int, steps: int, args: argparse.Namespace, log: Path
+) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "farflung.cli.main", "train", CONFIG, "--workers", str(workers)]
+    cmd += ["--out", str(out), "--force", "--netlab", args.links, *overrides(args, steps)]
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def tail(path: Path, n: int = 25) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+        lines = [ln for ln in lines if "socket.cpp" not in ln]  # gloo's hostname warnings
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the launcher (it stops its workers and removes its lab), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def step_time(out: Path) -> float:
+    records = read_jsonl(out / "metrics.jsonl")
+    timed = records[2:] or records
+    return statistics.median(r["wall_s"] for r in timed)
+
+
+class Chaos:
+    """The fault injector of one run; :meth:`cleanup` undoes whatever it left."""
+
+    def __init__(self, run: Path, args: argparse.Namespace, steps: int, step_s: float):
+        self.run, self.args, self.steps, self.step_s = run, args, steps, step_s
+        self.rng = random.Random(args.seed)
+        self.kinds = args.kinds
+        self.faults: list[dict] = []
+        self.frozen: dict[int, float] = {}  # pid -> when to SIGCONT it
+        self.down: dict[tuple[str, str], float] = {}  # (netns, iface) -> when to bring it up
+        self.joiners: list[subprocess.Popen] = []
+        self.joiner_dirs: list[Path] = []
+        self.logs: list[Path] = []
+
+    def folders(self) -> list[Path]:
+        return [self.run, *self.joiner_dirs]
+
+    def live(self) -> list[int]:
+        down = {ns for ns, _ in self.down}
+        pids = []
+        for pid in workers_of(self.folders()):
+            if pid in self.frozen or proc_state(pid) in ("T", "t", "Z", "gone"):
+                continue
+            if netns_of(pid) in down:
+                continue
+            pids.append(pid)
+        return pids
+
+    def due(self, now: float) -> None:
+        """SIGCONT the frozen and bring up the downed links whose time has come."""
+        for pid, when in list(self.frozen.items()):
+            if now >= when:
+                self._cont(pid)
+        for (ns, iface), when in list(self.down.items()):
+            if now >= when:
+                self._up(ns, iface)
+
+    def _cont(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        self.frozen.pop(pid, None)
+
+    def _up(self, ns: str, iface: str) -> None:
+        if ns in netns_list():
+            subprocess.run(["ip", "-n", ns, "link", "set", iface, "up"], capture_output=True)
+        self.down.pop((ns, iface), None)
+
+    def inject(self) -> dict | None:
+        live = self.live()
+        if len(live) < 2:
+            return None
+        kinds = list(self.kinds)
+        if len(live) >= self.args.workers + EXTRA_WORKERS and len(kinds) > 1:
+            kinds = [k for k in kinds if k != "join"] or kinds
+        kind = self.rng.choice(kinds)
+        pid = self.rng.choice(live)
+        ns = netns_of(pid)
+        if kind == "flap":  # takes down every worker of that namespace: keep one elsewhere
+            if not ns or all(netns_of(p) == ns for p in live):
+                return None
+        env = environ(pid)
+        rec = {"kind": kind, "t": time.time(), "pid": pid, "netns": ns}
+        if "FARFLUNG_ELASTIC_ID" in env and "FARFLUNG_ELASTIC_JOIN" not in env:
+            rec["id"] = int(env["FARFLUNG_ELASTIC_ID"])
+        if kind == "kill":
+            os.kill(pid, signal.SIGKILL)
+        elif kind == "freeze":
+            hold = self.rng.uniform(3, 10)
+            os.kill(pid, signal.SIGSTOP)
+            self.frozen[pid] = time.time() + hold
+            rec["hold_s"] = round(hold, 2)
+        elif kind == "flap":
+            iface = env.get("GLOO_SOCKET_IFNAME")
+            if not iface:
+                return None
+            hold = self.rng.uniform(2, 8)
+            rec["t"] = time.time()
+            subprocess.run(["ip", "-n", ns, "link", "set", iface, "down"], check=True)
+            self.down[(ns, iface)] = time.time() + hold
+            rec.update(iface=iface, hold_s=round(hold, 2))
+        elif kind == "join":
+            address = json.loads((self.run / "coordinator.json").read_text())["address"]
+            folder = self.run.parent / f"{self.run.name}-join{len(self.joiner_dirs) + 1}"
+            log = self.run.parent / f"{folder.name}.log"
+            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "farflung.cli.main"]
+            cmd += ["train", CONFIG, "--out", str(folder), "--quiet", "--join", address]
+            cmd += overrides(self.args, self.steps)
+            self.joiner_dirs.append(folder)
+            self.logs.append(log)
+            with open(log, "w") as f:
+                self.joiners.append(
+                    subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+                )
+            rec["pid"] = self.joiners[-1].pid
+        self.faults.append(rec)
+        held = f" for {rec['hold_s']:.1f} s" if "hold_s" in rec else ""
+        say(f"{kind} -> pid {rec['pid']} ({ns}){held}")
+        return rec
+
+    def drive(self, launcher: subprocess.Popen, limit_s: float) -> tuple[bool, float]:
+        """Inject faults until the run is near its end; wait for it to finish.
+        Returns (finished in time, the longest gap between commits seen after the first)."""
+        metrics = self.run / "metrics.jsonl"
+        start = time.monotonic()
+        seen, last_commit, longest = 0, None, 0.0
+        next_fault, chaos_until = None, start + self.args.duration
+        while launcher.poll() is None:
+            now = time.monotonic()
+            if now - start > limit_s:
+                return False, longest
+            self.due(time.time())
+            n = len(read_jsonl(metrics))
+            if n > seen:
+                if last_commit is not None:
+                    longest = max(longest, now - last_commit)
+                seen, last_commit = n, now
+                if next_fault is None:  # the first commit: chaos starts
+                    next_fault = now + self.rng.uniform(*self.args.every)
+            elif last_commit is not None:
+                longest = max(longest, now - last_commit)
+            if next_fault is not None and now >= next_fault:
+                remaining = (self.steps - seen) * self.step_s
+                if remaining > QUIET_TAIL_S and now < chaos_until:
+                    self.inject()
+                next_fault = now + self.rng.uniform(*self.args.every)
+            for p in self.joiners:
+                p.poll()
+            time.sleep(0.1)
+        # the last commit to the end: not a stall between commits
+        return True, longest
+
+    def cleanup(self) -> None:
+        for pid in list(self.frozen):
+            self._cont(pid)
+        for ns, iface in list(self.down):
+            self._up(ns, iface)
+        for p in self.joiners:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.joiners:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def kill_leftovers(folders: list[Path]) -> None:
+    pids = pids_of(folders)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def leaks(folders: list[Path], before: set[str], address: str | None, lab: set[str]) -> dict:
+    time.sleep(2.0)  # processes in their last moments
+    procs = pids_of(folders)
+    new_ns = sorted(netns_list() - before)
+    bridge = next((ns for ns in sorted(lab) if ns.endswith("br") and ns in new_ns), None)
+    port = bool(address) and port_open(address, bridge)
+    return {
+        "processes": [" ".join(cmdline(p))[:200] for p in procs],
+        "namespaces": new_ns,
+        "coordinator_port_open": port,
+        "count": len(procs) + len(new_ns) + int(port),
+    }
+
+
+def match(faults: list[dict], events: list[dict], heartbeat: float) -> list[dict]:
+    """Each kill/freeze/flap with the ``left`` event that saw it (or none)."""
+    left = sorted((e for e in events if e["event"] == "left"), key=lambda e: e["at"])
+    used: set[int] = set()
+    out = []
+    for f in sorted(faults, key=lambda f: f["t"]):
+        if f["kind"] == "join":
+            continue
+        window = [
+            i
+            for i, e in enumerate(left)
+            if i not in used and f["t"] <= e["at"] <= f["t"] + heartbeat + MATCH_SLACK_S
+        ]
+        want_why = "crash" if f["kind"] == "kill" else "silent"
+
+        def rank(i: int, f: dict = f, want_why: str = want_why) -> tuple[int, int, float]:
+            e = left[i]
+            return (
+                0 if "id" not in f or e["id"] == f["id"] else 1,
+                0 if e["why"] == want_why else 1,
+                e["at"],
+            )
+
+        row = {"kind": f["kind"], "t": round(f["t"], 3), "pid": f["pid"], "hold_s": f.get("hold_s")}
+        if window:
+            i = min(window, key=rank)
+            used.add(i)
+            e = left[i]
+            row.update(
+                detection_s=round(e["at"] - f["t"], 3),
+                id=e["id"],
+                why=e["why"],
+                recovery_s=e.get("recovery_s"),
+                steps_redone=e.get("steps_redone"),
+            )
+        else:
+            row["detection_s"] = None
+        out.append(row)
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def sample_violations(run: Path) -> list[str]:
+    from farflung.config import load_config
+    from farflung.data import SampleSet, ShardIndex, TokenStream
+    from farflung.train.elastic_run import check_samples
+
+    cfg = load_config(run / "config.toml")
+    stream = TokenStream(ShardIndex.load(ROOT / cfg.data.dir), "train")
+    n = len(SampleSet(stream, cfg.model.context))
+    if cfg.data.max_samples:
+        n = min(n, cfg.data.max_samples)
+    return check_samples(run / "samples.jsonl", cfg, n)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--duration", type=float, default=600.0, help="seconds of chaos")
+    p.add_argument("--every", type=float, nargs=2, default=[5.0, 20.0], metavar=("MIN", "MAX"))
+    p.add_argument("--kinds", default="kill,freeze,flap,join")
+    p.add_argument("--links", default="20mbit,5ms")
+    p.add_argument("--algorithm", default="allreduce")
+    p.add_argument("--heartbeat", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="folder for the runs (default: a temporary one)")
+    p.add_argument("--steps", type=int, help="fixed step count (default: calibrate)")
+    args = p.parse_args()
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = set(args.kinds) - {"kill", "freeze", "flap", "join"}
+    if bad or not args.kinds:
+        p.error(f"unknown fault kinds: {sorted(bad)}")
+    sys.path.insert(0, str(ROOT))
+    root = (args.out or Path(tempfile.mkdtemp(prefix="farflung-chaos-"))).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    before = netns_list()
+    calib, ref, run = root / "calibrate", root / "reference", root / "chaos"
+    procs: list[subprocess.Popen] = []
+    chaos: Chaos | None = None
+
+    def on_term(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def finish(proc: subprocess.Popen, out: Path, log: Path, limit_s: float) -> None:
+        try:
+            code = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            say(f"{out.name}: no end after {limit_s:.0f} s; stopping it. Its log:\n{tail(log)}")
+            raise SystemExit(1) from None
+        if code != 0:
+            say(f"{out.name}: exit {code}. Its log:\n{tail(log)}")
+            raise SystemExit(1)
+
+    try:
+        steps = args.steps
+        if steps is None:
+            say(f"calibrating: {CALIBRATION_STEPS} steps, {args.workers} workers, {args.links}")
+            t0 = time.monotonic()
+            log = root / "calibrate.log"
+            procs.append(launch(calib, args.workers, CALIBRATION_STEPS, args, log))
+            finish(procs[-1], calib, log, 600)
+            wall = time.monotonic() - t0
+            records = read_jsonl(calib / "metrics.jsonl")
+            step_s = step_time(calib)
+            startup = max(0.0, wall - sum(r["wall_s"] for r in records))
+            steps = max(CALIBRATION_STEPS, round((args.duration - startup) / step_s))
+            say(f"{step_s:.2f} s/step, {startup:.1f} s start-up: {steps} steps")
+        say(f"reference run: {steps} steps")
+        t0 = time.monotonic()
+        log = root / "reference.log"
+        procs.append(launch(ref, args.workers, steps, args, log))
+        finish(procs[-1], ref, log, 3 * args.duration + 600)
+        ref_wall = time.monotonic() - t0
+        ref_summary = json.loads((ref / "summary.json").read_text())
+        step_s = step_time(ref)
+        ref_loss = ref_summary["final_val_loss"]
+        say(f"reference: {ref_wall:.0f} s, {step_s:.2f} s/step, val loss {ref_loss:.4f}")
+        ref_leaks = leaks([ref], before, None, set())
+
+        say(f"chaos run: {steps} steps, a fault every {args.every[0]:g}-{args.every[1]:g} s")
+        log = root / "chaos.log"
+        t0 = time.monotonic()
+        launcher = launch(run, args.workers, steps, args, log)
+        procs.append(launcher)
+        chaos = Chaos(run, args, steps, step_s)
+        while not (run / "coordinator.json").is_file() and launcher.poll() is None:
+            time.sleep(0.1)
+        lab = netns_list() - before
+        ok, observed_stall = chaos.drive(launcher, limit_s=3 * ref_wall + 300)
+        duration = time.monotonic() - t0
+        chaos.cleanup()
+        if not ok:
+            say(f"the chaos run did not end in {duration:.0f} s. Its log:\n{tail(log)}")
+            events_file = run / "events.jsonl"
+            if events_file.is_file():
+                say("events:\n" + events_file.read_text())
+            raise SystemExit(1)
+        if launcher.returncode != 0:
+            say(f"the chaos run exited {launcher.returncode}. Its log:\n{tail(log)}")
+            raise SystemExit(1)
+        coord = json.loads((run / "coordinator.json").read_text())
+        found = leaks(chaos.folders(), before, coord["address"], lab)
+        found["count"] += ref_leaks["count"]
+        found["processes"] += ref_leaks["processes"]
+
+        summary = json.loads((run / "summary.json").read_text())
+        events = read_jsonl(run / "events.jsonl")
+        detections = match(chaos.faults, events, args.heartbeat)
+        seen = [d["detection_s"] for d in detections if d["detection_s"] is not None]
+        redone: dict[object, int] = {}
+        for e in events:
+            if e["event"] == "left" and e.get("member", True):
+                key = e.get("gen")
+                redone[key] = max(redone.get(key, 0), e.get("steps_redone") or 0)
+        counts = {k: sum(f["kind"] == k for f in chaos.faults) for k in args.kinds}
+        undetected = {
+            k: sum(d["kind"] == k and d["detection_s"] is None for d in detections)
+            for k in args.kinds
+            if k != "join"
+        }
+        violations = sample_violations(run)
+        recoveries = [e["recovery_s"] for e in events if e.get("recovery_s") is not None]
+        p50, p95 = percentile(seen, 0.5), percentile(seen, 0.95)
+        stall = summary["elastic"]["longest_stall_s"]
+        targets = {"detection_p95_s": 3.0, "longest_stall_s": round(2 * args.heartbeat + step_s, 3)}
+        met = {
+            "detection_p95_s": p95 is not None and p95 <= targets["detection_p95_s"],
+            "longest_stall_s": stall <= targets["longest_stall_s"],
+            "observed_stall_s": observed_stall <= targets["longest_stall_s"],
+        }
+        final, reference = summary["final_val_loss"], ref_summary["final_val_loss"]
+        result = {
+            "benchmark": "chaos",
+            "config": CONFIG,
+            "workers": args.workers,
+            "links": args.links,
+            "algorithm": args.algorithm,
+            "seed": args.seed,
+            "every_s": args.every,
+            "kinds": args.kinds,
+            "steps": summary["steps"],
+            "step_s": round(step_s, 3),
+            "duration_s": round(duration, 1),
+            "reference_duration_s": round(ref_wall, 1),
+            "heartbeat_s": args.heartbeat,
+            "faults": counts,
+            "undetected": undetected,
+            "detection_p50_s": None if p50 is None else round(p50, 3),
+            "detection_p95_s": None if p95 is None else round(p95, 3),
+            "detection_max_s": round(max(seen), 3) if seen else None,
+            "detections": detections,
+            "membership": {k: summary["elastic"][k] for k in ("left", "joined")},
+            "recovery_p50_s": percentile(recoveries, 0.5),
+            "longest_stall_s": stall,
+            "observed_stall_s": round(observed_stall, 3),
+            "steps_lost": sum(redone.values()),
+            "hash_disagreements": summary["elastic"]["hash_disagreements"],
+            "sample_violations": len(violations),
+            "sample_problems": violations[:5],
+            "leaks": found["count"],
+            "leak_details": found,
+            "final_val_loss": final,
+            "reference_val_loss": reference,
+            "loss_ratio": round(final / reference, 5) if final and reference else None,
+            "targets": targets,
+            "met": met,
+            "out": str(root),
+        }
+        say(
+            f"{len(chaos.faults)} faults {counts} in {duration:.0f} s, {summary['steps']} steps; "
+            f"undetected {undetected}"
+        )
+        say(
+            f"detection p50 {result['detection_p50_s']} s, p95 {result['detection_p95_s']} s "
+            f"(target <= 3.0: {'met' if met['detection_p95_s'] else 'MISSED'})"
+        )
+        say(
+            f"longest stall {stall} s (coordinator, incl. start-up), "
+            f"{observed_stall:.1f} s between commits seen here "
+            f"(target <= {targets['longest_stall_s']}: "
+            f"{'met' if met['longest_stall_s'] else 'MISSED'} / "
+            f"{'met' if met['observed_stall_s'] else 'MISSED'})"
+        )
+        say(
+            f"steps lost {result['steps_lost']}, "
+            f"hash disagreements {result['hash_disagreements']}, "
+            f"sample violations {len(violations)}, leaks {found['count']}"
+        )
+        say(f"val loss {final:.4f} vs reference {reference:.4f} (ratio {result['loss_ratio']})")
+        print(json.dumps(result))
+    finally:
+        if chaos is not None:
+            chaos.cleanup()
+        for proc in procs:
+            stop(proc)
+        folders = [calib, ref, run, *(chaos.joiner_dirs if chaos else [])]
+        kill_leftovers(folders)
+        if netns_list() - before:  # a lab whose launcher died: farflung removes it
+            subprocess.run(
+                [sys.executable, "-m", "farflung.cli.main", "netlab", "down"],
+                cwd=ROOT,
+                capture_output=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

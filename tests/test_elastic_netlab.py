@@ -1,0 +1,60 @@
+"""Elastic runs in the network lab: cut links (`ip link set ... down`), partitions,
+and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import pytest
+from test_elastic import STEPS, check_run, elastic_run, workers_of
+from test_train_cli import tiny  # noqa: F401  (fixture)
+
+from farflung.comm.netlab import available
+
+OK, REASON = available()
+pytestmark = pytest.mark.skipif(not OK, reason=f"network lab unavailable: {REASON}")
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize(
+    ("cut", "majority"),
+    [((3,), True), ((2, 3), False)],
+    ids=["3+1", "2+2"],
+)
+def test_partition_commits_on_the_majority_side_only(tiny, tmp_path, cut, majority):  # noqa: F811
+    """Four workers; the links of ``cut`` go down for 6 s at step 6. With a majority
+    left (3+1) the run goes on without the cut worker; with none (2+2) nothing is
+    committed until the links are back. Either way the cut workers come back as
+    joiners, and the run ends exact, with no process, namespace or port left."""
+    before = namespaces()
+    out = tmp_path / "run"
+    faults = ",".join(f"{w}:6:LINKFLAP6" for w in cut)
+    if majority:  # a straggler keeps the run going until the cut worker is back
+        faults += ",0:10:SLEEP10"
+    sets = ("elastic.heartbeat_s=1.5", "train.batch_size=12")
+    r = elastic_run(tiny, out, *sets, workers=4, netlab="40mbit", env={"FARFLUNG_FAULTS": faults})
+    assert r.returncode == 0, r.stderr
+    events = check_run(out)
+    left = [e for e in events if e["event"] == "left"]
+    joined = [e for e in events if e["event"] == "joined"]
+    assert sorted(e["id"] for e in left) == sorted(cut)
+    assert all(e["why"] == "silent" for e in left)
+    assert len(joined) == len(cut)
+    cut_at = max(e["committed"] for e in left)
+    back_at = min(e["committed"] for e in joined)
+    if majority:  # the three went on while the fourth was away
+        assert back_at > cut_at
+    else:  # no side had a majority: nothing was committed in between
+        assert back_at == cut_at
+    assert not workers_of(out)
+    assert namespaces() == before
+    address = json.loads((out / "coordinator.json").read_text())["address"]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), timeout=1)
+    assert STEPS == json.loads((out / "summary.json").read_text())["steps"]
