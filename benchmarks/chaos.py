@@ -506,7 +506,8 @@ def main() -> None:
         step_s = step_time(ref)
         ref_loss = ref_summary["final_val_loss"]
         say(f"reference: {ref_wall:.0f} s, {step_s:.2f} s/step, val loss {ref_loss:.4f}")
-        ref_leaks = leaks([ref], before, None, set())
+        ref_address = json.loads((ref / "coordinator.json").read_text())["address"]
+        ref_leaks = leaks([ref], before, ref_address, set())
 
         say(f"chaos run: {steps} steps, a fault every {args.every[0]:g}-{args.every[1]:g} s")
         log = root / "chaos.log"
@@ -530,9 +531,11 @@ def main() -> None:
             say(f"the chaos run exited {launcher.returncode}. Its log:\n{tail(log)}")
             raise SystemExit(1)
         coord = json.loads((run / "coordinator.json").read_text())
-        found = leaks(chaos.folders(), before, coord["address"], lab)
-        found["count"] += ref_leaks["count"]
-        found["processes"] += ref_leaks["processes"]
+        chaos_leaks = leaks(chaos.folders(), before, coord["address"], lab)
+        found = {"count": ref_leaks["count"] + chaos_leaks["count"]}
+        found.update(reference=ref_leaks, chaos=chaos_leaks)
+        if found["count"]:
+            say(f"leaks: {json.dumps(found)}")
 
         summary = json.loads((run / "summary.json").read_text())
         events = read_jsonl(run / "events.jsonl")

@@ -61,7 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch_local(worker_args, args.workers, placement=placement)
 
 
-def run_elastic(worker_args: list[str], args: argparse.Namespace, cfg: Config, out: Path, placement) -> int:
+def run_elastic(
+    worker_args: list[str], args: argparse.Namespace, cfg: Config, out: Path, placement
+) -> int:
     """The coordinator here, the workers as local processes; the summary at the end."""
     from farflung.train.elastic_run import launch_elastic
     from farflung.train.progress import print_summary

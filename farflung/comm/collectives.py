@@ -60,6 +60,7 @@ def set_epoch_source(source: Callable[[], int] | None) -> None:
 def current_epoch() -> int | None:
     return _epoch() if _epoch is not None else None
 
+
 # A part of a collective's modelled time: (when its last byte has left the queue, the
 # delay its arrival still takes after that)
 Leg = tuple[float, float]

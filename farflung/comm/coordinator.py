@@ -236,7 +236,9 @@ class Coordinator:
             wid = msg.get("id")
             if wid is None or wid in self.conns:
                 wid, self.next_id = self.next_id, self.next_id + 1
-            conn = _Conn(wid, sock, msg.get("addr", ""), joiner, msg.get("step", 0), time.monotonic())
+            conn = _Conn(
+                wid, sock, msg.get("addr", ""), joiner, msg.get("step", 0), time.monotonic()
+            )
             self.conns[wid] = conn
             self._thread(self._writer, conn)
             conn.send({"op": "welcome", "id": wid, "heartbeat_s": self.heartbeat_s})
@@ -472,7 +474,9 @@ class Coordinator:
                         if now - c.last_seen > self.heartbeat_s:
                             silent.append(c)
                 for c in silent:  # all of this tick's losses, then one decision
-                    self._lose(c, "silent", f"no message for {now - c.last_seen:.1f} s", decide=False)
+                    self._lose(
+                        c, "silent", f"no message for {now - c.last_seen:.1f} s", decide=False
+                    )
                 if silent:
                     self._reconsider()
                 # a failed collective with no loss seen within a beat: the group broke

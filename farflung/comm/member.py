@@ -62,7 +62,9 @@ class Member:
                 break
             except OSError as e:
                 if time.monotonic() > deadline:
-                    raise MembershipLost(f"cannot reach the coordinator at {address}: {e}") from None
+                    raise MembershipLost(
+                        f"cannot reach the coordinator at {address}: {e}"
+                    ) from None
                 time.sleep(0.2)
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -110,7 +112,9 @@ class Member:
             elif op == "finish":
                 self.finished = True
             elif op == "leave":
-                self.lost = MembershipLost("the replayed membership log has this worker leave", True)
+                self.lost = MembershipLost(
+                    "the replayed membership log has this worker leave", True
+                )
                 self.epoch += 1
             self.cond.notify_all()
 
@@ -168,7 +172,9 @@ class Member:
                     return self.gen
                 self.cond.wait(1.0)
 
-    def wait_committed(self, step: int, epoch: int, until: Callable[[], bool] | None = None) -> None:
+    def wait_committed(
+        self, step: int, epoch: int, until: Callable[[], bool] | None = None
+    ) -> None:
         """Block until ``step`` is committed (or ``until()``); Reconfigure when the
         generation changes first."""
         with self.cond:

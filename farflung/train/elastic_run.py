@@ -32,6 +32,7 @@ from farflung.config import Config, config_to_toml
 from farflung.data import batch_ids
 from farflung.train import checkpoint as ckpt
 from farflung.train.metrics import aggregate, read_jsonl, truncate_jsonl
+from farflung.train.progress import Progress
 
 COORDINATOR_ENV = "FARFLUNG_COORDINATOR"  # host:port of the coordinator
 ID_ENV = "FARFLUNG_ELASTIC_ID"  # the worker's id (initial workers)
@@ -52,6 +53,7 @@ class RunLog:
         self.last_step_time = time.monotonic()
         self.longest_stall_s = 0.0
         self.summary: dict[str, Any] | None = None
+        self.bar: Progress | None = None
 
     def _append(self, name: str, record: dict[str, Any] | str) -> None:
         line = record if isinstance(record, str) else json.dumps(record)
@@ -68,12 +70,20 @@ class RunLog:
         self._append("metrics.jsonl", rec.to_json())
         self._append(
             "samples.jsonl",
-            {"step": step, "gen": gen, "members": members, "samples": [votes[i]["samples"] for i in members]},
+            {
+                "step": step,
+                "gen": gen,
+                "members": members,
+                "samples": [votes[i]["samples"] for i in members],
+            },
         )
         hashes = {votes[i]["hash"] for i in members if "hash" in votes[i]}
         if len(hashes) > 1:
             self.hash_disagreements += 1
-            print(f"farflung: step {step}: members' states differ ({len(hashes)} hashes)", file=sys.stderr)
+            print(
+                f"farflung: step {step}: members' states differ ({len(hashes)} hashes)",
+                file=sys.stderr,
+            )
         val = [votes[i]["val_loss"] for i in members if "val_loss" in votes[i]]
         if val:
             self._append("eval.jsonl", {"step": step, "val_loss": val[0], "tokens": rec.tokens})
@@ -85,8 +95,9 @@ class RunLog:
         t["recv"] += rec.bytes_recv
         for k, n in rec.bytes_by_kind.items():
             self.by_kind[k] = self.by_kind.get(k, 0) + n
-        if not self.quiet and (step % 10 == 0 or step == self.cfg.train.steps):
-            print(f"farflung: step {step}/{self.cfg.train.steps} loss {rec.loss:.4f} members {members}", file=sys.stderr)
+        if self.bar is None:
+            self.bar = Progress(self.cfg.train.steps, step - 1, enabled=not self.quiet)
+        self.bar.update(rec, step)
 
     def rewind(self) -> int:
         """Back to the newest intact checkpoint (0 when none): the files lose what was
@@ -115,7 +126,10 @@ class RunLog:
     def on_event(self, record: dict[str, Any]) -> None:
         self._append("events.jsonl", record)
         if not self.quiet and record["event"] == "rewound":
-            print(f"farflung: every worker was lost; resumed from step {record['to_step']}", file=sys.stderr)
+            print(
+                f"farflung: every worker was lost; resumed from step {record['to_step']}",
+                file=sys.stderr,
+            )
         elif not self.quiet:
             what = "left" if record["event"] == "left" else "joined"
             why = f" ({record['why']}: {record['detail']})" if what == "left" else ""
@@ -126,6 +140,8 @@ class RunLog:
             )
 
     def on_finish(self, done: dict[int, dict]) -> None:
+        if self.bar is not None:
+            self.bar.close()
         t, cfg = self.totals, self.cfg
         first = done[min(done)].get("summary", {})
         events = read_jsonl(self.out / "events.jsonl")
@@ -204,7 +220,11 @@ def launch_elastic(
     log = RunLog(cfg, out, quiet)
     if resume:
         log.rewind()
-    say = (lambda m: None) if quiet else (lambda m: print(f"farflung: coordinator: {m}", file=sys.stderr))
+    say = (
+        (lambda m: None)
+        if quiet
+        else (lambda m: print(f"farflung: coordinator: {m}", file=sys.stderr))
+    )
     with _netns(placement.coordinator_netns):  # its sockets live where workers reach them
         coord = Coordinator(
             workers,
@@ -219,7 +239,10 @@ def launch_elastic(
     address = f"{host}:{coord.port}"
     (out / "coordinator.json").write_text(json.dumps({"address": address, "pid": os.getpid()}))
     if not quiet:
-        print(f"farflung: elastic run; join it with: farflung train ... --join {address}", file=sys.stderr)
+        print(
+            f"farflung: elastic run; join it with: farflung train ... --join {address}",
+            file=sys.stderr,
+        )
     reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
     procs: dict[int, subprocess.Popen] = {}
     slots: dict[int, int] = {}  # process key -> placement slot (its namespace)
@@ -227,7 +250,11 @@ def launch_elastic(
     joins_due = sum(r["event"] == "joined" for r in replay or [])
 
     def start(key: int, slot: int, join: bool) -> None:
-        extra = {**placement.envs[slot], COORDINATOR_ENV: address, "FARFLUNG_NETWORK": placement.description}
+        extra = {
+            **placement.envs[slot],
+            COORDINATOR_ENV: address,
+            "FARFLUNG_NETWORK": placement.description,
+        }
         extra["FARFLUNG_REPORT_DIR"] = str(reports)
         extra.update({JOIN_ENV: "1"} if join else {ID_ENV: str(slot)})
         env = worker_env(slot, workers, free_port(), placement.master_addr, extra)
@@ -255,7 +282,10 @@ def launch_elastic(
                         next_key += 1
                     continue
                 if code > 0 and code != EXIT_PEER_LOST:  # bad input or a bug: no retry helps
-                    print(f"farflung: worker process {key} failed (exit {code}); stopping", file=sys.stderr)
+                    print(
+                        f"farflung: worker process {key} failed (exit {code}); stopping",
+                        file=sys.stderr,
+                    )
                     return code
                 if cfg.elastic.respawn and respawns < workers * workers:
                     respawns += 1

@@ -374,7 +374,9 @@ class ElasticWorker(Worker):
     def _vote(self, settled: int) -> None:
         if settled <= self.voted:
             return
-        votes = [{"step": t, **self.pending_votes.pop(t)} for t in range(self.voted + 1, settled + 1)]
+        votes = [
+            {"step": t, **self.pending_votes.pop(t)} for t in range(self.voted + 1, settled + 1)
+        ]
         votes[-1]["hash"] = state_hash({"step": settled, "state": self.algo.shared_state()})
         self.member.vote(self.gen["gen"], votes)
         self.voted = settled

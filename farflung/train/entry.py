@@ -331,7 +331,10 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         )
     joining = bool(getattr(args, "join", None)) or os.environ.get(JOIN_ENV) == "1"
     wid = None if joining or ID_ENV not in os.environ else int(os.environ[ID_ENV])
-    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(
+        cfg.train.threads
+        or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    )
     ensure_data(cfg, show_progress=False)
     step = 0
     if args.resume and not joining:  # every initial worker resumes the same checkpoint

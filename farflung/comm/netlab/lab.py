@@ -508,7 +508,9 @@ def in_netns(name: str) -> Iterator[None]:
     there = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
     try:
         if libc.setns(there, clone_newnet) != 0:
-            raise NetlabError(f"cannot enter network namespace {name}: {os.strerror(ctypes.get_errno())}")
+            raise NetlabError(
+                f"cannot enter network namespace {name}: {os.strerror(ctypes.get_errno())}"
+            )
         try:
             yield
         finally:
