@@ -91,6 +91,34 @@ def run_elastic(
     return code
 
 
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    """The coordinator alone, in the foreground: workers on any machine run
+    ``farflung train CONFIG --join HOST:PORT`` (or the same under torchrun)."""
+    import json
+    import socket
+
+    from farflung.train.elastic_run import start_coordinator
+    from farflung.train.progress import print_summary
+
+    args.set = [*args.set, "elastic.enabled=true"]
+    cfg = resolve_config(args)
+    out = out_dir(args)
+    check_out_dir(out, args.resume, args.force)
+    host = args.host or socket.getfqdn()
+    coord, _ = start_coordinator(
+        cfg, out, args.workers, host, port=args.port, resume=args.resume, quiet=args.quiet
+    )
+    try:
+        while not coord.finished.wait(0.5):
+            pass
+    finally:
+        coord.close()
+    summary = out / "summary.json"
+    if not args.quiet and summary.is_file():
+        print_summary({out.name: json.loads(summary.read_text())})
+    return 0
+
+
 def load_placement(args: argparse.Namespace, cfg: Config) -> StageMap | None:
     """The rank -> stage, replica, host map of this run: ``--placement FILE``
     validated against ``--workers`` and ``pipeline.stages``; without a file, the
@@ -198,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_network_args(t)
     t.set_defaults(func=cmd_train)
 
+    c = sub.add_parser(
+        "coordinator",
+        help="serve an elastic run whose workers run elsewhere (they start with --join)",
+    )
+    c.add_argument("config", help="TOML config file (elastic.enabled is implied)")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c.add_argument("--out", help="run folder for metrics and events (default: runs/<config>)")
+    c.add_argument("--workers", type=int, required=True, help="initial workers to wait for")
+    c.add_argument("--port", type=int, default=29400, help="port to listen on")
+    c.add_argument("--host", default="", help="address the workers reach this host at")
+    c.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    c.add_argument("--force", action="store_true", help="replace what --out holds")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_coordinator)
     pr = sub.add_parser("prepare", help="train a tokenizer and write token shards")
     pr.add_argument("config", nargs="?", help="TOML config (its [data] section is used)")
     pr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")

@@ -232,7 +232,9 @@ class Coordinator:
 
     def _hello(self, sock: socket.socket, msg: dict[str, Any]) -> _Conn:
         with self.lock:
-            joiner = bool(msg.get("join")) or self.gen >= 0
+            # before the first generation every worker is an initial member, however
+            # it was started (`farflung coordinator` + `--join` on each machine)
+            joiner = self.gen >= 0
             wid = msg.get("id")
             if wid is None or wid in self.conns:
                 wid, self.next_id = self.next_id, self.next_id + 1

@@ -201,6 +201,52 @@ def _netns(name: str):
     return in_netns(name)
 
 
+def start_coordinator(
+    cfg: Config,
+    out: Path,
+    workers: int,
+    advertise: str,
+    *,
+    bind: str = "0.0.0.0",
+    port: int = 0,
+    netns: str = "",
+    replay: list[dict[str, Any]] | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+) -> tuple[Coordinator, str]:
+    """The run's coordinator, serving from this process, writing the run's files in
+    ``out``; returns it and the address workers join (``advertise:port``, also in
+    ``out/coordinator.json``)."""
+    log = RunLog(cfg, out, quiet)
+    if resume:
+        log.rewind()
+    say = (
+        (lambda m: None)
+        if quiet
+        else (lambda m: print(f"farflung: coordinator: {m}", file=sys.stderr))
+    )
+    with _netns(netns):  # its sockets live where the workers reach them
+        coord = Coordinator(
+            workers,
+            cfg.elastic.heartbeat_s,
+            log,
+            min_workers=cfg.elastic.min_workers,
+            host=bind,
+            port=port,
+            replay=replay,
+            log=say,
+        )
+    coord.start()
+    address = f"{advertise}:{coord.port}"
+    (out / "coordinator.json").write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    if not quiet:
+        print(
+            f"farflung: elastic run; join it with: farflung train ... --join {address}",
+            file=sys.stderr,
+        )
+    return coord, address
+
+
 def launch_elastic(
     worker_args: list[str],
     workers: int,
@@ -217,32 +263,22 @@ def launch_elastic(
     from farflung.train.entry import EXIT_PEER_LOST
     from farflung.train.launch import GRACE_S, worker_env
 
-    log = RunLog(cfg, out, quiet)
-    if resume:
-        log.rewind()
-    say = (
-        (lambda m: None)
-        if quiet
-        else (lambda m: print(f"farflung: coordinator: {m}", file=sys.stderr))
-    )
-    with _netns(placement.coordinator_netns):  # its sockets live where workers reach them
-        coord = Coordinator(
-            workers,
-            cfg.elastic.heartbeat_s,
-            log,
-            min_workers=cfg.elastic.min_workers,
-            replay=replay,
-            log=say,
-        )
-    coord.start()
     host = placement.coordinator_addr or "127.0.0.1"
-    address = f"{host}:{coord.port}"
-    (out / "coordinator.json").write_text(json.dumps({"address": address, "pid": os.getpid()}))
-    if not quiet:
-        print(
-            f"farflung: elastic run; join it with: farflung train ... --join {address}",
-            file=sys.stderr,
-        )
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"farflung: {msg}", file=sys.stderr)
+
+    coord, address = start_coordinator(
+        cfg,
+        out,
+        workers,
+        host,
+        replay=replay,
+        resume=resume,
+        quiet=quiet,
+        netns=placement.coordinator_netns,
+    )
     reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
     procs: dict[int, subprocess.Popen] = {}
     slots: dict[int, int] = {}  # process key -> placement slot (its namespace)
