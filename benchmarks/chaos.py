@@ -521,14 +521,27 @@ def main() -> None:
         ok, observed_stall = chaos.drive(launcher, limit_s=3 * ref_wall + 300)
         duration = time.monotonic() - t0
         chaos.cleanup()
-        if not ok:
-            say(f"the chaos run did not end in {duration:.0f} s. Its log:\n{tail(log)}")
-            events_file = run / "events.jsonl"
-            if events_file.is_file():
-                say("events:\n" + events_file.read_text())
-            raise SystemExit(1)
-        if launcher.returncode != 0:
-            say(f"the chaos run exited {launcher.returncode}. Its log:\n{tail(log)}")
+        if not ok or launcher.returncode != 0:
+            why = (
+                f"the chaos run did not end in {duration:.0f} s"
+                if not ok
+                else f"the chaos run exited {launcher.returncode}"
+            )
+            say(f"{why}. Its log:\n{tail(log)}")
+            failure = {
+                "benchmark": "chaos",
+                "ok": False,
+                "error": why,
+                "seed": args.seed,
+                "workers": args.workers,
+                "steps": steps,
+                "committed": len(read_jsonl(run / "metrics.jsonl")),
+                "faults": chaos.faults,
+                "events": read_jsonl(run / "events.jsonl"),
+                "log_tail": tail(log, 40),
+                "out": str(root),
+            }
+            print(json.dumps(failure))
             raise SystemExit(1)
         coord = json.loads((run / "coordinator.json").read_text())
         chaos_leaks = leaks(chaos.folders(), before, coord["address"], lab)
@@ -565,6 +578,7 @@ def main() -> None:
         final, reference = summary["final_val_loss"], ref_summary["final_val_loss"]
         result = {
             "benchmark": "chaos",
+            "ok": True,
             "config": CONFIG,
             "workers": args.workers,
             "links": args.links,

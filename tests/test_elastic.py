@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_train_cli import farflung, tiny  # noqa: F401  (fixture)
 
+from farflung.comm import free_port
 from farflung.config import load_config
 from farflung.data import SampleSet, ShardIndex, TokenStream
 from farflung.train.elastic_run import check_samples
@@ -178,3 +179,38 @@ def workers_of(out: Path) -> list[str]:
     """Live processes working for the run in ``out``."""
     r = subprocess.run(["pgrep", "-af", f"farflung.* --out {out}"], capture_output=True, text=True)
     return [line for line in r.stdout.splitlines() if "pgrep" not in line]
+
+
+def test_under_torchrun_with_a_standalone_coordinator(tiny, tmp_path):  # noqa: F811
+    """`farflung coordinator` plus workers started by torchrun with --join: one is
+    SIGKILLed, torchrun restarts the node's workers, they join again and the run
+    finishes exact."""
+    out = tmp_path / "run"
+    sets = ["elastic.enabled=true", "elastic.heartbeat_s=1.5", "train.batch_size=12"]
+    sets += [f"train.steps={STEPS}", "train.checkpoint_every=4", "train.eval_every=8"]
+    sets_args = [a for s in sets for a in ("--set", s)]
+    port = str(free_port())
+    cfg = str(tiny / "tiny.toml")
+    log = open(tmp_path / "coordinator.log", "w")  # noqa: SIM115  (closed at the end)
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "farflung.cli.main", "coordinator", cfg, "--workers", "2"]
+        + ["--out", str(out), "--port", port, "--host", "127.0.0.1", *sets_args],
+        stderr=log,
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc-per-node", "2", "--max-restarts", "1", "-m", "farflung.train", cfg]
+    torchrun += ["--out", str(tmp_path / "workers"), "--join", f"127.0.0.1:{port}", "--quiet"]
+    r = subprocess.run(
+        [*torchrun, *sets_args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "FARFLUNG_FAULTS": "0:6:SIGKILL"},
+    )
+    said = (tmp_path / "coordinator.log").read_text()
+    assert r.returncode == 0, r.stderr[-3000:] + said[-3000:]
+    assert coordinator.wait(timeout=60) == 0
+    log.close()
+    events = check_run(out)
+    assert events[0]["event"] == "left" and events[0]["why"] == "crash"
+    assert sum(e["event"] == "joined" for e in events) == 2

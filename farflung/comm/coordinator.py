@@ -94,6 +94,7 @@ class _Conn:
     outbox: queue.Queue = field(default_factory=queue.Queue)
     alive: bool = True
     joined: float = field(default_factory=time.monotonic)
+    writer: threading.Thread | None = None
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.alive:
@@ -141,7 +142,6 @@ class Coordinator:
         self.store_port = self.store.port
         self.lock = threading.RLock()
         self.conns: dict[int, _Conn] = {}
-        self.next_id = expected
         self.members: list[int] = []
         self.quorum_base: list[int] = []  # the last generation that committed a step
         self.joiners: list[int] = []
@@ -167,15 +167,24 @@ class Coordinator:
         t.start()
         self.threads.append(t)
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 5.0) -> None:
+        """Stop serving; what is queued for the workers (the last commit, "finish")
+        is still sent, for up to ``drain_s``."""
         self.closed.set()
         try:
             self.listener.close()
         except OSError:
             pass
         with self.lock:
-            for c in self.conns.values():
-                self._close(c)
+            conns = list(self.conns.values())
+            for c in conns:
+                if c.alive:
+                    self._close(c, drain=True)
+        deadline = time.monotonic() + drain_s
+        for c in conns:
+            if c.writer is not None:
+                c.writer.join(timeout=max(0.0, deadline - time.monotonic()))
+            self._shut(c.sock)
 
     # -- connections ----------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -237,12 +246,13 @@ class Coordinator:
             joiner = self.gen >= 0
             wid = msg.get("id")
             if wid is None or wid in self.conns:
-                wid, self.next_id = self.next_id, self.next_id + 1
+                wid = max(self.expected - 1 if joiner else -1, *self.conns, -1) + 1
             conn = _Conn(
                 wid, sock, msg.get("addr", ""), joiner, msg.get("step", 0), time.monotonic()
             )
             self.conns[wid] = conn
             self._thread(self._writer, conn)
+            conn.writer = self.threads[-1]
             conn.send({"op": "welcome", "id": wid, "heartbeat_s": self.heartbeat_s})
             if joiner:
                 self.joiners.append(wid)

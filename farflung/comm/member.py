@@ -133,7 +133,7 @@ class Member:
 
     def _set_lost(self, why: str) -> None:
         with self.cond:
-            if self.lost is None and not self._stop.is_set():
+            if self.lost is None and not self._stop.is_set() and not self.finished:
                 self.lost = MembershipLost(why)
                 self.epoch += 1
             self.cond.notify_all()
