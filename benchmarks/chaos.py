@@ -62,7 +62,14 @@ CONFIG = "configs/demo.toml"
 CALIBRATION_STEPS = 15
 QUIET_TAIL_S = 15.0  # no fault this close to the expected end
 MATCH_SLACK_S = 10.0  # a left event this long after heartbeat_s still counts
-EXTRA_WORKERS = 2  # joins stop at --workers + this many live workers
+EXTRA_WORKERS = 2
+LAB_ENV = (
+    "GLOO_SOCKET_IFNAME",
+    "FARFLUNG_NETLAB_HOST",
+    "FARFLUNG_NETLAB_PREFIX",
+    "FARFLUNG_NETLAB_MATRIX",
+    "FARFLUNG_NETWORK",
+)  # joins stop at --workers + this many live workers
 
 
 def say(msg: str) -> None:
@@ -296,9 +303,18 @@ class Chaos:
             cmd += overrides(self.args, self.steps)
             self.joiner_dirs.append(folder)
             self.logs.append(log)
+            # the lab's settings of that host (the gloo interface, the delay matrix): a
+            # joiner without them would offer its peers a loopback address
+            lab_env = {k: v for k, v in env.items() if k in LAB_ENV}
             with open(log, "w") as f:
                 self.joiners.append(
-                    subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+                    subprocess.Popen(
+                        cmd,
+                        cwd=ROOT,
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, **lab_env},
+                    )
                 )
             rec["pid"] = self.joiners[-1].pid
         self.faults.append(rec)

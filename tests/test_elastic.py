@@ -36,7 +36,7 @@ def elastic_run(
 ):
     args = ["train", str(tiny / "tiny.toml"), "--workers", str(workers), "--out", str(out)]
     args += ["--quiet", *(["--netlab", netlab] if netlab else [])]
-    args += ["--set", "elastic.enabled=true", "--set", "elastic.heartbeat_s=1.5"]
+    args += ["--set", "elastic.enabled=true", "--set", "elastic.heartbeat_s=2"]
     args += ["--set", "train.batch_size=12", "--set", f"train.steps={STEPS}"]
     args += ["--set", "train.checkpoint_every=0", "--set", "train.eval_every=8"]
     for s in sets:
@@ -121,7 +121,7 @@ def test_coordinator_killed_then_resume(tiny, tmp_path, undisturbed):  # noqa: F
     out = tmp_path / "coordinator"
     cmd = [sys.executable, "-m", "farflung.cli.main", "train", str(tiny / "tiny.toml")]
     cmd += ["--workers", "3", "--out", str(out), "--quiet"]
-    sets = ["elastic.enabled=true", "elastic.heartbeat_s=1.5", "train.batch_size=12"]
+    sets = ["elastic.enabled=true", "elastic.heartbeat_s=2", "train.batch_size=12"]
     sets += [f"train.steps={STEPS}", "train.checkpoint_every=4", "train.eval_every=8"]
     for s in sets:
         cmd += ["--set", s]
@@ -148,7 +148,7 @@ def test_join_from_the_command_line(tiny, tmp_path):  # noqa: F811
     state, and its state hash agrees with the others' at every commit after."""
     out = tmp_path / "joined"
     cmd = [sys.executable, "-m", "farflung.cli.main", "train", str(tiny / "tiny.toml")]
-    sets = ["elastic.enabled=true", "elastic.heartbeat_s=1.5", "train.batch_size=12"]
+    sets = ["elastic.enabled=true", "elastic.heartbeat_s=2", "train.batch_size=12"]
     sets += ["train.steps=40", "train.checkpoint_every=0", "train.eval_every=0"]
     sets_args = [a for s in sets for a in ("--set", s)]
     launcher = subprocess.Popen(
@@ -186,7 +186,7 @@ def test_under_torchrun_with_a_standalone_coordinator(tiny, tmp_path):  # noqa: 
     SIGKILLed, torchrun restarts the node's workers, they join again and the run
     finishes exact."""
     out = tmp_path / "run"
-    sets = ["elastic.enabled=true", "elastic.heartbeat_s=1.5", "train.batch_size=12"]
+    sets = ["elastic.enabled=true", "elastic.heartbeat_s=2", "train.batch_size=12"]
     sets += [f"train.steps={STEPS}", "train.checkpoint_every=4", "train.eval_every=8"]
     sets_args = [a for s in sets for a in ("--set", s)]
     port = str(free_port())

@@ -37,7 +37,7 @@ def test_partition_commits_on_the_majority_side_only(tiny, tmp_path, cut, majori
     faults = ",".join(f"{w}:6:LINKFLAP6" for w in cut)
     if majority:  # a straggler keeps the run going until the cut worker is back
         faults += ",0:10:SLEEP10"
-    sets = ("elastic.heartbeat_s=1.5", "train.batch_size=12")
+    sets = ("elastic.heartbeat_s=2", "train.batch_size=12")
     r = elastic_run(tiny, out, *sets, workers=4, netlab="40mbit", env={"FARFLUNG_FAULTS": faults})
     assert r.returncode == 0, r.stderr
     events = check_run(out)

@@ -144,6 +144,7 @@ class Coordinator:
         self.conns: dict[int, _Conn] = {}
         self.members: list[int] = []
         self.quorum_base: list[int] = []  # the last generation that committed a step
+        self.gen_committed = False
         self.joiners: list[int] = []
         self.gen = -1
         self.committed = 0
@@ -176,6 +177,10 @@ class Coordinator:
         except OSError:
             pass
         with self.lock:
+            if self.change is not None:  # changes not yet recovered from are still logged
+                for r in self.change.records:
+                    self.handler.on_event({**r, "recovery_s": None})
+                self.change = None
             conns = list(self.conns.values())
             for c in conns:
                 if c.alive:
@@ -309,6 +314,7 @@ class Coordinator:
                 return  # a replayed change comes first (a join still on its way)
             self.handler.on_commit(step, self.gen, list(self.members), votes)
             self.quorum_base = list(self.members)
+            self.gen_committed = True
             del self.votes[step]
             self.committed = step
             self._flush_change()
@@ -435,6 +441,7 @@ class Coordinator:
 
     def _new_generation(self, members: list[int], donor: int | None) -> None:
         self.gen += 1
+        self.gen_committed = False
         self.members = list(members)
         self.votes.clear()
         self.done.clear()
@@ -480,10 +487,14 @@ class Coordinator:
             now = time.monotonic()
             with self.lock:
                 silent = []
+                # until a generation has committed, its members may be busy meeting
+                # (process groups, state transfers, start-up on a loaded host): three
+                # bounds then, one once it runs
+                bound = self.heartbeat_s * (1 if self.gen_committed else 3)
                 for c in list(self.conns.values()):
                     if c.alive:
                         c.send({"op": "tick"})
-                        if now - c.last_seen > self.heartbeat_s:
+                        if now - c.last_seen > bound:
                             silent.append(c)
                 for c in silent:  # all of this tick's losses, then one decision
                     self._lose(

@@ -156,6 +156,10 @@ class Member:
     def done(self, gen: int, payload: dict[str, Any]) -> None:
         self._safe_send({"op": "done", "gen": gen, **payload})
 
+    def tell(self, msg: dict[str, Any]) -> None:
+        """Send ``msg``; a broken connection makes this worker lost, not a crash."""
+        self._safe_send(msg)
+
     def _safe_send(self, msg: dict[str, Any]) -> None:
         try:
             self.send(msg)

@@ -50,7 +50,8 @@ class RunLog:
         self.member_steps = 0  # sum over committed steps of the members that made them
         self.by_kind: dict[str, int] = {}
         self.hash_disagreements = 0
-        self.last_step_time = time.monotonic()
+        self.last_step_time: float | None = None
+        self.network = "unshaped"
         self.longest_stall_s = 0.0
         self.summary: dict[str, Any] | None = None
         self.bar: Progress | None = None
@@ -62,7 +63,8 @@ class RunLog:
 
     def on_commit(self, step: int, gen: int, members: list[int], votes: dict[int, dict]) -> None:
         now = time.monotonic()
-        self.longest_stall_s = max(self.longest_stall_s, now - self.last_step_time)
+        if self.last_step_time is not None:  # start-up is not a stall
+            self.longest_stall_s = max(self.longest_stall_s, now - self.last_step_time)
         self.last_step_time = now
         rows = torch.tensor([votes[i]["row"] for i in members], dtype=torch.float64)
         rec = aggregate(rows)
@@ -161,7 +163,7 @@ class RunLog:
             "world_size": len(done),
             "params": first.get("params"),
             "backend": "gloo",
-            "network": os.environ.get("FARFLUNG_NETWORK", "unshaped"),
+            "network": self.network,
             "elastic": {
                 "membership_changes": len(events),
                 "left": sum(e["event"] == "left" for e in events),
@@ -213,11 +215,13 @@ def start_coordinator(
     replay: list[dict[str, Any]] | None = None,
     resume: bool = False,
     quiet: bool = False,
+    network: str = "unshaped",
 ) -> tuple[Coordinator, str]:
     """The run's coordinator, serving from this process, writing the run's files in
     ``out``; returns it and the address workers join (``advertise:port``, also in
     ``out/coordinator.json``)."""
     log = RunLog(cfg, out, quiet)
+    log.network = network
     if resume:
         log.rewind()
     say = (
@@ -278,6 +282,7 @@ def launch_elastic(
         resume=resume,
         quiet=quiet,
         netns=placement.coordinator_netns,
+        network=placement.description,
     )
     reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
     procs: dict[int, subprocess.Popen] = {}

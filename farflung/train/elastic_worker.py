@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from farflung.comm import Comm, DistInfo
-from farflung.comm.errors import Reconfigure
+from farflung.comm.errors import PeerLostError, Reconfigure
 from farflung.comm.member import Member, fetch_state
 from farflung.config import Config
 from farflung.data import batch_ids, val_batch_ids
@@ -75,17 +75,21 @@ def join_group(member: Member, gen: dict[str, Any], backend: str, timeout_s: flo
         if member.gen is not None and member.gen["gen"] != gen["gen"]:
             raise Reconfigure(f"generation {gen['gen']} was replaced before it met")
         time.sleep(0.01)
+    # meeting is bounded by the heartbeat (a member lost meanwhile must not hold the
+    # others for long); collectives by parallel.timeout_s, as slow links need
     dist.init_process_group(
         backend,
         store=prefixed,
         rank=rank,
         world_size=len(members),
-        timeout=_timedelta(timeout_s),
+        timeout=_timedelta(3 * member.heartbeat_s),
     )
+    dist.distributed_c10d._set_pg_timeout(_timedelta(timeout_s))
     return DistInfo(rank, len(members), 0, 1, backend, torch.device("cpu"))
 
 
 _GRAVEYARD: list[Any] = []  # abandoned groups and works: their destructors would block
+_FETCHED: dict[int, dict[str, Any]] = {}  # a joiner's state by restart step
 
 
 def _timedelta(seconds: float):
@@ -178,11 +182,18 @@ class ElasticWorker(Worker):
     def _fetch(self, gen: dict[str, Any]) -> dict[str, Any]:
         """This worker holds no state for the restart step (it is joining): the
         donor's, over a connection of its own."""
+        if gen["restart"] in _FETCHED:  # fetched for a generation replaced since
+            return _FETCHED[gen["restart"]]
         t0 = time.perf_counter()
-        data = fetch_state(gen["donor_addr"], gen["restart"], self.cfg.parallel.timeout_s)
+        try:
+            data = fetch_state(gen["donor_addr"], gen["restart"], self.cfg.parallel.timeout_s)
+        except OSError as e:  # the donor died or its link is down: the coordinator decides
+            raise PeerLostError(f"fetching the state from {gen['donor_addr']} failed: {e}") from e
         seconds = time.perf_counter() - t0
-        self.member.send({"op": "healed", "bytes": len(data), "seconds": seconds})
-        return torch.load(io.BytesIO(data), weights_only=False)
+        self.member.tell({"op": "healed", "bytes": len(data), "seconds": seconds})
+        _FETCHED.clear()
+        _FETCHED[gen["restart"]] = torch.load(io.BytesIO(data), weights_only=False)
+        return _FETCHED[gen["restart"]]
 
     def provide(self, step: int) -> bytes | None:
         """The snapshot for ``step`` as bytes, for a joiner (the state server's thread)."""
