@@ -30,9 +30,10 @@ the real transfer's completion, so over a real shaped link and a delay-only mode
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,8 +58,26 @@ def set_epoch_source(source: Callable[[], int] | None) -> None:
     _epoch = source
 
 
+_pinned: int | None = None
+
+
 def current_epoch() -> int | None:
+    if _pinned is not None:
+        return _pinned
     return _epoch() if _epoch is not None else None
+
+
+@contextlib.contextmanager
+def pinned_epoch(epoch: int) -> Iterator[None]:
+    """Comms created in this block belong to membership epoch ``epoch`` (the
+    generation being entered), even if a newer one has arrived meanwhile: their
+    waits must abort then, not wait on a group its peers have left."""
+    global _pinned
+    _pinned = epoch
+    try:
+        yield
+    finally:
+        _pinned = None
 
 
 # A part of a collective's modelled time: (when its last byte has left the queue, the

@@ -191,6 +191,17 @@ class Coordinator:
                 c.writer.join(timeout=max(0.0, deadline - time.monotonic()))
             self._shut(c.sock)
 
+    def describe(self) -> str:
+        """The membership state in a few lines (``kill -USR1`` on the launcher)."""
+        with self.lock:
+            votes = {step: sorted(v) for step, v in sorted(self.votes.items())}
+            conns = {i: ("alive" if c.alive else "gone") for i, c in sorted(self.conns.items())}
+            return (
+                f"generation {self.gen}: members {self.members}, committed {self.committed}, "
+                f"votes {votes}, joiners {self.joiners}, replay {self.replay[:2]}, "
+                f"stalled {self.stalled or 'no'}, connections {conns}"
+            )
+
     # -- connections ----------------------------------------------------------------
     def _accept_loop(self) -> None:
         while not self.closed.is_set():

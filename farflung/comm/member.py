@@ -74,6 +74,7 @@ class Member:
         self.cond = threading.Condition()
         self.epoch = 0
         self.gen: dict[str, Any] | None = None
+        self.gen_epoch: dict[int, int] = {}  # the epoch each generation began
         self.committed = 0
         self.finished = False
         self.lost: MembershipLost | None = None
@@ -105,6 +106,7 @@ class Member:
         with self.cond:
             if op == "gen":
                 self.gen, self.epoch = msg, self.epoch + 1
+                self.gen_epoch[msg["gen"]] = self.epoch
                 # everything before the restart step is committed (a joiner never saw it)
                 self.committed = max(self.committed, msg["restart"] - 1)
             elif op == "commit":

@@ -284,6 +284,10 @@ def launch_elastic(
         netns=placement.coordinator_netns,
         network=placement.description,
     )
+    # `kill -USR1 <launcher>`: where the membership stands
+    signal.signal(
+        signal.SIGUSR1, lambda *_: print(f"farflung: {coord.describe()}", file=sys.stderr)
+    )
     reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
     procs: dict[int, subprocess.Popen] = {}
     slots: dict[int, int] = {}  # process key -> placement slot (its namespace)

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from farflung.comm import Comm, DistInfo
+from farflung.comm.collectives import pinned_epoch
 from farflung.comm.errors import PeerLostError, Reconfigure
 from farflung.comm.member import Member, fetch_state
 from farflung.config import Config
@@ -125,6 +126,7 @@ class ElasticWorker(Worker):
 
     def __init__(self, cfg: Config, out: Path, info: DistInfo, member: Member, gen: dict) -> None:
         self.member, self.gen = member, gen
+        self.epoch = member.gen_epoch[gen["gen"]]  # waits of this generation end with it
         self.snapshots: dict[int, dict[str, Any]] = {}
         self.results: dict[int, Any] = {}  # cocktail: sync results by the step they settle
         self.pending_votes: dict[int, dict[str, Any]] = {}
@@ -160,16 +162,22 @@ class ElasticWorker(Worker):
         """Re-form the group of generation ``gen`` and roll back to its restart step."""
         self.algo.close(abort=True)
         self.gen = gen
+        self.epoch = self.member.gen_epoch[gen["gen"]]
         restart = gen["restart"]
         info = join_group(self.member, gen, self.info.backend, self.cfg.parallel.timeout_s)
         self.info = info
         self.replica, self.dp = info.rank, info.world_size
         self.is_main = self.replica == 0
-        self.comm = Comm(meter=self.comm.meter)
-        self.algo = make_algorithm(
-            self.cfg.parallel.algorithm, self.model, self.optimizer, self.comm, self.cfg.parallel
-        )
-        self.algo.setup()
+        with pinned_epoch(self.epoch):
+            self.comm = Comm(meter=self.comm.meter)
+            self.algo = make_algorithm(
+                self.cfg.parallel.algorithm,
+                self.model,
+                self.optimizer,
+                self.comm,
+                self.cfg.parallel,
+            )
+            self.algo.setup()
         self._hook_algorithm()
         snap = self.snapshots.get(restart)
         if snap is None:
@@ -313,7 +321,7 @@ class ElasticWorker(Worker):
                 if self.voted < self.step:  # the last steps settle only when waited for
                     self.algo.quiesce()
                     self._vote(self.step)
-                self.member.wait_committed(cfg.steps, self.member.epoch)
+                self.member.wait_committed(cfg.steps, self.epoch)
                 return self._finish()
             except Reconfigure:
                 pass
@@ -337,7 +345,7 @@ class ElasticWorker(Worker):
         ahead holds a snapshot)."""
         behind = self.step - self.cfg.elastic.max_lag_steps * self.algo.settle_every
         if behind > self.member.committed:
-            self.member.wait_committed(behind, self.member.epoch)
+            self.member.wait_committed(behind, self.epoch)
         self._forget_committed()
 
     def train_step(self) -> None:
@@ -419,8 +427,7 @@ class ElasticWorker(Worker):
         self.totals["elapsed_s"] = time.perf_counter() - self.t_start
         summary = {"final_val_loss": val, "params": self.params, "wall_s": self.totals["elapsed_s"]}
         self.member.done(self.gen["gen"], {"summary": summary})
-        epoch = self.member.epoch
-        self.member.wait_committed(10**18, epoch, until=lambda: self.member.finished)
+        self.member.wait_committed(10**18, self.epoch, until=lambda: self.member.finished)
         return summary
 
     def save(self) -> None:

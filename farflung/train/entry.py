@@ -316,7 +316,7 @@ def _run(args: argparse.Namespace) -> int:
 def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     """One worker of an elastic run: started by the launcher (the coordinator's
     address in the environment) or by hand with ``--join HOST:PORT``."""
-    from farflung.comm.collectives import set_epoch_source
+    from farflung.comm.collectives import pinned_epoch, set_epoch_source
     from farflung.comm.dist import pick_backend
     from farflung.comm.member import Member, StateServer
     from farflung.train.elastic_run import COORDINATOR_ENV, ID_ENV, JOIN_ENV
@@ -359,7 +359,8 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         gen_no = gen["gen"]
         try:
             info = join_group(member, gen, backend, cfg.parallel.timeout_s)
-            worker = ElasticWorker(cfg, out, info, member, gen)
+            with pinned_epoch(member.gen_epoch[gen_no]):
+                worker = ElasticWorker(cfg, out, info, member, gen)
             break
         except Reconfigure:
             continue
