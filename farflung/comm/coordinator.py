@@ -290,6 +290,7 @@ class Coordinator:
             self.log(f"initial workers hold different steps {sorted(steps)}; using the lowest")
         self.committed = min(steps)
         self._new_generation(first, donor=None)
+        self._replay_due()  # a replayed change before the first commit
 
     def _dispatch(self, conn: _Conn, msg: dict[str, Any]) -> None:
         op = msg.get("op")

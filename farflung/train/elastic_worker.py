@@ -246,6 +246,9 @@ class ElasticWorker(Worker):
 
     def _restore(self, snap: dict[str, Any]) -> None:
         snap = copy.deepcopy(snap)  # the snapshot stays intact for another rollback
+        # an abandoned attempt may have left gradients behind: the redone step must not
+        # add to them
+        self.optimizer.zero_grad(set_to_none=True)
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.algo.load_elastic_state(snap["algorithm"], snap["group_size"] == self.dp)
