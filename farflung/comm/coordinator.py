@@ -144,6 +144,9 @@ class Coordinator:
         self.conns: dict[int, _Conn] = {}
         self.members: list[int] = []
         self.quorum_base: list[int] = []  # the last generation that committed a step
+        # who holds the state after the last commit: the members that committed it,
+        # and joiners that fetched it since (a donor must be one of them)
+        self.stateful: set[int] = set()
         self.gen_committed = False
         self.joiners: list[int] = []
         self.gen = -1
@@ -289,6 +292,7 @@ class Coordinator:
         if len(steps) != 1:
             self.log(f"initial workers hold different steps {sorted(steps)}; using the lowest")
         self.committed = min(steps)
+        self.stateful = set(first)
         self._new_generation(first, donor=None)
         self._replay_due()  # a replayed change before the first commit
 
@@ -301,6 +305,8 @@ class Coordinator:
                     self.votes.setdefault(vote["step"], {})[conn.id] = vote
                 self._try_commit()
             elif op == "healed":
+                if conn.id in self.members:
+                    self.stateful.add(conn.id)
                 for r in self.change.records if self.change else []:
                     if r["event"] == "joined" and r["id"] == conn.id:
                         r.update(state_bytes=msg["bytes"], transfer_s=round(msg["seconds"], 3))
@@ -326,6 +332,7 @@ class Coordinator:
                 return  # a replayed change comes first (a join still on its way)
             self.handler.on_commit(step, self.gen, list(self.members), votes)
             self.quorum_base = list(self.members)
+            self.stateful = set(self.members)
             self.gen_committed = True
             del self.votes[step]
             self.committed = step
@@ -401,17 +408,21 @@ class Coordinator:
         if live == self.members and not ready and self.fault_since is None:
             return
         lost = [i for i in self.members if not self.conns[i].alive]
-        if not live:
+        holders = [i for i in live if i in self.stateful]
+        if not holders:  # members left, but none holds the committed state
+            ready = live + ready
             if not ready:
                 return self._stall("every member is lost; waiting for joiners to resume")
             step = self.handler.rewind()  # nobody holds the state: a checkpoint does
             self._pending_records().append(
                 {"event": "rewound", "id": None, "committed": self.committed, "to_step": step}
             )
-            self.log(f"every member was lost: resuming from the checkpoint of step {step}")
+            self.log(f"no live worker holds the state: resuming from the checkpoint of step {step}")
             self.committed = step
+            self.stateful = set()
+            new = [i for i in ready if i in self.joiners]
             self.joiners = [i for i in self.joiners if i not in ready]
-            for i in ready:
+            for i in new:
                 self._pending_records().append(
                     {"event": "joined", "id": i, "committed": step, "at": time.time()}
                 )
@@ -440,7 +451,7 @@ class Coordinator:
             self._pending_records().append(
                 {"event": "joined", "id": i, "committed": self.committed, "at": time.time()}
             )
-        self._new_generation(live + ready, donor=live[0])
+        self._new_generation(live + ready, donor=holders[0])
 
     def _lost_records(self, lost: list[int]) -> list[dict[str, Any]]:
         records = self.change.records if self.change else []
