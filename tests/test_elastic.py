@@ -200,17 +200,22 @@ def test_under_torchrun_with_a_standalone_coordinator(tiny, tmp_path):  # noqa: 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     torchrun += ["--nproc-per-node", "2", "--max-restarts", "1", "-m", "farflung.train", cfg]
     torchrun += ["--out", str(tmp_path / "workers"), "--join", f"127.0.0.1:{port}", "--quiet"]
-    r = subprocess.run(
-        [*torchrun, *sets_args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "FARFLUNG_FAULTS": "0:6:SIGKILL"},
-    )
-    said = (tmp_path / "coordinator.log").read_text()
-    assert r.returncode == 0, r.stderr[-3000:] + said[-3000:]
-    assert coordinator.wait(timeout=60) == 0
-    log.close()
+    try:
+        r = subprocess.run(
+            [*torchrun, *sets_args],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**os.environ, "FARFLUNG_FAULTS": "0:6:SIGKILL"},
+        )
+        said = (tmp_path / "coordinator.log").read_text()
+        assert r.returncode == 0, r.stderr[-3000:] + said[-3000:]
+        assert coordinator.wait(timeout=60) == 0
+    finally:  # a failed test leaves no coordinator behind
+        if coordinator.poll() is None:
+            coordinator.kill()
+            coordinator.wait()
+        log.close()
     events = check_run(out)
     assert events[0]["event"] == "left" and events[0]["why"] == "crash"
     assert sum(e["event"] == "joined" for e in events) == 2
