@@ -34,6 +34,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from farflung.train.network import network
 
     cfg = resolve_config(args)
+    if (args.join or args.replay) and not cfg.elastic.enabled:
+        raise ConfigError(
+            "--join and --replay are for elastic runs; allowed with --set elastic.enabled=true"
+        )
     check_batch(cfg, args.workers)
     stage_map = load_placement(args, cfg)  # before anything is prepared or launched
     out = out_dir(args)

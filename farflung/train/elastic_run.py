@@ -13,8 +13,10 @@ Files in the run folder, written here from the coordinator's decisions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,8 +197,6 @@ def check_samples(path: Path, cfg: Config, n_train: int) -> list[str]:
 
 def _netns(name: str):
     if not name:
-        import contextlib
-
         return contextlib.nullcontext()
     from farflung.comm.netlab import in_netns
 
@@ -360,6 +360,4 @@ def launch_elastic(
                 p.kill()
                 p.wait()
         coord.close()
-        import shutil
-
         shutil.rmtree(reports, ignore_errors=True)

@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from farflung.config import Config
 from farflung.data import batch_ids, val_batch_ids
 from farflung.parallel import NonFiniteStep, make_algorithm
 from farflung.train import checkpoint as ckpt
+from farflung.train.entry import is_comm_failure
 from farflung.train.loop import Worker, lr_at
 from farflung.train.metrics import local_row
 
@@ -83,20 +85,14 @@ def join_group(member: Member, gen: dict[str, Any], backend: str, timeout_s: flo
         store=prefixed,
         rank=rank,
         world_size=len(members),
-        timeout=_timedelta(3 * member.heartbeat_s),
+        timeout=timedelta(seconds=3 * member.heartbeat_s),
     )
-    dist.distributed_c10d._set_pg_timeout(_timedelta(timeout_s))
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
     return DistInfo(rank, len(members), 0, 1, backend, torch.device("cpu"))
 
 
 _GRAVEYARD: list[Any] = []  # abandoned groups and works: their destructors would block
 _FETCHED: dict[int, dict[str, Any]] = {}  # a joiner's state by restart step
-
-
-def _timedelta(seconds: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
 
 
 def state_hash(obj: Any) -> str:
@@ -128,7 +124,6 @@ class ElasticWorker(Worker):
         self.member, self.gen = member, gen
         self.epoch = member.gen_epoch[gen["gen"]]  # waits of this generation end with it
         self.snapshots: dict[int, dict[str, Any]] = {}
-        self.results: dict[int, Any] = {}  # cocktail: sync results by the step they settle
         self.pending_votes: dict[int, dict[str, Any]] = {}
         self.voted = 0
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""), member.id)
@@ -331,7 +326,7 @@ class ElasticWorker(Worker):
             except NonFiniteStep:
                 raise
             except Exception as e:  # a collective failed: a peer died or a link broke
-                if not _is_comm_error(e):
+                if not is_comm_failure(e):
                     raise
                 why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 print(
@@ -482,9 +477,3 @@ def inject(action: str) -> None:
         subprocess.Popen(
             ["sh", "-c", f"sleep {seconds}; ip link set {iface} up"], start_new_session=True
         )
-
-
-def _is_comm_error(e: BaseException) -> bool:
-    from farflung.train.entry import is_comm_failure
-
-    return is_comm_failure(e)

@@ -367,7 +367,7 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         except Exception as e:  # a peer or the donor failed while this worker entered
             if not is_comm_failure(e):
                 raise
-            _say(info_rank(member), f"entering generation {gen_no} failed ({first_line(e)})", True)
+            _say(member.id or 0, f"entering generation {gen_no} failed ({first_line(e)})", True)
             member.fault(gen_no, first_line(e))
     holder["w"] = worker
     worker.run()
@@ -376,10 +376,6 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # abandoned process groups' destructors would wait on dead peers
-
-
-def info_rank(member: object) -> int:
-    return getattr(member, "id", None) or 0
 
 
 def raise_interrupt(signum: int, frame: object) -> None:
