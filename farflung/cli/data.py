@@ -80,6 +80,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--config", help="TOML config (its [data] section is used)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     t.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size")
+    add_tokenizer_arg(t)
     t.set_defaults(func=cmd_tokenize)
 
     r = verbs.add_parser("rules", help="show a rule set: its rules, thresholds and sources")
@@ -106,6 +107,16 @@ def add_run_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
     )
     p.add_argument("--scheduler", metavar="ADDR", help="dask scheduler address (tcp://...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    """``--tokenizer PATH``: encode with an existing tokenizer (overrides data.tokenizer)."""
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="use this Hugging Face tokenizer (a folder with tokenizer.json, or the file) "
+        "instead of training one, e.g. the checkpoint you fine-tune; overrides data.tokenizer",
+    )
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -200,12 +211,21 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     sources, _ = resolve_sources(args.inputs, ReadOptions())
-    return tokenize_to(sources, args.out, args.vocab_size, cfg)
+    return tokenize_to(sources, args.out, args.vocab_size, cfg, args.tokenizer)
 
 
-def tokenize_to(sources: list[str], out: str, vocab_size: int | None, cfg: Config) -> int:
-    """Train the tokenizer and write token shards (``farflung prepare``'s last step)."""
+def tokenize_to(
+    sources: list[str],
+    out: str,
+    vocab_size: int | None,
+    cfg: Config,
+    tokenizer: str | None = None,
+) -> int:
+    """Train the tokenizer (or use ``tokenizer``, else the one the config names, as
+    training's own preparation would) and write token shards: ``farflung prepare``'s
+    last step."""
     from farflung.data import prepare
+    from farflung.train.init import data_tokenizer
 
     d = cfg.data
     index = prepare(
@@ -216,10 +236,12 @@ def tokenize_to(sources: list[str], out: str, vocab_size: int | None, cfg: Confi
         d.shard_tokens,
         seed=cfg.train.seed,
         progress=True,
+        tokenizer=tokenizer or data_tokenizer(cfg),
     )
+    masked = ", loss masks on prompt tokens" if index.has_masks else ""
     print(
         f"prepared {out}: vocab {index.vocab_size}, train {index.tokens('train'):,} "
-        f"tokens, val {index.tokens('val'):,} tokens"
+        f"tokens, val {index.tokens('val'):,} tokens{masked}"
     )
     return 0
 
@@ -252,8 +274,15 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def run_recipe(args: argparse.Namespace, sources: list[str], target: Path) -> list[str]:
     """``farflung prepare --filter/--dedup``: the steps under ``<target>/recipe``;
     returns the sources to tokenize."""
+    from farflung.data.corpus import find_pair_record
     from farflung.data.recipe import run_recipe as recipe
 
+    if (where := find_pair_record(sources)) is not None:
+        raise DataError(
+            f"--filter/--dedup work on plain text, but {where} is a prompt/response record: "
+            "prepare instruction data without them (quality rules made for web text do not "
+            "fit it, and the recipe's steps keep only a text field)"
+        )
     dedup = args.dedup
     if dedup is not None and dedup != "exact":
         try:

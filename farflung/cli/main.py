@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from farflung.cli import data, net, plan
 from farflung.config import Config, ConfigError, check_batch, load_config
 from farflung.data import DataError
+from farflung.model.hf import HFCheckpointError
 from farflung.train.checkpoint import CheckpointError
 from farflung.train.entry import (
     EXIT_USAGE,
@@ -143,7 +144,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     target = args.out or cfg.data.dir
     if args.filter is not None or args.dedup is not None:
         sources = data.run_recipe(args, sources, Path(target))
-    return data.tokenize_to(sources, target, args.vocab_size, cfg)
+    return data.tokenize_to(sources, target, args.vocab_size, cfg, args.tokenizer)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -154,6 +155,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
             args.checkpoint, args.prompt, args.tokens, args.temperature, args.top_k, args.seed
         )
     )
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from farflung.train.export import export_hf
+
+    found = export_hf(args.run, args.out, force=args.force)
+    print(f"exported {found} to {args.out} (Hugging Face format: config.json, model.safetensors)")
     return 0
 
 
@@ -250,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--source", action="append", help="'bundled' or a .txt/.jsonl file/folder")
     pr.add_argument("--out", help="output folder (default: data.dir)")
     pr.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size")
+    data.add_tokenizer_arg(pr)
     data.add_recipe_args(pr)
     pr.set_defaults(func=cmd_prepare)
 
@@ -261,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=50)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser(
+        "export-hf",
+        help="write a run's model and tokenizer as a Hugging Face folder "
+        "(transformers' from_pretrained loads it)",
+    )
+    e.add_argument("run", help="run folder (its newest valid checkpoint) or a checkpoint")
+    e.add_argument("out", help="folder to write")
+    e.add_argument("--force", action="store_true", help="replace a model already in OUT")
+    e.set_defaults(func=cmd_export_hf)
 
     d = sub.add_parser(
         "demo",
@@ -301,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"farflung: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, CheckpointError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, HFCheckpointError, FileNotFoundError) as e:
         print(f"farflung: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ import numpy as np
 
 from farflung.config import Config, ConfigError, check_pipeline, load_config, validate
 from farflung.plan.devices import Device, identical_devices, load_devices
+from farflung.train import init
 
 EFFICIENCY = 0.4
 """Fraction of peak FLOPS a device reaches on training (model FLOPs utilisation)."""
@@ -275,6 +276,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.budget_s <= 0:
         raise ConfigError(f"--budget-s must be > 0, got {args.budget_s}")
     cfg = load_config(args.config, args.set, choices={"parallel.algorithm": algorithm_names()})
+    cfg = init.resolve(cfg)  # model.init_from decides the architecture
     cfg, vocab_how = resolve_vocab(cfg)
     log(f"model: vocab_size {cfg.model.vocab_size} ({vocab_how})")
     codec, sync_every = dp_codec(cfg)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from farflung.config.schema import SECTIONS, Config
+from farflung.config.schema import SECTIONS, Config, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -95,9 +95,7 @@ def validate(cfg: Config, choices: Mapping[str, Iterable[str]] | None = None) ->
     for dotted, allowed in (choices or {}).items():
         section, key = dotted.split(".")
         _check_choice(dotted, getattr(getattr(cfg, section), key), tuple(allowed))
-    m = cfg.model
-    if m.d_model % m.n_head:
-        raise ConfigError(f"model.n_head = {m.n_head} must divide model.d_model = {m.d_model}")
+    _validate_model(cfg.model)
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(
             f"optim.min_lr = {cfg.optim.min_lr} must not exceed optim.lr = {cfg.optim.lr}"
@@ -110,6 +108,23 @@ def validate(cfg: Config, choices: Mapping[str, Iterable[str]] | None = None) ->
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty; allowed: 'bundled' and/or file paths")
     _validate_pipeline(cfg)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.n_head = {m.n_head} must divide model.d_model = {m.d_model}")
+    if m.n_kv_head and m.n_head % m.n_kv_head:
+        raise ConfigError(f"model.n_kv_head = {m.n_kv_head} must divide model.n_head = {m.n_head}")
+    if m.n_kv_head and m.arch != "llama":
+        raise ConfigError("model.n_kv_head is for arch = 'llama'; allowed with arch = 'gpt2': 0")
+    if m.max_positions and m.max_positions < m.context:
+        raise ConfigError(
+            f"model.context = {m.context} exceeds model.max_positions = {m.max_positions}"
+        )
+    if m.init_from and not m.init_from.startswith(("hf:", "run:")):
+        raise ConfigError(
+            f"model.init_from = {m.init_from!r}; allowed: '' (random), 'hf:PATH' or 'run:PATH'"
+        )
 
 
 def _validate_pipeline(cfg: Config) -> None:

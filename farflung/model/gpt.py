@@ -1,9 +1,10 @@
 """A decoder-only GPT and its split into pipeline stages.
 
-The network is the GPT-2 shape: token and learned position embeddings, a stack of
-pre-LayerNorm blocks (causal self-attention, then an MLP, each added to the residual
-stream), a final LayerNorm and a language-model head whose weight is tied to the token
-embedding.
+``model.arch = "gpt2"`` is the GPT-2 shape: token and learned position embeddings, a
+stack of pre-LayerNorm blocks (causal self-attention, then an MLP, each added to the
+residual stream), a final LayerNorm and a language-model head whose weight is tied to
+the token embedding. ``"llama"`` swaps in the blocks of :mod:`farflung.model.llama`
+(rotary positions, so no position table), RMSNorm and, usually, an untied head.
 
 :class:`GPTStage` cuts the block stack into contiguous layer ranges for pipeline
 parallelism: stage 0 owns the embeddings, the last stage owns ``ln_f``, the head and the
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from farflung.config import ModelConfig
+from farflung.model.llama import LlamaBlock, RMSNorm, Rotary, ffn_width, kv_heads
 
 INIT_STD = 0.02
 """Standard deviation of the GPT-2 weight initialisation."""
@@ -53,18 +55,20 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: d -> mlp_ratio*d -> GELU -> d."""
+    """Position-wise feed-forward: d -> ffn width -> GELU -> d (GPT-2's ``gelu_new`` is
+    the tanh approximation, ``activation = "gelu_tanh"``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        hidden = cfg.mlp_ratio * cfg.d_model
+        hidden = ffn_width(cfg)
         self.fc = nn.Linear(cfg.d_model, hidden)
         self.proj = nn.Linear(hidden, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the MLP to every position of ``x`` independently."""
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -72,9 +76,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -83,38 +87,59 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _check_length(t: int, context: int) -> None:
-    if t > context:
-        raise ValueError(f"sequence length {t} exceeds the model context {context}")
+IGNORE = -100
+"""Target id that the loss leaves out (cross_entropy's ``ignore_index``): prompt
+tokens of fine-tuning data (docs/data.md)."""
 
 
-def _embed(wte: nn.Embedding, wpe: nn.Embedding, drop: nn.Module, idx: Tensor) -> Tensor:
-    """Token ids [B, T] -> dropped-out token + position embeddings [B, T, d]."""
+def max_positions(cfg: ModelConfig) -> int:
+    """The longest sequence the model takes: ``max_positions``, or ``context``."""
+    return cfg.max_positions or cfg.context
+
+
+def _check_length(t: int, limit: int) -> None:
+    if t > limit:
+        raise ValueError(f"sequence length {t} exceeds the model's context of {limit} positions")
+
+
+def _embed(
+    wte: nn.Embedding, wpe: nn.Embedding | None, drop: nn.Module, idx: Tensor, limit: int
+) -> Tensor:
+    """Token ids [B, T] -> dropped-out token (+ position) embeddings [B, T, d]."""
     if idx.dim() != 2:
         raise ValueError(f"expected token ids of shape [B, T], got {tuple(idx.shape)}")
-    _check_length(idx.shape[1], wpe.num_embeddings)
-    pos = torch.arange(idx.shape[1], device=idx.device)
-    return drop(wte(idx) + wpe(pos))
+    _check_length(idx.shape[1], limit)
+    x = wte(idx)
+    if wpe is not None:  # llama encodes positions inside attention instead
+        x = x + wpe(torch.arange(idx.shape[1], device=idx.device))
+    return drop(x)
+
+
+def token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over the targets that count (not :data:`IGNORE`); 0, not
+    NaN, when none does, so a micro-batch of prompt tokens only adds no gradient."""
+    flat = targets.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, reduction="sum")
+    return total / (flat != IGNORE).sum().clamp(min=1)
 
 
 def _head(
-    ln_f: nn.LayerNorm, head: nn.Linear, x: Tensor, targets: Tensor | None
+    ln_f: nn.Module, head: nn.Linear, x: Tensor, targets: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """Hidden states -> (logits [B, T, V], mean cross-entropy or None)."""
     logits = head(ln_f(x))
     if targets is None:
         return logits, None
-    # Targets equal to -100 (cross_entropy's ignore_index) are left out of the mean.
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    return logits, loss
+    return logits, token_loss(logits, targets)
 
 
 class GPT(nn.Module):
     """Decoder-only transformer language model.
 
-    Attributes: ``wte`` (token embedding), ``wpe`` (position embedding), ``drop``,
-    ``blocks`` (an ``nn.ModuleList`` of :class:`Block`), ``ln_f`` and ``head``, whose
-    weight *is* ``wte.weight`` when ``cfg.tie_embeddings`` (GPT-2), its own otherwise.
+    Attributes: ``wte`` (token embedding), ``wpe`` (position embedding; None for
+    llama), ``drop``, ``blocks`` (an ``nn.ModuleList`` of :class:`Block` or
+    :class:`~farflung.model.llama.LlamaBlock`), ``ln_f`` and ``head``, whose weight
+    *is* ``wte.weight`` when ``cfg.tie_embeddings`` (GPT-2), its own otherwise.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -125,11 +150,18 @@ class GPT(nn.Module):
                 "(0 means 'take it from the tokenizer'; resolve it first)"
             )
         self.cfg = cfg
+        self.max_positions = max_positions(cfg)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.context, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        if cfg.arch == "llama":
+            self.wpe = None
+            rotary = Rotary(cfg.d_model // cfg.n_head, cfg.rope_theta)
+            self.blocks = nn.ModuleList(LlamaBlock(cfg, rotary) for _ in range(cfg.n_layer))
+            self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        else:
+            self.wpe = nn.Embedding(self.max_positions, cfg.d_model)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+            self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.wte.weight
@@ -154,9 +186,9 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Token ids [B, T] -> (logits [B, T, vocab], mean cross-entropy or None).
 
-        Raises ``ValueError`` when T exceeds ``cfg.context``.
+        Raises ``ValueError`` when T exceeds the model's positions (:func:`max_positions`).
         """
-        x = _embed(self.wte, self.wpe, self.drop, idx)
+        x = _embed(self.wte, self.wpe, self.drop, idx, self.max_positions)
         for block in self.blocks:
             x = block(x)
         return _head(self.ln_f, self.head, x, targets)
@@ -169,7 +201,9 @@ class GPT(nn.Module):
         """
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            total -= self.wte.weight.numel() + self.wpe.weight.numel()
+            total -= self.wte.weight.numel()
+            if self.wpe is not None:
+                total -= self.wpe.weight.numel()
             if not self.cfg.tie_embeddings:
                 total -= self.head.weight.numel()
         return total
@@ -203,7 +237,7 @@ class GPTStage(nn.Module):
         self.end = end
         self.n_layer = n_layer
         self.d_model = model.cfg.d_model
-        self.context = model.cfg.context
+        self.max_positions = model.max_positions
         self.blocks = nn.ModuleList(model.blocks[start:end])
         first, last = start == 0, end == n_layer
         self.wte = model.wte if first else None
@@ -231,14 +265,14 @@ class GPTStage(nn.Module):
         Returns ``(logits, loss)`` on the last stage, hidden states [B, T, d] otherwise.
         """
         if self.is_first:
-            x = _embed(self.wte, self.wpe, self.drop, x)
+            x = _embed(self.wte, self.wpe, self.drop, x, self.max_positions)
         else:
             if x.dim() != 3 or x.shape[-1] != self.d_model:
                 raise ValueError(
                     f"stage {self.start}-{self.end} expects hidden states [B, T, "
                     f"{self.d_model}], got {tuple(x.shape)}"
                 )
-            _check_length(x.shape[1], self.context)
+            _check_length(x.shape[1], self.max_positions)
         if targets is not None and not self.is_last:
             raise ValueError("only the last stage takes targets")
         for block in self.blocks:
@@ -336,7 +370,7 @@ def generate(
 ) -> Tensor:
     """Extend token ids ``idx`` [B, T] by ``max_new_tokens`` sampled tokens.
 
-    Only the last ``context`` tokens condition each step. ``temperature == 0`` picks the
+    Only the last ``max_positions`` tokens condition each step. ``temperature == 0`` picks the
     most likely token (greedy); ``top_k`` restricts sampling to the k likeliest tokens.
     The model runs in eval mode (no dropout) and is put back in its previous mode.
     """
@@ -347,11 +381,11 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        context = model.cfg.context
+        context = model.max_positions
         for _ in range(max_new_tokens):
             window = idx[:, -context:]
             # Only the last position's logits matter: skip the head on the rest.
-            x = _embed(model.wte, model.wpe, model.drop, window)
+            x = _embed(model.wte, model.wpe, model.drop, window, context)
             for block in model.blocks:
                 x = block(x)
             logits, _ = _head(model.ln_f, model.head, x[:, -1:, :], None)
@@ -361,12 +395,27 @@ def generate(
     return idx
 
 
+def _block_matrix_params(cfg: ModelConfig) -> int:
+    """Weights of one block's matrices: q/k/v/output projections and the MLP."""
+    d, f = cfg.d_model, ffn_width(cfg)
+    kv = kv_heads(cfg) * (d // cfg.n_head)
+    mlp = 3 * d * f if cfg.arch == "llama" else 2 * d * f
+    return 2 * d * d + 2 * d * kv + mlp
+
+
+def block_params(cfg: ModelConfig) -> int:
+    """Parameters of one block: its matrices plus norms (and, for gpt2, biases)."""
+    d, f = cfg.d_model, ffn_width(cfg)
+    if cfg.arch == "llama":
+        return _block_matrix_params(cfg) + 2 * d
+    return _block_matrix_params(cfg) + 4 * d + 3 * d + d + f + d
+
+
 def block_flops(cfg: ModelConfig) -> float:
-    """Forward FLOPs of one block per token: the four projections and the MLP
-    (2 x multiply-adds of 4 d^2 + 2 mlp_ratio d^2 weights) plus attention's scores and
-    weighted sum over the context (2 x 2 T d)."""
-    d = cfg.d_model
-    return 2.0 * (4 + 2 * cfg.mlp_ratio) * d * d + 4.0 * cfg.context * d
+    """Forward FLOPs of one block per token: the projections and the MLP
+    (2 x multiply-adds of their weights; 2 x (4 + 2 mlp_ratio) d^2 for gpt2) plus
+    attention's scores and weighted sum over the context (2 x 2 T d)."""
+    return 2.0 * _block_matrix_params(cfg) + 4.0 * cfg.context * cfg.d_model
 
 
 def head_flops(cfg: ModelConfig) -> float:

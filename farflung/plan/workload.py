@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from farflung.compress import CodecContext, make_codec
 from farflung.compress.activations import BoundaryCodec
 from farflung.config import Config
-from farflung.model import balanced_layers, block_flops, head_flops
+from farflung.model import balanced_layers, block_flops, block_params, head_flops, max_positions
 
 FP32 = 4
 
@@ -50,19 +50,14 @@ class Workload:
         return (self.c_pp_fwd + self.c_pp_bwd) / 2
 
 
-def block_params(d: int, mlp_ratio: int) -> int:
-    """Parameters of one block: two LayerNorms, q/k/v + output projection, the MLP."""
-    hidden = mlp_ratio * d
-    return 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
-
-
 def stage_params(cfg: Config, layers: list[int]) -> list[int]:
     """Parameters each stage holds: its blocks, the embeddings on the first, the final
     norm and the head (a copy when tied) on the last."""
     m = cfg.model
-    out = [c * block_params(m.d_model, m.mlp_ratio) for c in layers]
-    out[0] += (m.vocab_size + m.context) * m.d_model
-    out[-1] += 2 * m.d_model + m.vocab_size * m.d_model
+    out = [c * block_params(m) for c in layers]
+    positions = max_positions(m) if m.arch == "gpt2" else 0  # llama: rotary, no table
+    out[0] += (m.vocab_size + positions) * m.d_model
+    out[-1] += (2 if m.arch == "gpt2" else 1) * m.d_model + m.vocab_size * m.d_model
     return out
 
 

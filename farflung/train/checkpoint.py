@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ _OLD = ".old"  # a published folder being replaced by a new save of the same ste
 
 class CheckpointError(RuntimeError):
     """A missing, incomplete or corrupt checkpoint; the message names the file."""
+
+
+OPTIONAL_FILES = ("tokenizer_config.json", "chat_template.jinja")
+"""Shared files a checkpoint holds when the data has them (an imported tokenizer's
+end-of-text token and chat template); listed and checksummed like the rest."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -120,6 +126,7 @@ def commit(
     holds the whole model (a pipeline's node without every stage holds none)."""
     names = ["model.safetensors"] if with_model else []
     names += ["config.toml", "tokenizer.json"]
+    names += [n for n in OPTIONAL_FILES if (tmp / n).is_file()]
     names += [f"rank{r}.pt" for r in ranks]
     missing = [n for n in names if not (tmp / n).is_file()]
     if missing:
@@ -189,6 +196,20 @@ def verified(path: Path, rank: int | None = None) -> tuple[dict[int, Path], list
         except CheckpointError as e:
             problems.append(str(e))
     return valid, problems
+
+
+def newest(path: Path) -> Path:
+    """A checkpoint folder itself, or a run folder's newest checkpoint that verifies (a
+    corrupt newer one is reported and passed over)."""
+    if not candidates(path):
+        raise CheckpointError(f"{path}: no checkpoint found")
+    valid, problems = verified(path)
+    if not valid:
+        raise CheckpointError("; ".join(problems))
+    found = valid[max(valid)]
+    for problem in problems:
+        print(f"farflung: warning: {problem}; using {found.name}", file=sys.stderr)
+    return found
 
 
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:

@@ -371,11 +371,16 @@ class ElasticWorker(Worker):
         group's average is the global batch's mean whatever the shares' sizes."""
         micro = self.cfg.train.micro_batch_size or len(ids)
         weight = len(ids) * self.dp / self.cfg.train.batch_size
+        parts = [ids[start : start + micro] for start in range(0, len(ids), micro)]
+        tokens = self.token_weights(parts)  # masked targets: weights by counted tokens
         loss_sum = 0.0
-        for start in range(0, len(ids), micro):
-            part = ids[start : start + micro]
+        for i, part in enumerate(parts):
             x, y = self.train_set.batch(part)
             _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
+            if tokens is not None:
+                (loss * tokens[i]).backward()
+                loss_sum += loss.item() * tokens[i] * len(ids)
+                continue
             scale = len(part) / len(ids)
             if weight != 1.0:
                 scale *= weight
@@ -412,7 +417,7 @@ class ElasticWorker(Worker):
                 total += self._eval_loss_sum(model, ids)
             model.train()
         self.comm.all_reduce(total, kind="ctrl")
-        self.last_val = total.item() / (b * self.cfg.train.eval_batches)
+        self.last_val = total.item() / self._eval_targets(b)
         if self.step in self.pending_votes:
             self.pending_votes[self.step]["val_loss"] = self.last_val
         return self.last_val

@@ -28,7 +28,9 @@ from farflung.comm.errors import NonFiniteError, PeerLostError, Reconfigure, fir
 from farflung.comm.member import MembershipLost
 from farflung.config import Config, ConfigError, load_config
 from farflung.data import INDEX_FILE, DataError, ShardIndex, prepare
+from farflung.model.hf import HFCheckpointError
 from farflung.parallel import algorithm_names, check_parallel_config
+from farflung.train import init
 from farflung.train.checkpoint import CheckpointError
 from farflung.train.progress import print_summary
 
@@ -78,7 +80,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, args.set, choices={"parallel.algorithm": algorithm_names()})
     check_parallel_config(cfg.parallel)
-    return cfg
+    return init.resolve(cfg)  # model.init_from decides the architecture
 
 
 def out_dir(args: argparse.Namespace) -> Path:
@@ -124,6 +126,7 @@ def ensure_data(cfg: Config, show_progress: bool = True) -> ShardIndex:
                     d.shard_tokens,
                     seed=cfg.train.seed,
                     progress=show_progress,
+                    tokenizer=init.data_tokenizer(cfg),
                 )
     return ShardIndex.load(cfg.data.dir)
 
@@ -164,7 +167,7 @@ def _guarded(args: argparse.Namespace, rank: int) -> int:
         return _run(args)
     except ConfigError as e:
         return _fail(rank, "usage", EXIT_USAGE, f"config error: {e}")
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, HFCheckpointError) as e:
         return _fail(rank, "usage", EXIT_USAGE, f"error: {e}")
     except KeyboardInterrupt:
         _say(rank, "interrupted; continue later with --resume (from the last checkpoint)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import tomllib
@@ -18,17 +19,36 @@ import torch.distributed as dist
 
 from farflung.comm import Comm, DistInfo, new_group
 from farflung.comm.errors import NonFiniteError
-from farflung.config import Config, OptimConfig, check_batch, config_from_dict, config_to_toml
+from farflung.config import (
+    Config,
+    ConfigError,
+    OptimConfig,
+    check_batch,
+    config_from_dict,
+    config_to_toml,
+)
 from farflung.data import SampleSet, ShardIndex, TokenStream, batch_ids, rank_slice, val_batch_ids
 from farflung.model import GPT, param_groups
 from farflung.parallel import NonFiniteStep, make_algorithm
 from farflung.train import checkpoint as ckpt
+from farflung.train import init
 from farflung.train.metrics import StepRecord, Telemetry, aggregate, local_row, truncate_jsonl
 from farflung.train.progress import Progress
 
 # config keys that shape the saved state: a resume must keep them
 STATE_KEYS = {
-    "model": ("n_layer", "n_head", "d_model", "context", "vocab_size", "tie_embeddings"),
+    "model": (
+        "arch",
+        "n_layer",
+        "n_head",
+        "n_kv_head",
+        "d_model",
+        "ffn_hidden",
+        "context",
+        "max_positions",
+        "vocab_size",
+        "tie_embeddings",
+    ),
     "parallel": ("algorithm", "codec", "error_feedback"),
     "pipeline": ("stages", "layers", "compression"),
 }
@@ -58,9 +78,10 @@ class Worker:
         self.local_batch, self.micro, self.accum = check_batch(cfg, info.world_size)
         index = ShardIndex.load(cfg.data.dir)
         self.tokenizer_path = Path(index.dir) / "tokenizer.json"
+        init.check_tokenizer(cfg, self.tokenizer_path)
         vocab = cfg.model.vocab_size or index.vocab_size
         if vocab < index.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"model.vocab_size = {vocab} is smaller than the tokenizer's {index.vocab_size}"
             )
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
@@ -111,9 +132,16 @@ class Worker:
 
     def _build_model(self) -> torch.nn.Module:
         """The module this rank trains (the whole GPT here; a stage in a pipeline)."""
-        model = GPT(self.cfg.model)
+        model = self._new_model()
         self.params = model.num_params()
         return model.to(self.info.device)
+
+    def _new_model(self) -> GPT:
+        """The whole model as every rank starts it: random from the seed, or the
+        weights of ``model.init_from``."""
+        model = GPT(self.cfg.model)
+        init.load_weights(model, self.cfg)
+        return model
 
     def _dp_comm(self) -> Comm:
         """The Comm the data-parallel algorithm syncs over."""
@@ -193,15 +221,34 @@ class Worker:
     def _forward_backward(self) -> float:
         """This rank's slice of the step's global batch; returns its mean loss."""
         ids = self.step_ids(self.step)
+        parts = [ids[i * self.micro : (i + 1) * self.micro] for i in range(self.accum)]
+        weights = self.token_weights(parts)
         loss_sum = 0.0
-        for i in range(self.accum):
-            x, y = self.train_set.batch(ids[i * self.micro : (i + 1) * self.micro])
+        for i, part in enumerate(parts):
+            x, y = self.train_set.batch(part)
             _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
             if self.step + 1 in self.nan_at:
                 loss = loss * float("nan")  # fault injection: poisons the gradients too
-            (loss / self.accum).backward()
-            loss_sum += loss.item()
-        return loss_sum / self.accum
+            if weights is None:
+                (loss / self.accum).backward()
+                loss_sum += loss.item() / self.accum
+            else:
+                (loss * weights[i]).backward()
+                loss_sum += loss.item() * weights[i]
+        return loss_sum
+
+    def token_weights(self, parts: list[np.ndarray]) -> list[float] | None:
+        """For masked targets (fine-tuning data), the weight of each micro-batch's mean
+        loss: its counted tokens times ``dp`` over the global batch's. The average over
+        replicas of the weighted sums, of gradients and of losses alike, is then the
+        global batch's mean over counted tokens, as one process on the whole batch
+        computes it, however unevenly the prompts fall. None when every target counts."""
+        if not self.train_set.has_mask:
+            return None
+        b = self.cfg.train.batch_size
+        every = batch_ids(self.step, b, self.n_train, self.cfg.train.seed)
+        total = max(1, int(self.train_set.target_counts(every).sum()))
+        return [int(self.train_set.target_counts(p).sum()) * self.dp / total for p in parts]
 
     def _update(self, finite: bool) -> bool:
         """Sync, clip, step. Returns True when this rank did not apply the step."""
@@ -292,7 +339,7 @@ class Worker:
                 total += self._eval_loss_sum(model, ids)
             model.train()
         self.comm.all_reduce(total, kind="ctrl")
-        self.last_val = total.item() / (b * self.cfg.train.eval_batches)
+        self.last_val = total.item() / self._eval_targets(b)
         if self.is_main:
             self._append(
                 "eval.jsonl",
@@ -303,13 +350,29 @@ class Worker:
         return self.last_val
 
     def _eval_loss_sum(self, model: torch.nn.Module, ids: np.ndarray) -> float:
-        """Summed loss x samples over validation samples ``ids``."""
+        """Summed loss x samples (x counted targets with masked targets) over
+        validation samples ``ids``."""
         total = 0.0
         for j in range(0, len(ids), self.micro):
-            x, y = self.val_set.batch(ids[j : j + self.micro])
+            part = ids[j : j + self.micro]
+            x, y = self.val_set.batch(part)
             _, loss = model(x.to(self.info.device), y.to(self.info.device))
-            total += loss.item() * len(x)
+            total += loss.item() * self._eval_weight(part)
         return total
+
+    def _eval_weight(self, part: np.ndarray) -> float:
+        """What a validation micro-batch's mean loss is multiplied by in the sum."""
+        if self.val_set.has_mask:
+            return float(self.val_set.target_counts(part).sum())
+        return float(len(part))
+
+    def _eval_targets(self, b: int) -> float:
+        """What the evaluation's summed loss is divided by: samples, or counted targets."""
+        n = self.cfg.train.eval_batches
+        if not self.val_set.has_mask:
+            return float(b * n)
+        every = np.concatenate([val_batch_ids(i, b, len(self.val_set)) for i in range(n)])
+        return float(max(1, self.val_set.target_counts(every).sum()))
 
     # -- checkpoints -------------------------------------------------------------
     def save(self) -> None:
@@ -335,6 +398,9 @@ class Worker:
             with_model = self._write_model(tmp, here)
             (tmp / "config.toml").write_text(config_to_toml(self.cfg))
             (tmp / "tokenizer.json").write_bytes(self.tokenizer_path.read_bytes())
+            for name in ckpt.OPTIONAL_FILES:  # an imported tokenizer's settings
+                if (self.tokenizer_path.parent / name).is_file():
+                    shutil.copyfile(self.tokenizer_path.parent / name, tmp / name)
             extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": self.last_val}
             ckpt.commit(
                 tmp,

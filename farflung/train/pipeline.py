@@ -60,7 +60,7 @@ class PipelineWorker(Worker):
         self.mesh = Mesh.create(self.stage_map, self.info.rank)
         self.pipe_comm = Comm(self.mesh.pipe_group, self.comm.meter)  # clip and verdict
         self.replica, self.dp = self.mesh.replica, self.stage_map.dp
-        full = GPT(self.cfg.model)  # the single-process initialisation, then our stage
+        full = self._new_model()  # the single-process initialisation, then our stage
         self.params = full.num_params()
         p = self.cfg.pipeline
         self.layers = [end - start for start, end in stage_layers(full, p.stages, p.layers)]
@@ -122,6 +122,10 @@ class PipelineWorker(Worker):
     # -- a step ------------------------------------------------------------------------
     def _forward_backward(self) -> float:
         mbs = self._micro_batches(self.train_set, self.step_ids(self.step))
+        weights = self.token_weights([mb.ids for mb in mbs])
+        if weights is not None:
+            for mb, w in zip(mbs, weights, strict=True):
+                mb.scale = mb.share = w
         poison = self.step + 1 in self.nan_at
         loss = self.runner.train_step(mbs, self.step, poison=poison)
         self._sum_tied_gradients()
@@ -191,6 +195,9 @@ class PipelineWorker(Worker):
     def _eval_loss_sum(self, model: torch.nn.Module, ids: np.ndarray) -> float:
         codec = BoundaryCodec("none" if self.cfg.pipeline.compression == "none" else "fp16")
         mbs = self._micro_batches(self.val_set, ids)
+        if self.val_set.has_mask:
+            for mb in mbs:
+                mb.share = self._eval_weight(mb.ids)
         return self.runner.eval_forward(model, mbs, codec, codec)
 
     # -- checkpoints -------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -16,14 +15,7 @@ from farflung.train import checkpoint as ckpt
 def load_for_inference(path: str | Path) -> tuple[GPT, Tokenizer]:
     """Model and tokenizer from a checkpoint folder or a run folder (its newest valid
     checkpoint; a corrupt newer one is reported and passed over)."""
-    if not ckpt.candidates(Path(path)):
-        raise ckpt.CheckpointError(f"{path}: no checkpoint found")
-    valid, problems = ckpt.verified(Path(path))
-    if not valid:
-        raise ckpt.CheckpointError("; ".join(problems))
-    found = valid[max(valid)]
-    for problem in problems:
-        print(f"farflung: warning: {problem}; using {found.name}", file=sys.stderr)
+    found = ckpt.newest(Path(path))
     cfg = load_config(found / "config.toml")
     model = GPT(cfg.model)
     ckpt.load_model_weights(found, model)

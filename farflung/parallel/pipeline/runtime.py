@@ -47,6 +47,13 @@ class MicroBatch:
     ids: np.ndarray
     x: Tensor | None = None
     y: Tensor | None = None
+    scale: float | None = None
+    """Gradient weight of this micro-batch's loss on the last stage when its targets
+    are masked (fine-tuning data: its counted tokens' share of the global batch's);
+    None: 1/M."""
+    share: float | None = None
+    """With ``scale``: this micro-batch's weight in the step's reported loss (a sum);
+    in an evaluation, its counted targets (None: its samples)."""
 
 
 @dataclass
@@ -157,7 +164,9 @@ class StageRunner:
         for handle, _ in st.sends:
             self._wait(handle, "sending to")
         losses = self.stats.losses
-        return sum(losses) / len(losses) if losses else 0.0
+        if not losses:
+            return 0.0
+        return sum(losses) if mbs[0].share is not None else sum(losses) / len(losses)
 
     def _forward_action(self, st: _Step, mb: int) -> None:
         inp, out = self._forward(st.mbs[mb], st.posted.pop(("F", mb), None), st.fresh_in[mb])
@@ -171,8 +180,9 @@ class StageRunner:
     def _backward_action(self, st: _Step, mb: int) -> None:
         inp, out = st.saved.pop(mb)
         if self.is_last:
-            self.stats.losses.append(out.item())
-        self._backward(out, st.posted.pop(("B", mb), None), len(st.mbs))
+            share = st.mbs[mb].share
+            self.stats.losses.append(out.item() * (1.0 if share is None else share))
+        self._backward(out, st.posted.pop(("B", mb), None), st.mbs[mb], len(st.mbs))
         if not self.is_first:
             # stochastic rounding draws from a stream of its own per step and micro-batch
             ctx = CodecContext(st.step * len(st.mbs) + mb, self.seed, self.comm.rank)
@@ -224,9 +234,9 @@ class StageRunner:
             return inp, loss
         return inp, self.module(x)
 
-    def _backward(self, out: Tensor, got, micro_batches: int) -> None:
+    def _backward(self, out: Tensor, got, mb: MicroBatch, micro_batches: int) -> None:
         if self.is_last:
-            (out / micro_batches).backward()
+            (out / micro_batches if mb.scale is None else out * mb.scale).backward()
             return
         handle, buf = got
         self._wait(handle, "receiving from")
@@ -281,7 +291,7 @@ class StageRunner:
                 x = codec_prev.decode(buf, self.shape).to(self.device)
             if self.is_last:
                 _, loss = module(x, mb.y.to(self.device))
-                total += loss.item() * len(mb.ids)
+                total += loss.item() * (len(mb.ids) if mb.share is None else mb.share)
             else:
                 payload = codec_next.encode(module(x))
                 sends.append(

@@ -1,0 +1,206 @@
+"""Fine-tuning end to end through the CLI: a tiny model saved by transformers, data
+prepared with its tokenizer (prompt/response: the loss counts responses only), trained
+from ``model.init_from = "hf:..."`` on 2 workers and on 1, in a pipeline, and exported
+back to a folder transformers loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_cli import farflung, losses
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from farflung.train.metrics import read_jsonl
+from farflung.train.sample import load_for_inference
+
+transformers = pytest.importorskip("transformers")  # a dev dependency, never needed at run time
+
+WORDS = (
+    "the quick brown fox jumps over lazy dogs while seven wizards quietly judge boxing "
+    "matches near old river banks and answer every question"
+).split()
+
+
+def _pairs(n: int) -> list[dict]:
+    """Prompt/response records of uneven lengths, so micro-batches count uneven
+    numbers of response tokens (which the 2-worker == 1-worker test needs)."""
+    out = []
+    for i in range(n):
+        prompt = " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(3 + (i * 7) % 23))
+        response = " ".join(WORDS[(i * 3 + 2 * j) % len(WORDS)] for j in range(2 + (i * 5) % 17))
+        out.append({"prompt": f"Q: {prompt}\nA:", "response": f" {response}."})
+    return out
+
+
+def _tokenizer(folder: Path) -> int:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([r["prompt"] + r["response"] for r in _pairs(50)], trainer)
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny Llama (grouped-query attention, untied head) and a GPT-2, each with the
+    tokenizer; prompt/response data prepared with it; a config."""
+    root = tmp_path_factory.mktemp("finetune")
+    vocab = _tokenizer(root / "llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(root / "llama")
+    (root / "gpt2").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "gpt2" / name).write_bytes((root / "llama" / name).read_bytes())
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    ).save_pretrained(root / "gpt2")
+    with (root / "pairs.jsonl").open("w") as f:
+        for record in _pairs(120):
+            f.write(json.dumps(record) + "\n")
+    r = farflung(
+        "prepare", "--source", str(root / "pairs.jsonl"), "--tokenizer", str(root / "llama"),
+        "--out", str(root / "data"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (root / "ft.toml").write_text(f"""
+[model]
+init_from = "hf:{root / "llama"}"
+context = 16
+[data]
+dir = "{root / "data"}"
+[optim]
+lr = 3e-3
+warmup_steps = 2
+[train]
+steps = 6
+batch_size = 8
+micro_batch_size = 2
+eval_every = 3
+eval_batches = 2
+checkpoint_every = 0
+threads = 1
+""")
+    return root
+
+
+def _train(base: Path, out: Path, workers: int, *sets: str):
+    args = [f"--set={s}" for s in sets]
+    return farflung(
+        "train", str(base / "ft.toml"), "--workers", str(workers), "--out", str(out), "--quiet",
+        *args,
+    )  # fmt: skip
+
+
+def _val(run: Path) -> list[float]:
+    return [e["val_loss"] for e in read_jsonl(run / "eval.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def single(base) -> Path:
+    out = base / "single"
+    r = _train(base, out, 1)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_starts_from_the_imported_weights(base, single):
+    """Step 1's loss is the imported model's loss on that batch (not a random model's
+    ~ln(vocab)): recomputed with transformers on the same samples' response tokens."""
+    from farflung.data import SampleSet, ShardIndex, TokenStream, batch_ids
+
+    index = ShardIndex.load(base / "data")
+    samples = SampleSet(TokenStream(index, "train"), 16)
+    assert samples.has_mask
+    x, y = samples.batch(batch_ids(0, 8, len(samples), 1234))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(base / "llama").eval()
+    with torch.no_grad():
+        logits = ref(x).logits
+    counted = y != -100
+    assert 0 < counted.sum() < y.numel()  # prompts are left out, responses counted
+    expected = torch.nn.functional.cross_entropy(logits[counted], y[counted]).item()
+    assert losses(single)[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_two_workers_equal_one_process(base, single):
+    """Each worker takes one micro-batch of 4 where the single process accumulates four
+    of 2: equal only if every micro-batch is weighted by its counted tokens' share of
+    the global batch (a mean per micro-batch would weight prompts' leftovers unevenly)."""
+    out = base / "two"
+    r = _train(base, out, 2, "train.micro_batch_size=4")
+    assert r.returncode == 0, r.stderr
+    assert losses(out) == pytest.approx(losses(single), rel=1e-5)
+    assert _val(out) == pytest.approx(_val(single), rel=1e-5)
+
+
+def test_pipeline_stages_carry_the_mask(base, single):
+    out = base / "pipe"
+    r = _train(
+        base, out, 2, "pipeline.stages=2", "pipeline.micro_batches=2", "train.micro_batch_size=0"
+    )
+    assert r.returncode == 0, r.stderr
+    assert losses(out) == pytest.approx(losses(single), rel=1e-5)
+    assert _val(out) == pytest.approx(_val(single), rel=1e-5)
+
+
+def test_export_loads_with_from_pretrained(base, single, tmp_path):
+    r = farflung("export-hf", str(single), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    ours, _ = load_for_inference(single)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([tok("Q: the quick brown fox\nA:")["input_ids"]])
+    with torch.no_grad():
+        assert (ours(ids)[0] - back(ids).logits).abs().max().item() <= 1e-5
+    assert tok.eos_token == "<|endoftext|>"
+    again = farflung("export-hf", str(single), str(tmp_path / "out"))
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["cocktail", "diloco"])
+def test_gpt2_import_trains_with_other_algorithms(base, algorithm):
+    out = base / f"gpt2_{algorithm}"
+    r = _train(
+        base, out, 2, f"model.init_from=hf:{base / 'gpt2'}", f"parallel.algorithm={algorithm}",
+        "parallel.local_steps=2",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    saved = (out / "config.toml").read_text()
+    assert 'arch = "gpt2"' in saved and "max_positions = 64" in saved
+    assert all(v == v for v in losses(out))  # finite
+
+
+def test_init_errors_are_clear(base, tmp_path):
+    r = _train(base, tmp_path / "a", 1, f"model.init_from=hf:{tmp_path / 'missing'}")
+    assert r.returncode == 2 and "config.json: not found" in r.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.json").write_text((base / "llama" / "tokenizer.json").read_text() + " ")
+    for name in ("config.json", "model.safetensors"):
+        (other / name).write_bytes((base / "llama" / name).read_bytes())
+    r = _train(base, tmp_path / "b", 1, f"model.init_from=hf:{other}")
+    assert r.returncode == 2 and "encoded with another tokenizer" in r.stderr
+    r = _train(base, tmp_path / "c", 1, "model.context=100")
+    assert r.returncode == 2 and "model.context = 100 exceeds model.max_positions = 64" in r.stderr
