@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from farflung.config import ModelConfig
+from farflung.data.loader import IGNORE_INDEX
 from farflung.model.llama import LlamaBlock, RMSNorm, Rotary, ffn_width, kv_heads
 
 INIT_STD = 0.02
@@ -87,9 +88,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-IGNORE = -100
-"""Target id that the loss leaves out (cross_entropy's ``ignore_index``): prompt
-tokens of fine-tuning data (docs/data.md)."""
+# Targets the loss leaves out (-100, cross_entropy's ignore_index): the data layer
+# marks prompt tokens of fine-tuning data with it (docs/data.md).
+IGNORE = IGNORE_INDEX
 
 
 def max_positions(cfg: ModelConfig) -> int:
