@@ -21,7 +21,8 @@ over it. JSON on the last line::
                   "bytes_per_step": ..., "bytes_ratio": ...}, ...], ...}
 
     python benchmarks/finetune_parity.py [--workers 2] [--base-steps 600]
-                                         [--steps 300] [--keep DIR] [--set K=V ...]
+                                         [--steps 300] [--lr 6.4e-3] [--keep DIR]
+                                         [--base-from DIR] [--set K=V ...]
 """
 
 from __future__ import annotations
@@ -52,9 +53,20 @@ dp_convergence.VARIANTS[DILOCO_DENSE] = [
     "parallel.codec=randomk:p=0.5+topk:ratio=0.5+quantize:bits=2",
     "parallel.lr_scale=1.414",
 ]
-ALGORITHMS = ["allreduce", "cocktail", "compressed", "diloco+cocktail", DILOCO_DENSE]
+# cocktail without its sqrt(n) learning-rate scale (the paper's setting)
+COCKTAIL_LR1 = "cocktail[lr_scale=1]"
+dp_convergence.VARIANTS[COCKTAIL_LR1] = ["parallel.algorithm=cocktail", "parallel.lr_scale=1"]
+ALGORITHMS = [
+    "allreduce",
+    "cocktail",
+    COCKTAIL_LR1,
+    "compressed",
+    "diloco+cocktail",
+    DILOCO_DENSE,
+]
 TARGETS = {"cocktail": (1.01, 150.0), "diloco+cocktail": (1.02, 1000.0)}
 TARGETS[DILOCO_DENSE] = TARGETS["diloco+cocktail"]
+TARGETS[COCKTAIL_LR1] = TARGETS["cocktail"]
 
 
 def farflung(*args: str) -> None:
@@ -106,6 +118,32 @@ def lr_reference(run_args: argparse.Namespace, root: Path, base: dict) -> dict:
     return row
 
 
+def prepare_base(args: argparse.Namespace, root: Path) -> None:
+    """Steps 1-3: the base model on the plays, its export, the fine-tuning data."""
+    plays = write_plays(root / "plays")
+    pairs = write_pydoc_pairs(root / "pydoc.jsonl")
+    print(f"[finetune_parity] {pairs} pydoc prompt/response pairs", file=sys.stderr)
+    farflung("prepare", args.base_config, "--source", str(plays), "--out", str(root / "data_base"))
+    train(
+        args.base_config,
+        args.workers,
+        args.base_steps,
+        root / "base",
+        [f"data.dir={root / 'data_base'}", "parallel.algorithm=allreduce"],
+    )
+    farflung("export-hf", str(root / "base"), str(root / "base_hf"), "--force")
+    farflung(
+        "prepare",
+        args.config,
+        "--source",
+        str(root / "pydoc.jsonl"),
+        "--tokenizer",
+        str(root / "base_hf"),
+        "--out",
+        str(root / "data_ft"),
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=2)
@@ -114,41 +152,43 @@ def main() -> None:
     p.add_argument("--base-steps", type=int, default=600)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=6.4e-3,
+        help="fine-tuning learning rate for every run (min_lr a tenth of it): allreduce's "
+        "best of 2e-4 .. 6.4e-3 in doubling steps here (a tiny model moving to a new domain; "
+        "configs/finetune.toml's 2e-4 suits real checkpoints)",
+    )
     p.add_argument("--set", action="append", default=[], help="extra overrides for fine-tuning")
     p.add_argument("--keep", help="keep the data and run folders here")
+    p.add_argument(
+        "--base-from",
+        metavar="DIR",
+        help="reuse the base model, its export and the fine-tuning data of an earlier --keep",
+    )
     args = p.parse_args()
     root = Path(args.keep or tempfile.mkdtemp(prefix="finetune_parity_")).resolve()
     root.mkdir(parents=True, exist_ok=True)
 
-    plays = write_plays(root / "plays")
-    pairs = write_pydoc_pairs(root / "pydoc.jsonl")
-    print(f"[finetune_parity] {pairs} pydoc prompt/response pairs", file=sys.stderr)
-    farflung("prepare", args.base_config, "--source", str(plays), "--out", str(root / "data_base"))
-    base, base_hf = root / "base", root / "base_hf"
-    _, base_summary = train(
-        args.base_config,
-        args.workers,
-        args.base_steps,
-        base,
-        [f"data.dir={root / 'data_base'}", "parallel.algorithm=allreduce"],
-    )
-    farflung("export-hf", str(base), str(base_hf), "--force")
-    farflung(
-        "prepare",
-        args.config,
-        "--source",
-        str(root / "pydoc.jsonl"),
-        "--tokenizer",
-        str(base_hf),
-        "--out",
-        str(root / "data_ft"),
-    )
+    src = Path(args.base_from).resolve() if args.base_from else root
+    if not args.base_from:
+        prepare_base(args, root)
+    base_hf, data_ft = src / "base_hf", src / "data_ft"
+    base_summary = json.loads((src / "base" / "summary.json").read_text())
+    pairs = sum(1 for _ in (src / "pydoc.jsonl").open())
     run_args = argparse.Namespace(
         config=args.config,
         workers=args.workers,
         steps=args.steps,
         eval_batches=args.eval_batches,
-        set=[f"model.init_from=hf:{base_hf}", f"data.dir={root / 'data_ft'}", *args.set],
+        set=[
+            f"model.init_from=hf:{base_hf}",
+            f"data.dir={data_ft}",
+            f"optim.lr={args.lr}",
+            f"optim.min_lr={args.lr / 10}",
+            *args.set,
+        ],
     )
     rows = []
     for name in ALGORITHMS:
@@ -176,6 +216,8 @@ def main() -> None:
             "config": args.config,
             "steps": args.steps,
             "pairs": pairs,
+            "lr": args.lr,
+            "overrides": args.set,
             "first_train_loss": first_losses["loss"],
         },
         "results": rows,

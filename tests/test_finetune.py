@@ -179,6 +179,19 @@ def test_export_loads_with_from_pretrained(base, single, tmp_path):
     assert again.returncode == 2 and "--force" in again.stderr
 
 
+def test_run_init_starts_from_another_runs_weights(base, single):
+    """``run:PATH`` loads the run's newest checkpoint: with a learning rate of 0 the
+    model evaluates exactly as that run's final one."""
+    out = base / "from_run"
+    r = _train(
+        base, out, 1, f"model.init_from=run:{single}", "optim.lr=0", "optim.min_lr=0",
+        "train.steps=1",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert _val(out) == pytest.approx(_val(single)[-1:], rel=1e-6)
+    assert f'init_from = "run:{single}"' in (out / "config.toml").read_text()
+
+
 @pytest.mark.parametrize("algorithm", ["cocktail", "diloco"])
 def test_gpt2_import_trains_with_other_algorithms(base, algorithm):
     out = base / f"gpt2_{algorithm}"

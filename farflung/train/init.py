@@ -7,6 +7,7 @@ data must be encoded with."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +33,15 @@ def source(cfg: Config) -> tuple[str, Path] | None:
     return kind, Path(path).expanduser()
 
 
+@functools.cache
+def _checkpoint(path: Path) -> Path:
+    """The checkpoint ``run:PATH`` names, verified once per process (its files are
+    hashed; a big model's take a while)."""
+    if not path.exists():
+        raise ckpt.CheckpointError(f"model.init_from: {path} does not exist")
+    return ckpt.newest(path)
+
+
 def resolve(cfg: Config) -> Config:
     """``cfg`` with the model fields of its ``init_from`` source (unchanged without one)."""
     src = source(cfg)
@@ -41,9 +51,7 @@ def resolve(cfg: Config) -> Config:
     if kind == "hf":
         model = hf.model_config(hf.read_config(path), cfg.model, str(path / hf.CONFIG_FILE))
     else:
-        if not path.exists():
-            raise ckpt.CheckpointError(f"model.init_from: {path} does not exist")
-        saved = load_config(ckpt.newest(path) / "config.toml").model
+        saved = load_config(_checkpoint(path) / "config.toml").model
         limit = saved.max_positions or saved.context  # the position table's rows
         keep = {k: getattr(cfg.model, k) for k in _KEEP}
         model = replace(saved, max_positions=limit, **keep)
@@ -58,7 +66,7 @@ def tokenizer_file(cfg: Config) -> Path | None:
     if not src:
         return None
     kind, path = src
-    found = path / "tokenizer.json" if kind == "hf" else ckpt.newest(path) / "tokenizer.json"
+    found = (path if kind == "hf" else _checkpoint(path)) / "tokenizer.json"
     return found if found.is_file() else None
 
 
@@ -77,9 +85,10 @@ def data_tokenizer(cfg: Config) -> str | None:
 
 
 def check_tokenizer(cfg: Config, data_tokenizer_json: Path) -> None:
-    """Refuse data encoded with another tokenizer than the one the weights learned."""
+    """Refuse data encoded with another tokenizer than the one the weights learned
+    (unless ``data.tokenizer`` names the one to use: the user's call then)."""
     theirs = tokenizer_file(cfg)
-    if theirs is None:
+    if theirs is None or cfg.data.tokenizer:
         return
     if _sha256(theirs) != _sha256(data_tokenizer_json):
         raise ConfigError(
@@ -102,4 +111,4 @@ def load_weights(model: nn.Module, cfg: Config) -> None:
     if kind == "hf":
         hf.load_weights(model, path, cfg.model)
     else:
-        ckpt.load_model_weights(ckpt.newest(path), model)
+        ckpt.load_model_weights(_checkpoint(path), model)
