@@ -212,7 +212,8 @@ def main() -> None:
         for lr in lrs:
             run_args = finetune_args(args, base_hf, data_ft, lr)
             folder = dp_convergence._folder(name) + (f"_lr{lr:g}" if args.lrs else "")
-            tries.append({**dp_convergence.run(name, run_args, root / folder), "lr": lr})
+            row = dp_convergence.run(name, run_args, root / folder)
+            tries.append({**row, "lr": lr, "run": str(root / folder)})
         row = min(tries, key=lambda r: r["val_loss"])  # each algorithm at its best rate
         if args.lrs:
             row["val_loss_by_lr"] = {f"{t['lr']:g}": t["val_loss"] for t in tries}
@@ -228,7 +229,8 @@ def main() -> None:
     run_args = finetune_args(args, base_hf, data_ft, args.lr)
     if not args.lrs:
         rows.append(lr_reference(run_args, root, rows[0]))
-    first_losses = json.loads((root / "allreduce" / "metrics.jsonl").read_text().splitlines()[0])
+    metrics = Path(rows[0]["run"]) / "metrics.jsonl"  # allreduce's (best) run
+    first_losses = json.loads(metrics.read_text().splitlines()[0])
     report = {
         "benchmark": "finetune_parity",
         "workers": args.workers,
