@@ -175,6 +175,9 @@ def test_export_loads_with_from_pretrained(base, single, tmp_path):
     with torch.no_grad():
         assert (ours(ids)[0] - back(ids).logits).abs().max().item() <= 1e-5
     assert tok.eos_token == "<|endoftext|>"
+    # the imported tokenizer's own settings travelled through the run's checkpoint
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (base / "llama" / name).read_bytes()
     again = farflung("export-hf", str(single), str(tmp_path / "out"))
     assert again.returncode == 2 and "--force" in again.stderr
 

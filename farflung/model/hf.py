@@ -12,6 +12,7 @@ unknown architecture or option, a missing, extra or wrongly shaped tensor) is a
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -289,14 +290,15 @@ def read_weights(folder: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, Te
             + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         )
     handles: dict[Path, Any] = {}
-    for ours, theirs, transposed in mapping:
-        if theirs not in where:
-            raise HFCheckpointError(f"{folder}: tensor {theirs!r} (for {ours}) is missing")
-        stored, path = where[theirs]
-        if path not in handles:
-            handles[path] = _open(path)
-        t = handles[path].get_tensor(stored).float()
-        yield ours, (t.t() if transposed else t)
+    with contextlib.ExitStack() as files:  # each file opened once, all closed at the end
+        for ours, theirs, transposed in mapping:
+            if theirs not in where:
+                raise HFCheckpointError(f"{folder}: tensor {theirs!r} (for {ours}) is missing")
+            stored, path = where[theirs]
+            if path not in handles:
+                handles[path] = files.enter_context(_open(path))
+            t = handles[path].get_tensor(stored).float()
+            yield ours, (t.t() if transposed else t)
 
 
 def load_weights(model: nn.Module, folder: str | Path, cfg: ModelConfig) -> None:

@@ -31,6 +31,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from farflung.data.tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE
+
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("step", "world_size", "files")
 _OLD = ".old"  # a published folder being replaced by a new save of the same step
@@ -40,7 +42,7 @@ class CheckpointError(RuntimeError):
     """A missing, incomplete or corrupt checkpoint; the message names the file."""
 
 
-OPTIONAL_FILES = ("tokenizer_config.json", "chat_template.jinja")
+OPTIONAL_FILES = (CONFIG_FILE, TEMPLATE_FILE)
 """Shared files a checkpoint holds when the data has them (an imported tokenizer's
 end-of-text token and chat template); listed and checksummed like the rest."""
 
@@ -125,7 +127,7 @@ def commit(
     folder atomically, prune old ones (committer only). ``with_model``: the folder
     holds the whole model (a pipeline's node without every stage holds none)."""
     names = ["model.safetensors"] if with_model else []
-    names += ["config.toml", "tokenizer.json"]
+    names += ["config.toml", TOKENIZER_FILE]
     names += [n for n in OPTIONAL_FILES if (tmp / n).is_file()]
     names += [f"rank{r}.pt" for r in ranks]
     missing = [n for n in names if not (tmp / n).is_file()]

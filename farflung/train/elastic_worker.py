@@ -277,12 +277,6 @@ class ElasticWorker(Worker):
         ckpt.commit(tmp, step, 1, [0], extra, keep, with_model=False)
         self.saved_step = step
 
-    def _write_shared(self, tmp: Path) -> None:
-        from farflung.config import config_to_toml
-
-        (tmp / "config.toml").write_text(config_to_toml(self.cfg))
-        (tmp / "tokenizer.json").write_bytes(self.tokenizer_path.read_bytes())
-
     def _load_checkpoint(self, step: int) -> dict[str, Any]:
         """The snapshot a checkpoint of this run holds for ``step`` (0: the initial
         state, which every worker builds for itself)."""

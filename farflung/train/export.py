@@ -9,11 +9,9 @@ from pathlib import Path
 
 from farflung.config import load_config
 from farflung.data import Tokenizer
-from farflung.data.tokenizer import EOT
+from farflung.data.tokenizer import CONFIG_FILE, EOT, TOKENIZER_FILE
 from farflung.model import GPT, hf, max_positions
 from farflung.train import checkpoint as ckpt
-
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -25,19 +23,19 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
         raise ckpt.CheckpointError(f"{out} already holds a model; pass --force to replace it")
     if not (found / "model.safetensors").is_file():
         raise ckpt.CheckpointError(
-            f"{found} holds no whole model (a pipeline node without every stage writes "
-            "none): export from the node whose checkpoint has model.safetensors"
+            f"{found} holds no whole model (a pipeline node without every stage, or an "
+            "elastic run between its saves, writes none): export a checkpoint that has "
+            "model.safetensors"
         )
     cfg = load_config(found / "config.toml").model
     model = GPT(cfg)
     ckpt.load_model_weights(found, model)
-    tok = Tokenizer.load(found / "tokenizer.json")
+    tok = Tokenizer.load(found / TOKENIZER_FILE)
     hf.save(model, cfg, out, bos_id=tok.eot_id, eos_id=tok.eot_id)
-    shutil.copyfile(found / "tokenizer.json", out / "tokenizer.json")
-    for name in ckpt.OPTIONAL_FILES:  # an imported tokenizer's own settings and template
+    for name in (TOKENIZER_FILE, *ckpt.OPTIONAL_FILES):  # an imported one's own settings
         if (found / name).is_file():
             shutil.copyfile(found / name, out / name)
-    if not (found / TOKENIZER_CONFIG).is_file():
+    if not (found / CONFIG_FILE).is_file():
         _write_tokenizer_config(out, max_positions(cfg))
     return found
 
@@ -53,4 +51,4 @@ def _write_tokenizer_config(out: Path, positions: int) -> None:
         "model_max_length": positions,
         "clean_up_tokenization_spaces": False,
     }
-    (out / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    (out / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from farflung.config import Config, ConfigError, load_config, validate
+from farflung.data.tokenizer import TOKENIZER_FILE
 from farflung.model import hf
 from farflung.train import checkpoint as ckpt
 
@@ -62,11 +63,11 @@ def resolve(cfg: Config) -> Config:
 
 def tokenizer_file(cfg: Config) -> Path | None:
     """The tokenizer the ``init_from`` source brings (its tokenizer.json), if any."""
-    src = cfg.model.init_from and source(cfg)
-    if not src:
+    src = source(cfg)
+    if src is None:
         return None
     kind, path = src
-    found = (path if kind == "hf" else _checkpoint(path)) / "tokenizer.json"
+    found = (path if kind == "hf" else _checkpoint(path)) / TOKENIZER_FILE
     return found if found.is_file() else None
 
 

@@ -77,8 +77,9 @@ class Worker:
         self.show_progress = show_progress and self.is_main
         self.local_batch, self.micro, self.accum = check_batch(cfg, info.world_size)
         index = ShardIndex.load(cfg.data.dir)
-        self.tokenizer_path = Path(index.dir) / "tokenizer.json"
-        init.check_tokenizer(cfg, self.tokenizer_path)
+        # tokenizer.json, then an imported tokenizer's config and chat template
+        self.tokenizer_files = index.tokenizer_files()
+        init.check_tokenizer(cfg, self.tokenizer_files[0])
         vocab = cfg.model.vocab_size or index.vocab_size
         if vocab < index.vocab_size:
             raise ConfigError(
@@ -247,8 +248,10 @@ class Worker:
             return None
         b = self.cfg.train.batch_size
         every = batch_ids(self.step, b, self.n_train, self.cfg.train.seed)
-        total = max(1, int(self.train_set.target_counts(every).sum()))
-        return [int(self.train_set.target_counts(p).sum()) * self.dp / total for p in parts]
+        counts = self.train_set.target_counts(every)
+        total = max(1, int(counts.sum()))
+        of = dict(zip(every.tolist(), counts.tolist(), strict=True))  # parts are from every
+        return [sum(of[i] for i in p.tolist()) * self.dp / total for p in parts]
 
     def _update(self, finite: bool) -> bool:
         """Sync, clip, step. Returns True when this rank did not apply the step."""
@@ -396,11 +399,7 @@ class Worker:
         self.comm.barrier()  # every rank's state is on disk: the committer may read them
         if committer:
             with_model = self._write_model(tmp, here)
-            (tmp / "config.toml").write_text(config_to_toml(self.cfg))
-            (tmp / "tokenizer.json").write_bytes(self.tokenizer_path.read_bytes())
-            for name in ckpt.OPTIONAL_FILES:  # an imported tokenizer's settings
-                if (self.tokenizer_path.parent / name).is_file():
-                    shutil.copyfile(self.tokenizer_path.parent / name, tmp / name)
+            self._write_shared(tmp)
             extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": self.last_val}
             ckpt.commit(
                 tmp,
@@ -412,6 +411,13 @@ class Worker:
                 with_model,
             )
         self.comm.barrier()
+
+    def _write_shared(self, tmp: Path) -> None:
+        """The files a checkpoint needs besides the states: the resolved config and the
+        data's tokenizer files, so that it stands on its own."""
+        (tmp / "config.toml").write_text(config_to_toml(self.cfg))
+        for path in self.tokenizer_files:
+            shutil.copyfile(path, tmp / path.name)
 
     def _write_model(self, tmp: Path, here: list[int]) -> bool:
         """The run's model as ``model.safetensors`` (committer only; ``here``: the ranks

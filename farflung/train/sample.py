@@ -20,7 +20,7 @@ def load_for_inference(path: str | Path) -> tuple[GPT, Tokenizer]:
     model = GPT(cfg.model)
     ckpt.load_model_weights(found, model)
     model.eval()
-    return model, Tokenizer.load(found / "tokenizer.json")
+    return model, Tokenizer.load(found)  # tokenizer.json and any companions
 
 
 def sample_text(
