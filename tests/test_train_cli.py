@@ -256,3 +256,22 @@ def test_cocktail_lr_scale_scales_the_workers_learning_rate(tiny):
     assert train_tiny(tiny, auto, *common).returncode == 0
     rates = [r["lr"] for r in read_jsonl(auto / "metrics.jsonl")]
     assert rates[0] == pytest.approx(3e-3 / 2 * 2**0.5)
+
+
+def test_demo_trains_both_algorithms_and_compares_them(tiny, tmp_path):
+    """The README's Quick start runs `farflung demo`: here on the tiny data and model,
+    without the lab (`--network off`), the same code path end to end."""
+    small = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=16"]
+    small += [
+        "train.steps=4",
+        "train.batch_size=4",
+        "train.eval_every=2",
+        f"data.dir={tiny / 'data'}",
+    ]
+    sets = [a for item in small for a in ("--set", item)]
+    r = farflung("demo", "--out", str(tmp_path), "--network", "off", *sets)
+    assert r.returncode == 0, r.stderr
+    for algorithm in ("allreduce", "cocktail"):
+        summary = json.loads((tmp_path / algorithm / "summary.json").read_text())
+        assert summary["algorithm"] == algorithm and summary["steps"] == 4
+    assert (tmp_path / "report.png").stat().st_size > 0

@@ -177,18 +177,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for algorithm in args.algorithms:
         run = root / algorithm
         print(f"\n== {algorithm} over {args.network} ==", flush=True)
-        ns = argparse.Namespace(
-            config=str(DEMO_CONFIG),
-            set=[*args.set, f"parallel.algorithm={algorithm}"],
-            out=str(run),
-            resume=False,
-            force=True,
-            quiet=False,
-            workers=args.workers,
-            netlab=args.network,
-            link_model=None,
-        )
-        code = cmd_train(ns)
+        # through the parser, so the run gets every `farflung train` default
+        argv = ["train", str(DEMO_CONFIG), "--out", str(run), "--force"]
+        argv += ["--workers", str(args.workers), "--netlab", args.network]
+        for item in [*args.set, f"parallel.algorithm={algorithm}"]:
+            argv += ["--set", item]
+        code = cmd_train(build_parser().parse_args(argv))
         if code != 0:
             return code
         runs.append(run)
