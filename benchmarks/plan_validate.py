@@ -5,7 +5,10 @@ host) are written as a link file, ``farflung plan`` places the devices (``--stag
 x ``--dp`` fixed), and ``farflung train`` runs the plan's placement and rank order's
 (the planner's baseline, written into the placement file) behind the same links:
 shaped by the network lab (per-destination htb classes, delays in-process) or by the
-in-process link model (``--link-model``) where the lab is not the point. Measured:
+in-process link model (``--link-model``) where the lab is not the point. With
+``--with-dtfm``, DT-FM's layout (GCMA, :func:`~farflung.plan.search.dtfm_search`, as
+``farflung plan`` writes it among the baselines) runs too, behind the same links, and
+the plan rows get ``dtfm_over_plan_measured``/``_predicted``. Measured:
 the median step wall time after the first ``--skip`` steps. Predicted: the plan
 file's ``total`` for that placement, under the schedule cost model
 (:mod:`farflung.plan.timeline`).
@@ -22,10 +25,10 @@ fitted: the shaped runs test the communication model and the ranking of placemen
 
 JSON on the last line::
 
-    {"results": [{"config": ..., "placement": "plan" | "rank order", "predicted_s": ...,
+    {"results": [{"config": ..., "placement": "plan" | "rank order" | "dtfm", "predicted_s": ...,
                   "measured_s": ..., "error": predicted / measured - 1, ...}, ...]}
 
-    python benchmarks/plan_validate.py [--steps 8] [--configs two-sites ...]
+    python benchmarks/plan_validate.py [--steps 8] [--configs two-sites ...] [--with-dtfm]
 """
 
 from __future__ import annotations
@@ -188,11 +191,15 @@ def run_config(name: str, args: argparse.Namespace, tflops: float, tmp: Path) ->
     devices = write_devices(tmp / f"{name}.devices.json", n, tflops * scale)
     planned = plan(args, name, overrides, links, devices, tmp / f"{name}.plan.json")
     rank = planned["baselines"]["rank order"]
-    rows = []
-    for label, figs, path in (
+    runs = [
         ("plan", planned["predicted"], tmp / f"{name}.plan.json"),
         ("rank order", rank, placement_file(tmp / f"{name}.rank.json", rank["stages"])),
-    ):
+    ]
+    if args.with_dtfm:  # DT-FM's search (GCMA port) on the same problem, same lab
+        dtfm = planned["baselines"]["dtfm"]
+        runs.append(("dtfm", dtfm, placement_file(tmp / f"{name}.dtfm.json", dtfm["stages"])))
+    rows = []
+    for label, figs, path in runs:
         log(f"{name}: {label} behind the links ({flag})")
         recs, summary = train(
             args.config,
@@ -236,6 +243,11 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--skip", type=int, default=2, help="steps left out of the median")
+    p.add_argument(
+        "--with-dtfm",
+        action="store_true",
+        help="also run DT-FM's layout (its GCMA search, from the plan file's baselines)",
+    )
     args = p.parse_args()
     tflops, secs = calibrate(args.config, [*MODEL, "pipeline.stages=1"])
     device_tflops = tflops / EFFICIENCY
@@ -251,6 +263,10 @@ def main() -> None:
             )
             r["rank_over_plan_measured"] = rank["measured_s"] / r["measured_s"]
             r["rank_over_plan_predicted"] = rank["predicted_s"] / r["predicted_s"]
+            dtfm = [x for x in results if x["config"] == r["config"] and x["placement"] == "dtfm"]
+            if dtfm:
+                r["dtfm_over_plan_measured"] = dtfm[0]["measured_s"] / r["measured_s"]
+                r["dtfm_over_plan_predicted"] = dtfm[0]["predicted_s"] / r["predicted_s"]
     print(
         json.dumps(
             {"benchmark": "plan_validate", "calibration_gflops": tflops * 1e3, "results": results}
