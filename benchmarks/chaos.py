@@ -23,11 +23,20 @@ network namespace behind ``--links`` (``--netlab``, root), twice with the same s
 Each kill/freeze/flap is matched to the first unmatched ``left`` event of
 ``events.jsonl`` decided at or after it (within ``heartbeat_s`` + 10 s, preferring the
 victim's id when its process shows it, and the matching ``why``: crash for a kill,
-silent otherwise); ``detection_s`` = the event's ``at`` - the fault's time. A freeze
-or flap shorter than ``heartbeat_s`` may go unnoticed: ``undetected`` counts those.
+silent otherwise). A kill is detected by any ``left``; a freeze or flap only by a
+``silent`` one: a frozen worker that exits when it wakes (``why`` crash) was not
+detected while frozen, and its row says ``ended_as`` crash instead. ``detection_s`` =
+the event's ``at`` - the fault's time (None when undetected); ``recovery_s`` = the
+first commit seen here after the event - the event's ``at`` (the coordinator's own
+``recovery_s``, kept as ``coordinator_recovery_s``, times only the last generation of
+a change and repeats it for every departure folded into that change).
+``undetected`` counts the faults without a detection, ``ended_as_crash`` the freezes
+and flaps among them that ended with the worker's exit.
 
-JSON on the last line: ``faults`` (by kind), ``detection_p50_s``/``_p95_s``,
-``detections``, ``longest_stall_s`` (the coordinator's, which counts the start-up
+JSON on the last line: ``results`` (one row per fault), ``faults`` (by kind),
+``detection_p50_s``/``_p95_s``, ``recovery_p50_s``/``_max_s``,
+``commits_between_faults`` (commits seen between the first fault and the last),
+``longest_stall_s`` (the coordinator's, which counts the start-up
 before the first step) and ``observed_stall_s`` (the longest gap between commits seen
 here after the first one), ``steps_lost`` (steps redone: the largest ``steps_redone``
 of each membership change, summed), ``hash_disagreements``, ``sample_violations``
@@ -39,6 +48,7 @@ open), ``final_val_loss``/``reference_val_loss``/``loss_ratio``, ``targets``
     python benchmarks/chaos.py [--workers 4] [--duration 600] [--every 5 20]
         [--kinds kill,freeze,flap,join] [--links 20mbit,5ms] [--algorithm allreduce]
         [--heartbeat 2.0] [--seed 0] [--out DIR] [--steps N]
+    python benchmarks/chaos.py --resummarize results/chaos.json   # rows -> summary
 """
 
 from __future__ import annotations
@@ -225,6 +235,7 @@ class Chaos:
         self.joiners: list[subprocess.Popen] = []
         self.joiner_dirs: list[Path] = []
         self.logs: list[Path] = []
+        self.commits: list[float] = []  # wall-clock time each commit was seen here
 
     def folders(self) -> list[Path]:
         return [self.run, *self.joiner_dirs]
@@ -300,6 +311,7 @@ class Chaos:
             log = self.run.parent / f"{folder.name}.log"
             cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "farflung.cli.main"]
             cmd += ["train", CONFIG, "--out", str(folder), "--quiet", "--join", address]
+            cmd += ["--key-file", str(self.run / "run.key")]  # the launcher made it
             cmd += overrides(self.args, self.steps)
             self.joiner_dirs.append(folder)
             self.logs.append(log)
@@ -336,6 +348,7 @@ class Chaos:
             self.due(time.time())
             n = len(read_jsonl(metrics))
             if n > seen:
+                self.commits += [time.time()] * (n - seen)
                 if last_commit is not None:
                     longest = max(longest, now - last_commit)
                 seen, last_commit = n, now
@@ -394,8 +407,29 @@ def leaks(folders: list[Path], before: set[str], address: str | None, lab: set[s
     }
 
 
-def match(faults: list[dict], events: list[dict], heartbeat: float) -> list[dict]:
-    """Each kill/freeze/flap with the ``left`` event that saw it (or none)."""
+def detected_by(kind: str, why: str | None) -> bool:
+    """Whether a ``left`` event of this ``why`` detected a fault of this kind: a kill by
+    any; a freeze or flap only by silence (a crash there is the worker exiting once it
+    woke or its link came back, i.e. the fault outlasted the detection)."""
+    return why is not None and (kind == "kill" or why == "silent")
+
+
+def classify(row: dict) -> dict:
+    """Set ``detection_s`` (and ``ended_as`` when the worker left otherwise) from the row's
+    matched event: its ``why`` and ``left_after_s``."""
+    row["detection_s"] = None
+    if detected_by(row["kind"], row.get("why")):
+        row["detection_s"] = row["left_after_s"]
+    elif row.get("why") is not None:
+        row["ended_as"] = row["why"]
+    return row
+
+
+def match(
+    faults: list[dict], events: list[dict], heartbeat: float, commits: list[float]
+) -> list[dict]:
+    """Each kill/freeze/flap with the ``left`` event that saw it (or none), classified,
+    and the time from that event to the next commit in ``commits`` (wall-clock)."""
     left = sorted((e for e in events if e["event"] == "left"), key=lambda e: e["at"])
     used: set[int] = set()
     out = []
@@ -422,17 +456,73 @@ def match(faults: list[dict], events: list[dict], heartbeat: float) -> list[dict
             i = min(window, key=rank)
             used.add(i)
             e = left[i]
+            later = [c for c in commits if c >= e["at"]]
             row.update(
-                detection_s=round(e["at"] - f["t"], 3),
+                left_after_s=round(e["at"] - f["t"], 3),
                 id=e["id"],
                 why=e["why"],
-                recovery_s=e.get("recovery_s"),
+                recovery_s=round(later[0] - e["at"], 3) if later else None,
+                coordinator_recovery_s=e.get("recovery_s"),
                 steps_redone=e.get("steps_redone"),
             )
-        else:
-            row["detection_s"] = None
-        out.append(row)
+        out.append(classify(row))
     return out
+
+
+def summarize(rows: list[dict], kinds: list[str]) -> dict:
+    """The per-fault rows' summary: what went undetected, detection and recovery times."""
+    seen = [r["detection_s"] for r in rows if r["detection_s"] is not None]
+    recovered = [r["recovery_s"] for r in rows if r.get("recovery_s") is not None]
+    p50, p95 = percentile(seen, 0.5), percentile(seen, 0.95)
+    faulty = [k for k in kinds if k != "join"]
+    return {
+        "undetected": {
+            k: sum(r["kind"] == k and r["detection_s"] is None for r in rows) for k in faulty
+        },
+        "ended_as_crash": {
+            k: sum(r["kind"] == k and r.get("ended_as") == "crash" for r in rows) for k in faulty
+        },
+        "detection_p50_s": None if p50 is None else round(p50, 3),
+        "detection_p95_s": None if p95 is None else round(p95, 3),
+        "detection_max_s": round(max(seen), 3) if seen else None,
+        "recovery_p50_s": None if not recovered else round(percentile(recovered, 0.5), 3),
+        "recovery_max_s": round(max(recovered), 3) if recovered else None,
+    }
+
+
+def commits_between(commits: list[float], faults: list[dict]) -> int | None:
+    """Commits seen after the first fault and before the last one."""
+    if not faults:
+        return None
+    first, last = min(f["t"] for f in faults), max(f["t"] for f in faults)
+    return sum(first < c < last for c in commits)
+
+
+def resummarize(path: Path) -> dict:
+    """A stored result (``results`` rows, or the ``detections`` of results written before
+    the rows were classified) with its rows classified and its summary recomputed. What
+    such a file cannot give (recovery per fault: its run did not record commit times) is
+    left None; the coordinator's figure moves to ``coordinator_recovery_s``."""
+    data = json.loads(path.read_text())
+    rows = data.pop("detections", None) or data["results"]
+    for r in rows:
+        if "left_after_s" not in r:  # an old row: detection_s was the matched event's time
+            r["left_after_s"] = r.get("detection_s")
+            if "coordinator_recovery_s" not in r:
+                r["coordinator_recovery_s"] = r.pop("recovery_s", None)
+                r["recovery_s"] = None
+        classify(r)
+    data["results"] = rows
+    data.update(summarize(rows, data["kinds"]))
+    data["resummarized"] = (
+        "rows classified and summary recomputed from the stored rows by chaos.py "
+        "--resummarize; recovery_s is None where the run recorded no commit times"
+    )
+    data["met"]["detection_p95_s"] = (
+        data["detection_p95_s"] is not None
+        and data["detection_p95_s"] <= data["targets"]["detection_p95_s"]
+    )
+    return data
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -470,7 +560,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="folder for the runs (default: a temporary one)")
     p.add_argument("--steps", type=int, help="fixed step count (default: calibrate)")
+    p.add_argument(
+        "--resummarize",
+        type=Path,
+        metavar="JSON",
+        help="print a stored result with its rows classified and its summary recomputed",
+    )
     args = p.parse_args()
+    if args.resummarize:
+        print(json.dumps(resummarize(args.resummarize)))
+        return
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = set(args.kinds) - {"kill", "freeze", "flap", "join"}
     if bad or not args.kinds:
@@ -568,22 +667,16 @@ def main() -> None:
 
         summary = json.loads((run / "summary.json").read_text())
         events = read_jsonl(run / "events.jsonl")
-        detections = match(chaos.faults, events, args.heartbeat)
-        seen = [d["detection_s"] for d in detections if d["detection_s"] is not None]
+        rows = match(chaos.faults, events, args.heartbeat, chaos.commits)
+        timing = summarize(rows, args.kinds)
         redone: dict[object, int] = {}
         for e in events:
             if e["event"] == "left" and e.get("member", True):
                 key = e.get("gen")
                 redone[key] = max(redone.get(key, 0), e.get("steps_redone") or 0)
         counts = {k: sum(f["kind"] == k for f in chaos.faults) for k in args.kinds}
-        undetected = {
-            k: sum(d["kind"] == k and d["detection_s"] is None for d in detections)
-            for k in args.kinds
-            if k != "join"
-        }
         violations = sample_violations(run)
-        recoveries = [e["recovery_s"] for e in events if e.get("recovery_s") is not None]
-        p50, p95 = percentile(seen, 0.5), percentile(seen, 0.95)
+        p95 = timing["detection_p95_s"]
         stall = summary["elastic"]["longest_stall_s"]
         targets = {"detection_p95_s": 3.0, "longest_stall_s": round(2 * args.heartbeat + step_s, 3)}
         met = {
@@ -608,13 +701,10 @@ def main() -> None:
             "reference_duration_s": round(ref_wall, 1),
             "heartbeat_s": args.heartbeat,
             "faults": counts,
-            "undetected": undetected,
-            "detection_p50_s": None if p50 is None else round(p50, 3),
-            "detection_p95_s": None if p95 is None else round(p95, 3),
-            "detection_max_s": round(max(seen), 3) if seen else None,
-            "detections": detections,
+            **timing,
+            "results": rows,
+            "commits_between_faults": commits_between(chaos.commits, chaos.faults),
             "membership": {k: summary["elastic"][k] for k in ("left", "joined")},
-            "recovery_p50_s": percentile(recoveries, 0.5),
             "longest_stall_s": stall,
             "observed_stall_s": round(observed_stall, 3),
             "steps_lost": sum(redone.values()),
@@ -632,7 +722,8 @@ def main() -> None:
         }
         say(
             f"{len(chaos.faults)} faults {counts} in {duration:.0f} s, {summary['steps']} steps; "
-            f"undetected {undetected}"
+            f"undetected {timing['undetected']} (ended as crashes {timing['ended_as_crash']}), "
+            f"{result['commits_between_faults']} commits between the first fault and the last"
         )
         say(
             f"detection p50 {result['detection_p50_s']} s, p95 {result['detection_p95_s']} s "

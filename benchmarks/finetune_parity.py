@@ -22,7 +22,10 @@ over it. JSON on the last line::
 
     python benchmarks/finetune_parity.py [--workers 2] [--base-steps 600]
                                          [--steps 300] [--lr 6.4e-3 | --lrs A,B,C] [--keep DIR]
-                                         [--base-from DIR] [--set K=V ...]
+                                         [--base-from DIR] [--set K=V ...] [--out FILE]
+
+``--out FILE`` also writes the JSON to FILE, only once every run has finished (a
+redirected stdout would leave a partial or empty file behind a failed run).
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ TARGETS[COCKTAIL_LR1] = TARGETS["cocktail"]
 
 
 def farflung(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "farflung.cli.main", *args], check=True, cwd=ROOT)
+    """Run a farflung command; its output goes to stderr (stdout is the JSON's alone)."""
+    cmd = [sys.executable, "-m", "farflung.cli.main", *args]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr)
 
 
 def write_plays(folder: Path) -> Path:
@@ -218,6 +223,7 @@ def main() -> None:
     )
     p.add_argument("--set", action="append", default=[], help="extra overrides for fine-tuning")
     p.add_argument("--keep", help="keep the data and run folders here")
+    p.add_argument("--out", type=Path, help="also write the JSON here, once every run is done")
     p.add_argument(
         "--base-from",
         metavar="DIR",
@@ -265,6 +271,8 @@ def main() -> None:
             file=sys.stderr,
         )
     print(json.dumps(report))
+    if args.out:
+        args.out.write_text(json.dumps(report) + "\n")
 
 
 if __name__ == "__main__":

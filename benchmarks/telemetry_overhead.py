@@ -7,7 +7,8 @@ the in-process link model (100mbit, 300 ms one-way by default) in this one
 invocation, and reports the ``elapsed_s`` between the records of steps 2 and 12 and
 their ratio (issue 8's acceptance: at most 1.2x). JSON on the last line::
 
-    {"benchmark": "telemetry_overhead", "unshaped_s": ..., "shaped_s": ..., "ratio": ...}
+    {"benchmark": "telemetry_overhead", ...,
+     "results": {"unshaped_s": ..., "shaped_s": ..., "ratio": ...}}
 
     python benchmarks/telemetry_overhead.py [--link 100mbit,300ms] [--log-every 10]
 """
@@ -57,9 +58,11 @@ def main() -> None:
                 "config": args.config,
                 "link": args.link,
                 "log_every": args.log_every,
-                "unshaped_s": times["unshaped"],
-                "shaped_s": times["shaped"],
-                "ratio": ratio,
+                "results": {
+                    "unshaped_s": times["unshaped"],
+                    "shaped_s": times["shaped"],
+                    "ratio": ratio,
+                },
             }
         )
     )

@@ -522,7 +522,7 @@ def main() -> None:
                 "step_s_target": STEP_S,
                 "victim": f"replica_{VICTIM}",
                 "defaults": DEFAULTS,
-                "trials": trials,
+                "results": trials,
             }
         )
     )
