@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from farflung.parallel import distribute
+from farflung.parallel import distribute  # before init_process_group: see docs/data-parallel.md
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)  # same initial model everywhere (distribute also broadcasts rank 0's)
@@ -24,7 +24,7 @@ for _ in range(300):
     loss.backward()
     algo.step()  # sync gradients or model deltas, optimizer step, zero_grad
 
-algo.close()
+algo.close()  # the last sync, and the algorithm's own threads and groups, are done
 with algo.eval_parameters() as m, torch.no_grad():
     x = torch.randn(256, 32, generator=torch.Generator().manual_seed(99))
     final = torch.nn.functional.mse_loss(m(x), x @ target).item()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,61 @@ def test_filter_refuses_inputs_changed_since_their_signals(
         capsys, "data", "filter", str(sig), "--rules", "c4", "--out", str(tmp_path / "f")
     )
     assert code == 2 and "a.jsonl changed (or went missing) since the signals step" in err
+
+
+def _damaged_folder(root: Path, rng: random.Random) -> tuple[Path, list[str]]:
+    """Good files beside a truncated .jsonl.gz, a gzip whose CRC is wrong and a .parquet
+    that is not parquet; returns the folder and the ids a reader must keep."""
+    folder = root / "damaged"
+    folder.mkdir()
+    good = [{"id": f"g{i}", "text": prose(rng)} for i in range(6)]
+    (folder / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    # incompressible enough that half the compressed bytes hold some, not all, lines
+    long = [{"id": f"t{i}", "text": prose(rng, 400)} for i in range(60)]
+    packed = gzip.compress("".join(json.dumps(r) + "\n" for r in long).encode())
+    (folder / "truncated.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    # the reference: what zlib itself decompresses of the truncated stream
+    readable = zlib.decompressobj(31).decompress(packed[: len(packed) // 2])
+    complete = readable[: readable.rfind(b"\n") + 1].decode().splitlines()
+    assert 0 < len(complete) < len(long)  # the test needs a partial file
+    crc = bytearray(gzip.compress(json.dumps({"id": "crc", "text": prose(rng)}).encode()))
+    crc[-8] ^= 0xFF  # the CRC32 field of the gzip trailer
+    (folder / "crc.jsonl.gz").write_bytes(bytes(crc))
+    (folder / "fake.parquet").write_bytes(b"not a parquet file\n" * 20)
+    want = [r["id"] for r in good] + [json.loads(line)["id"] for line in complete]
+    return folder, want
+
+
+def test_damaged_files_are_reported_and_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`data signals` and `data dedup` over a folder with damaged files beside good
+    ones: each damaged file is named (line, byte offset, reason) on stderr and in
+    issues.jsonl / the manifest, a truncated gzip keeps its complete lines, the other
+    files are processed, and the command succeeds."""
+    folder, want = _damaged_folder(tmp_path, random.Random(7))
+    for verb, extra in (("signals", []), ("dedup", ["--exact"])):
+        out = tmp_path / verb
+        code, _, err = run(capsys, "data", verb, str(folder), "--out", str(out), "--quiet", *extra)
+        assert code == 0, err
+        issues = [json.loads(line) for line in (out / "issues.jsonl").read_text().splitlines()]
+        damaged = {Path(i["file"]).name: i for i in issues if i["kind"] == "damaged-file"}
+        assert sorted(damaged) == ["crc.jsonl.gz", "fake.parquet", "truncated.jsonl.gz"]
+        assert "truncated" in damaged["truncated.jsonl.gz"]["detail"]
+        assert damaged["truncated.jsonl.gz"]["line"] == len(want) - 6 + 1
+        assert "at byte" in damaged["truncated.jsonl.gz"]["detail"]
+        assert "checksum" in damaged["crc.jsonl.gz"]["detail"]
+        assert "parquet" in damaged["fake.parquet"]["detail"]
+        for name in damaged:
+            assert name in err  # the user sees it without opening a file
+        summary = json.loads((out / "manifest.json").read_text())["summary"]
+        assert summary["issues"]["counts"]["damaged-file"] == 3
+        assert summary["documents"] == len(want)
+    ids = [
+        json.loads(line)["id"]
+        for f in sorted((tmp_path / "signals" / "signals").iterdir())
+        for line in f.read_text().splitlines()
+    ]
+    assert sorted(ids) == sorted(want)
+    kept_ids = [r["id"] for r in kept(tmp_path / "dedup")]
+    assert sorted(kept_ids) == sorted(want)

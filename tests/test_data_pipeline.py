@@ -359,3 +359,28 @@ def test_open_executor_rejects_bad_choices() -> None:
         open_executor("process", 2, "tcp://localhost:8786")
     with open_executor("process", 1) as ex:
         assert isinstance(ex, InlineExecutor)
+
+
+def test_truncated_gzip_keeps_every_complete_line_across_pieces(tmp_path):
+    """A .jsonl.gz cut anywhere: planned into several pieces, reading them yields
+    exactly the complete lines zlib can decompress (the reference), in order, and one
+    damaged-file issue at the first lost line."""
+    import zlib
+
+    from farflung.data.documents import list_pieces, read_piece
+
+    lines = [
+        json.dumps({"id": f"d{i}", "text": f"text {i} " + "x" * (i % 97)}) for i in range(3000)
+    ]
+    packed = gzip.compress("\n".join(lines).encode() + b"\n")
+    for cut in (len(packed) // 3, len(packed) - 9):  # mid-stream; in the trailer
+        (tmp_path / "t.jsonl.gz").write_bytes(packed[:cut])
+        readable = zlib.decompressobj(31).decompress(packed[:cut])
+        want = readable[: readable.rfind(b"\n") + 1].decode().splitlines()
+        pieces = list_pieces([str(tmp_path)], max_docs=250, max_bytes=1 << 20)
+        assert len(pieces) > 2 and pieces[-1].damage and not any(p.damage for p in pieces[:-1])
+        issues = IssueLog("s")
+        got = [d.id for p in pieces for d in read_piece(p, ReadOptions(), issues)]
+        assert got == [json.loads(line)["id"] for line in want]
+        assert issues.counts == {"damaged-file": 1}
+        assert issues.listed[0]["line"] == len(want) + 1

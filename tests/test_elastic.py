@@ -17,6 +17,7 @@ import pytest
 from test_train_cli import farflung, tiny  # noqa: F401  (fixture)
 
 from farflung.comm import free_port
+from farflung.comm.channel import write_key_file
 from farflung.config import load_config
 from farflung.data import SampleSet, ShardIndex, TokenStream
 from farflung.train.elastic_run import check_samples
@@ -154,14 +155,18 @@ def test_join_from_the_command_line(tiny, tmp_path):  # noqa: F811
     launcher = subprocess.Popen(
         [*cmd, "--workers", "2", "--out", str(out), "--quiet", *sets_args],
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "FARFLUNG_FAULTS": "0:4:SLEEP10"},  # the joiner comes mid-run
+        # the joiner comes mid-run (its start-up takes over 10 s on a loaded 2-core host)
+        env={**os.environ, "FARFLUNG_FAULTS": "0:4:SLEEP25"},
     )
     deadline = time.monotonic() + 120
     while len(read_jsonl(out / "metrics.jsonl")) < 3:
         assert launcher.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     address = json.loads((out / "coordinator.json").read_text())["address"]
-    joiner = farflung(*cmd[3:], "--out", str(tmp_path / "joiner"), "--join", address, *sets_args)
+    key = ["--key-file", str(out / "run.key")]  # the key the launcher made for its run
+    joiner = farflung(
+        *cmd[3:], "--out", str(tmp_path / "joiner"), "--join", address, *key, *sets_args
+    )
     assert joiner.returncode == 0, joiner.stderr
     assert launcher.wait(timeout=120) == 0
     joined = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "joined"]
@@ -191,10 +196,13 @@ def test_under_torchrun_with_a_standalone_coordinator(tiny, tmp_path):  # noqa: 
     sets_args = [a for s in sets for a in ("--set", s)]
     port = str(free_port())
     cfg = str(tiny / "tiny.toml")
+    key_file = tmp_path / "run.key"
+    write_key_file(key_file)  # the run's secret: the coordinator's and the workers'
+    key = ["--key-file", str(key_file)]
     log = open(tmp_path / "coordinator.log", "w")  # noqa: SIM115  (closed at the end)
     coordinator = subprocess.Popen(
         [sys.executable, "-m", "farflung.cli.main", "coordinator", cfg, "--workers", "2"]
-        + ["--out", str(out), "--port", port, "--host", "127.0.0.1", *sets_args],
+        + ["--out", str(out), "--port", port, "--host", "127.0.0.1", *key, *sets_args],
         stderr=log,
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -206,7 +214,11 @@ def test_under_torchrun_with_a_standalone_coordinator(tiny, tmp_path):  # noqa: 
             capture_output=True,
             text=True,
             timeout=240,
-            env={**os.environ, "FARFLUNG_FAULTS": "0:6:SIGKILL"},
+            env={
+                **os.environ,
+                "FARFLUNG_FAULTS": "0:6:SIGKILL",
+                "FARFLUNG_KEY_FILE": str(key_file),
+            },
         )
         said = (tmp_path / "coordinator.log").read_text()
         assert r.returncode == 0, r.stderr[-3000:] + said[-3000:]

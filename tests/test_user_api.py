@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,35 @@ def test_own_loop_example_under_torchrun(algorithm):
     for _, mse, sent in found:
         assert float(mse) < 0.05  # the linear target is learned (it starts near 1)
         assert int(sent) > 0
+
+
+def _threads_after_teardown(rank: int, world: int) -> dict:
+    """A user's loop with each kind of algorithm (plain, and with a background thread
+    and group), then close() and destroy_process_group(): which threads are left."""
+    torch.manual_seed(0)
+    algos = []
+    for algorithm in ("allreduce", "cocktail"):
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # after init, as users do
+        algos.append(algo := distribute(model, opt, algorithm, warmup_steps=1))
+        for _ in range(4):
+            model(torch.randn(4, 8)).square().mean().backward()
+            algo.step()
+    for algo in algos:
+        algo.close()
+    torch.distributed.destroy_process_group()
+    tasks = Path("/proc/self/task")
+    native = sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
+    return {"native": native, "python": sorted(t.name for t in threading.enumerate())}
+
+
+def test_close_and_teardown_leave_no_thread_behind():
+    """A gloo thread left running into interpreter exit aborts the process at random
+    ("terminate called without an active exception") when it drops a finished work's
+    tensors there: close() and destroy_process_group() must have joined them all."""
+    for left in run_distributed(_threads_after_teardown, 2):
+        assert not [n for n in left["native"] if "gloo" in n], left
+        assert not [n for n in left["python"] if "cocktail" in n], left
 
 
 def test_distribute_rejects_unknown_options():

@@ -17,12 +17,14 @@ from farflung.train.checkpoint import CheckpointError
 from farflung.train.entry import (
     EXIT_USAGE,
     add_train_args,
+    apply_bind_args,
     check_out_dir,
     ensure_data,
     out_dir,
     raise_interrupt,
     resolve_config,
 )
+from farflung.train.runfolder import mark_run
 
 if TYPE_CHECKING:
     from farflung.parallel.pipeline import StageMap
@@ -39,12 +41,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--join and --replay are for elastic runs; allowed with --set elastic.enabled=true"
         )
+    if (args.key_file or args.bind or args.port_range) and not cfg.elastic.enabled:
+        raise ConfigError(
+            "--key-file, --bind and --port-range are for elastic runs; allowed with "
+            "--set elastic.enabled=true"
+        )
+    apply_bind_args(args)  # checked here; a --join worker inherits them
     check_batch(cfg, args.workers)
     stage_map = load_placement(args, cfg)  # before anything is prepared or launched
     out = out_dir(args)
-    check_out_dir(out, args.resume, args.force)
+    check_out_dir(out, args.resume, args.force)  # --force: only on a farflung run
     if args.force and not args.resume and out.exists():
         shutil.rmtree(out)
+    mark_run(out)
     ensure_data(cfg, show_progress=not args.quiet)
     worker_args = [args.config, "--out", str(out)]
     for item in args.set:
@@ -54,10 +63,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         # absolute: the workers need not share the launcher's working directory
         worker_args += ["--placement", str(Path(args.placement).resolve())]
     if cfg.elastic.enabled and args.join:  # one worker, entering a running job
+        import os
         import subprocess
 
+        from farflung.comm.channel import KEY_FILE_ENV
+
         cmd = [sys.executable, "-m", "farflung.train", *worker_args, "--join", args.join]
-        return subprocess.call(cmd)
+        env = dict(os.environ)
+        if args.key_file:
+            env[KEY_FILE_ENV] = str(Path(args.key_file).resolve())
+        return subprocess.call(cmd, env=env)
     with network(args.netlab, args.link_model, args.workers, out, stage_map=stage_map) as placement:
         if placement.description != "unshaped" and not args.quiet:
             print(f"farflung: network {placement.description}", file=sys.stderr)
@@ -87,6 +102,9 @@ def run_elastic(
         quiet=args.quiet,
         replay=replay,
         resume=args.resume,
+        key_file=args.key_file,
+        bind=args.bind,
+        port_range=args.port_range,
     )
     summary = out / "summary.json"
     if code == 0 and summary.is_file() and not args.quiet:
@@ -102,22 +120,49 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     import json
     import socket
 
-    from farflung.train.elastic_run import start_coordinator
+    from farflung.comm.channel import KEY_FILE_ENV
+    from farflung.train.elastic_run import config_args, run_key, start_coordinator
     from farflung.train.progress import print_summary
 
     args.set = [*args.set, "elastic.enabled=true"]
     cfg = resolve_config(args)
     out = out_dir(args)
-    check_out_dir(out, args.resume, args.force)
-    host = args.host or socket.getfqdn()
+    check_out_dir(out, args.resume, args.force)  # --force: only on a farflung run
+    if args.force and not args.resume and out.exists():
+        shutil.rmtree(out)  # clean logs: no step may appear twice
+    mark_run(out)
+    key, key_env = run_key(out, args.key_file)  # made in --out (0600) when none is given
+    bound = args.bind not in ("", "0.0.0.0", "::")
+    host = args.host or (args.bind if bound else socket.getfqdn())
+    port = args.port if args.port is not None else (0 if args.port_range else 29400)
     coord, _ = start_coordinator(
-        cfg, out, args.workers, host, port=args.port, resume=args.resume, quiet=args.quiet
+        cfg,
+        out,
+        args.workers,
+        host,
+        key=key,
+        key_env=key_env,
+        config=config_args(args.config, args.set),
+        bind=args.bind,
+        port=port,
+        port_range=args.port_range,
+        resume=args.resume,
+        quiet=args.quiet,
     )
+    if not args.quiet and KEY_FILE_ENV in key_env:
+        print(
+            f"farflung: copy {key_env[KEY_FILE_ENV]} to each worker machine (chmod 600); "
+            "it is the run's secret",
+            file=sys.stderr,
+        )
     try:
         while not coord.finished.wait(0.5):
             pass
     finally:
         coord.close()
+    if coord.error is not None:
+        print(f"farflung: the coordinator stopped the run: {coord.error}", file=sys.stderr)
+        return 1
     summary = out / "summary.json"
     if not args.quiet and summary.is_file():
         print_summary({out.name: json.loads(summary.read_text())})
@@ -241,8 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c.add_argument("--out", help="run folder for metrics and events (default: runs/<config>)")
     c.add_argument("--workers", type=int, required=True, help="initial workers to wait for")
-    c.add_argument("--port", type=int, default=29400, help="port to listen on")
+    c.add_argument(
+        "--port", type=int, default=None, help="port to listen on (default 29400, or --port-range)"
+    )
     c.add_argument("--host", default="", help="address the workers reach this host at")
+    c.add_argument(
+        "--bind",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="address the coordinator and its rendezvous store listen on (default: every "
+        "interface; name the private network's address, docs/security.md)",
+    )
+    c.add_argument(
+        "--port-range",
+        metavar="LOW-HIGH",
+        help="ports the coordinator and its store take (for firewall rules), e.g. 29400-29409",
+    )
+    c.add_argument(
+        "--key-file",
+        metavar="PATH",
+        help="the run key (mode 0600); default FARFLUNG_KEY_FILE / FARFLUNG_RUN_KEY, else a "
+        "new one in --out/run.key",
+    )
     c.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     c.add_argument("--force", action="store_true", help="replace what --out holds")
     c.add_argument("--quiet", action="store_true")

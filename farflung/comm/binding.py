@@ -73,8 +73,10 @@ def listen(
             if e.errno not in (errno.EADDRINUSE, errno.EACCES):
                 raise OSError(e.errno, f"cannot listen on {host}:{p}: {e.strerror}") from e
             last = e
-    where = f"{host}:{candidates[0]}" if len(candidates) == 1 else (
-        f"{host} ports {candidates[0]}-{candidates[-1]}"
+    where = (
+        f"{host}:{candidates[0]}"
+        if len(candidates) == 1
+        else (f"{host} ports {candidates[0]}-{candidates[-1]}")
     )
     raise OSError(errno.EADDRINUSE, f"no free port to listen on at {where}: {last}")
 

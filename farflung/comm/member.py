@@ -1,5 +1,6 @@
 """A worker's side of an elastic run: its connection to the coordinator
-(:mod:`farflung.comm.coordinator`) and the state server joiners fetch from.
+(:mod:`farflung.comm.coordinator`); the state server joiners fetch from is
+:mod:`farflung.comm.state_transfer`.
 
 The connection has two threads of its own: a reader that applies the coordinator's
 messages (a new generation, a commit, the end), and a beater that sends a beat five
@@ -10,13 +11,13 @@ epoch stop waiting (see :func:`farflung.comm.collectives.set_epoch_source`)."""
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from farflung.comm.coordinator import BEATS_PER_BOUND, read_lines, send_line
+from farflung.comm.channel import AuthError, Channel, WrongKey
+from farflung.comm.coordinator import BEATS_PER_BOUND, HANDSHAKE_S, MAX_MESSAGE
 from farflung.comm.errors import Reconfigure
 
 
@@ -38,16 +39,18 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class Member:
-    """Connect to the coordinator at ``address`` and say hello.
+    """Connect to the coordinator at ``address``, prove the run ``key`` and say hello.
 
-    ``wid``: the id the launcher gave this worker (None: the coordinator picks one);
-    ``join``: enter a running job; ``step``: the step this worker's state is at;
-    ``state_addr``: where its state server listens."""
+    ``wid``: the id the launcher gave this worker (None: the coordinator picks one;
+    it may pick another anyway); ``join``: enter a running job; ``step``: the step
+    this worker's state is at; ``state_port``: where its state server listens (the
+    coordinator pairs it with the address this connection comes from)."""
 
     def __init__(
         self,
         address: str,
         *,
+        key: str,
         wid: int | None,
         join: bool,
         step: int,
@@ -55,22 +58,11 @@ class Member:
         connect_timeout_s: float = 30.0,
     ) -> None:
         host, port = split_address(address)
-        deadline = time.monotonic() + connect_timeout_s
-        while True:
-            try:
-                self.sock = socket.create_connection((host, port), timeout=5.0)
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise MembershipLost(
-                        f"cannot reach the coordinator at {address}: {e}"
-                    ) from None
-                time.sleep(0.2)
-        self.sock.settimeout(None)
+        self.ch = _connect(host, port, key, connect_timeout_s)
+        self.sock = self.ch.sock
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.host = self.sock.getsockname()[0]  # this worker's address as the job sees it
         self.coordinator_host = host
-        self.send_lock = threading.Lock()
         self.cond = threading.Condition()
         self.epoch = 0
         self.gen: dict[str, Any] | None = None
@@ -81,23 +73,38 @@ class Member:
         self.last_recv = time.monotonic()
         self.id: int | None = None
         self.heartbeat_s = 0.0
-        hello = {"op": "hello", "id": wid, "join": join, "step": step}
-        hello["addr"] = f"{self.host}:{state_port}"
-        send_line(self.sock, self.send_lock, hello)
-        self._lines = read_lines(self.sock)
-        welcome = next(self._lines)
-        self.id, self.heartbeat_s = welcome["id"], welcome["heartbeat_s"]
+        hello = {"op": "hello", "id": wid, "join": join, "step": step, "state_port": state_port}
+        welcome = self._greet(hello, address)
+        self.id, self.heartbeat_s = int(welcome["id"]), float(welcome["heartbeat_s"])
+        self.ch.settimeout(None)  # silence is the beater's to judge
         self._stop = threading.Event()
         for target in (self._read_loop, self._beat_loop):
             threading.Thread(target=target, daemon=True).start()
 
+    def _greet(self, hello: dict[str, Any], address: str) -> dict[str, Any]:
+        """Send the hello; the coordinator's welcome (MembershipLost when it refuses)."""
+        self.ch.settimeout(HANDSHAKE_S)
+        try:
+            self.ch.send(hello)
+            welcome = self.ch.recv(MAX_MESSAGE)
+        except OSError as e:
+            raise MembershipLost(
+                f"the coordinator at {address} closed the connection: {e}"
+            ) from None
+        if welcome.get("op") != "welcome":
+            raise MembershipLost(
+                f"the coordinator at {address} refused this worker: {welcome.get('why')}"
+            )
+        return welcome
+
     # -- threads ------------------------------------------------------------------
     def _read_loop(self) -> None:
         try:
-            for msg in self._lines:
+            while True:
+                msg = self.ch.recv(MAX_MESSAGE)
                 self.last_recv = time.monotonic()
                 self._apply(msg)
-        except (OSError, ValueError):
+        except (OSError, KeyError, TypeError, ValueError):
             pass
         self._set_lost("the coordinator closed this worker's connection (evicted, or it stopped)")
 
@@ -113,6 +120,9 @@ class Member:
                 self.committed = max(self.committed, msg["step"])
             elif op == "finish":
                 self.finished = True
+            elif op == "stop":  # the coordinator ended the run (an error of its own)
+                self.lost = MembershipLost(f"the coordinator stopped the run: {msg.get('why')}")
+                self.epoch += 1
             elif op == "leave":
                 self.lost = MembershipLost(
                     "the replayed membership log has this worker leave", True
@@ -142,7 +152,7 @@ class Member:
 
     # -- the training thread's calls ------------------------------------------------
     def send(self, msg: dict[str, Any]) -> None:
-        send_line(self.sock, self.send_lock, msg)
+        self.ch.send(msg)
 
     def current_epoch(self) -> int:
         return self.epoch
@@ -151,6 +161,11 @@ class Member:
         """Steps settled here (each ``{"step", ...}``), committed once every member
         has voted them."""
         self._safe_send({"op": "vote", "gen": gen, "votes": votes})
+
+    def met(self, gen: int) -> None:
+        """This worker reached generation ``gen``'s meeting (the coordinator evicts
+        members that do not within its deadline)."""
+        self._safe_send({"op": "met", "gen": gen})
 
     def fault(self, gen: int, why: str) -> None:
         self._safe_send({"op": "fault", "gen": gen, "why": why})
@@ -193,64 +208,30 @@ class Member:
 
     def close(self) -> None:
         self._stop.set()
+        self.ch.close()
+
+
+def _connect(host: str, port: int, key: str, timeout_s: float) -> Channel:
+    """An authenticated channel to the coordinator, retried until ``timeout_s`` (it
+    may not listen yet, or be full); a wrong key fails at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-
-class StateServer:
-    """Serves this worker's state to joiners: a joiner sends the step it wants
-    (8 bytes), the server answers with the state's length and bytes (length 0: no
-    such state here). ``provide(step)`` builds the bytes on the server's thread, so
-    training goes on meanwhile."""
-
-    def __init__(self, provide: Callable[[int], bytes | None]) -> None:
-        self.provide = provide
-        self.listener = socket.create_server(("0.0.0.0", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    def _accept_loop(self) -> None:
-        while True:
+            sock = socket.create_connection((host, port), timeout=HANDSHAKE_S)
+        except OSError as e:
+            last: OSError = e
+        else:
             try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        try:
-            with sock:
-                (step,) = struct.unpack("!q", _recv_exact(sock, 8))
-                data = self.provide(step) or b""
-                sock.sendall(struct.pack("!q", len(data)))
-                sock.sendall(data)
-        except OSError:
-            pass  # the joiner went away: it harms no one
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def fetch_state(address: str, step: int, timeout_s: float) -> bytes:
-    """The state a peer's :class:`StateServer` holds for ``step``; OSError on failure."""
-    host, port = split_address(address)
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        sock.sendall(struct.pack("!q", step))
-        (n,) = struct.unpack("!q", _recv_exact(sock, 8))
-        if n == 0:
-            raise OSError(f"{address} holds no state for step {step}")
-        return _recv_exact(sock, n)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        chunk = sock.recv(min(n - got, 1 << 20))
-        if not chunk:
-            raise OSError("connection closed mid-transfer")
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
+                return Channel.client(sock, key, "coordinator", timeout_s=HANDSHAKE_S)
+            except WrongKey as e:
+                sock.close()
+                raise MembershipLost(
+                    f"the coordinator at {host}:{port} holds another run key than this "
+                    "worker's (FARFLUNG_KEY_FILE / --key-file / FARFLUNG_RUN_KEY)"
+                ) from e
+            except AuthError as e:
+                sock.close()
+                last = e
+        if time.monotonic() > deadline:
+            raise MembershipLost(f"cannot reach the coordinator at {host}:{port}: {last}")
+        time.sleep(0.2)

@@ -5,17 +5,25 @@ one (SIGSTOP, a hung host) or a cut link only when a collective times out, and a
 local-step method (diloco) may run no collective for minutes. So every rank runs two
 daemon threads on a client connection of its own to the job's rendezvous store:
 
-- the beat thread, every ``period_s``, increments ``hb/<rank>`` and reads every rank's
-  counter and ``done`` flag in one ``multi_get``;
+- the beat thread, every ``period_s``, writes its next count to ``hb/<rank>`` and
+  reads every rank's counter and ``done`` flag in one ``multi_get``;
 - the watch thread decides: a peer whose counter has not advanced for ``timeout_s``
   is lost; so is the store's host when no store round has completed for ``timeout_s``.
+
+The store takes any client (torch's TCPStore has no authentication), so a value read
+back may not be ours: one that is not a counter is a *protocol error* naming the key
+and the value, and stops the run as such; it is never taken for a dead peer. Each
+rank only writes its own keys (``set``, ``compare_set``) and nobody parses values but
+this module: the store's own ``add`` on a foreign value would make the store drop
+that client's connection, which would look like its host dying.
 
 They are two threads because a TCPStore read never returns while the store's host is
 frozen or its link is down (no client-side read timeout; measured with torch 2.13),
 so the decision cannot wait on the I/O. Counters are compared, not clocks: hosts'
 clocks need not agree.
 
-On a loss the watch thread prints one line naming the lost rank(s), calls
+On a loss (or a protocol error) the watch thread prints one line naming the lost
+rank(s) (or the key), calls
 ``on_lost`` (the trainer writes its report for the launcher there) and ends the
 process with :data:`EXIT_PEER_LOST` through ``os._exit``: the training thread may be
 blocked inside a collective in C++, where no Python exception would reach it.
@@ -26,6 +34,7 @@ that does not release it) starves the beat thread and looks frozen to its peers.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -54,14 +63,20 @@ collective)."""
 _SILENT_BEATS = 3
 # How long a rank hosting the store keeps it up at the end for its peers' last beats.
 _LINGER_S = 5.0
+# Beats a rank that found a foreign value waits before it exits (see _fire)
+_PROTOCOL_GRACE_BEATS = 2
+# What a counter or a flag looks like in the store: this module writes nothing else
+_COUNTER = re.compile(rb"[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
 class Lost:
     """What the watchdog concluded: the ranks lost (``[]`` when the store's host is not
     a rank, as under torchrun), how long each has been silent, ``via`` ``"heartbeat"``
-    (a peer's counter stopped while the store answered) or ``"store"`` (the store's
-    host stopped answering), and a one-line ``message``."""
+    (a peer's counter stopped while the store answered), ``"store"`` (the store's
+    host stopped answering) or ``"protocol"`` (the store held a value this module
+    never writes: no rank is lost, someone else wrote to the store), and a one-line
+    ``message``."""
 
     ranks: list[int]
     silent_s: dict[int, float]
@@ -86,6 +101,10 @@ class StoreInfo:
     host_rank: int | None  # the rank whose process hosts it; None: torchrun's agent
     separate: bool = True  # a client of its own (False: the default group's store)
     hosted_here: bool = False
+    prefix: str = ""  # the PrefixStore's prefix, to name a key as the store holds it
+
+    def key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
 
     def describe(self) -> str:
         if self.host_rank is None:
@@ -102,7 +121,11 @@ def connect_store(timeout_s: float) -> tuple[dist.Store, StoreInfo]:
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     rank = int(os.environ.get("RANK", "0"))
-    info = StoreInfo(f"{addr}:{port}", None if agent else 0, hosted_here=not agent and rank == 0)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefix = f"farflung/{attempt}"  # PrefixStore adds the "/"
+    info = StoreInfo(
+        f"{addr}:{port}", None if agent else 0, hosted_here=not agent and rank == 0, prefix=prefix
+    )
     try:
         # world_size None: a plain client, not counted among the store's workers
         base = dist.TCPStore(
@@ -116,8 +139,7 @@ def connect_store(timeout_s: float) -> tuple[dist.Store, StoreInfo]:
     except dist.DistError:
         base = dist.distributed_c10d._get_default_store()
         info.separate = False
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"farflung/{attempt}/", base), info
+    return dist.PrefixStore(prefix, base), info
 
 
 class Watchdog:
@@ -148,6 +170,8 @@ class Watchdog:
         self._seen: dict[int, _Seen] = {}
         self._last_ok = 0.0
         self._io_error: str | None = None
+        self._malformed: Lost | None = None
+        self._count = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.lost: Lost | None = None
@@ -177,14 +201,17 @@ class Watchdog:
     def _beat_loop(self) -> None:
         try:
             for key in self._keys:  # create every key, so multi_get never waits for one
-                self.store.add(key, 0)
+                self.store.compare_set(key, "", "0")  # sets it only where it is missing
             while not self._stop.is_set():
-                self.store.add(f"hb/{self.rank}", 1)
+                self._beat()
                 self._observe(self.store.multi_get(self._keys))
                 self._stop.wait(self.period_s)
-            self.store.add(f"done/{self.rank}", 1)
+            self.store.set(f"done/{self.rank}", "1")
             if self.store_info.hosted_here:
                 self._linger()
+        except _Malformed as e:
+            with self._lock:  # the watch thread stops the run with it
+                self._malformed = self._protocol_error(e)
         except dist.DistError as e:
             # the connection broke (its host died): a client does not reconnect, and
             # retrying would only print more C++ warnings; the watch thread blames the
@@ -193,15 +220,44 @@ class Watchdog:
             with self._lock:
                 self._io_error = lines[0][:120] if lines else type(e).__name__
 
+    def _beat(self) -> None:
+        """Move this rank's counter on, from the value it wrote last: only this rank
+        writes its key, so finding anything else there means someone else did."""
+        key, old, new = f"hb/{self.rank}", str(self._count), str(self._count + 1)
+        found = self.store.compare_set(key, old, new)
+        if found != new.encode():
+            raise _Malformed(key, found, expected=old)
+        self._count += 1
+
     def _observe(self, values: list[bytes]) -> None:
+        counts = [self._counter(k, v) for k, v in zip(self._keys, values, strict=True)]
         now = time.monotonic()
         with self._lock:
             for r in self.peers:
-                count, seen = int(values[r]), self._seen[r]
+                count, seen = counts[r], self._seen[r]
                 if count != seen.count:
                     seen.count, seen.changed = count, now
-                seen.done = int(values[self.world + r]) > 0
+                seen.done = counts[self.world + r] > 0
             self._last_ok = now
+
+    @staticmethod
+    def _counter(key: str, value: bytes) -> int:
+        """``value`` as the counter this module writes, or :class:`_Malformed`."""
+        if not _COUNTER.fullmatch(value):
+            raise _Malformed(key, value)
+        return int(value)
+
+    def _protocol_error(self, e: _Malformed) -> Lost:
+        info = self.store_info
+        shown = e.value[:40]
+        more = f" (first 40 of {len(e.value)} bytes)" if len(e.value) > 40 else ""
+        what = "not a counter" if e.expected is None else f"not {e.expected.encode()!r}"
+        msg = (
+            f"protocol error: heartbeat key {info.key(e.key)!r} in {info.describe()} "
+            f"holds {shown!r}{more}, {what}: something other than this run's workers "
+            "wrote it (the store accepts any client; see docs/security.md)"
+        )
+        return Lost([], {}, "protocol", msg)
 
     def _linger(self) -> None:
         """This process hosts the store: keep it up until every peer has said done, so
@@ -209,7 +265,7 @@ class Watchdog:
         deadline = time.monotonic() + _LINGER_S
         while time.monotonic() < deadline:
             flags = self.store.multi_get(self._keys[self.world :])
-            if all(int(v) > 0 for v in flags):
+            if all(v == b"1" for v in flags):  # a foreign value: wait out the deadline
                 return
             time.sleep(0.05)
 
@@ -241,6 +297,8 @@ class Watchdog:
         comes first: when the store does not answer, no peer's silence means anything."""
         now = time.monotonic() if now is None else now
         with self._lock:
+            if self._malformed is not None:  # no silence means anything after that
+                return self._malformed
             store_silent = now - self._last_ok
             # a peer's silence as of the last read that came back: while the store
             # does not answer, nothing is known of the peers
@@ -287,6 +345,11 @@ class Watchdog:
                 print(f"farflung: rank {self.rank}: could not report: {e}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
+        if lost.via == "protocol":
+            # every peer reads the same keys at its next beat: staying up (and the
+            # store with us) that long lets each name the value itself, rather than
+            # see a collective fail on a peer that left without a word
+            time.sleep(_PROTOCOL_GRACE_BEATS * self.period_s)
         self._exit(EXIT_PEER_LOST)
 
     # -- after a failed collective ------------------------------------------------------
@@ -301,6 +364,14 @@ class Watchdog:
             if lost is not None or time.monotonic() >= deadline:
                 return lost
             time.sleep(self.period_s / 2)
+
+
+class _Malformed(Exception):
+    """A heartbeat key holds a value this module never writes."""
+
+    def __init__(self, key: str, value: bytes, expected: str | None = None) -> None:
+        super().__init__(key)
+        self.key, self.value, self.expected = key, value, expected
 
 
 _active: Watchdog | None = None

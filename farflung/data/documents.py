@@ -13,6 +13,17 @@ not UTF-8, empty text, a line larger than ``max_doc_bytes``, a line that is not 
 JSON object, a missing or non-string text field — is skipped and recorded in an
 :class:`IssueLog` with its shard, file and line number.
 
+A damaged *file* is skipped the same way, as one ``damaged-file`` issue naming the
+file, the line and byte offset where its damage begins, and the reason; the other
+files go on. Where the format allows, its readable part is kept: a truncated
+``.jsonl.gz`` (or one whose deflate stream breaks off) keeps every complete line
+before the damage. A gzip whose checksum (CRC or length) does not match is skipped
+whole: its bytes decompress but some are wrong, and which ones is unknown. A
+``.parquet`` that pyarrow cannot open is skipped whole; a row group that fails to
+read ends its piece there. Planning finds the damage (it reads every jsonl and gzip
+file once anyway) and plans a :class:`Piece` carrying it, so the report travels with
+the shards into ``issues.jsonl`` and the step's summary like any bad document.
+
 A file is cut into :class:`Piece` s of at most ``max_docs`` documents and
 ``max_bytes`` bytes (jsonl: byte ranges at line boundaries, jsonl.gz: line ranges,
 parquet: runs of row groups), which the pipeline packs into shards. Reading a piece
@@ -26,6 +37,7 @@ import gzip
 import itertools
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,8 +49,13 @@ from farflung.data.corpus import BUNDLED, Document, bundled_documents, source_fi
 FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 """File types the pipeline reads from a path source."""
 
-ISSUE_KINDS = ("not-utf8", "empty", "too-long", "bad-json", "no-text")
-"""What can be wrong with one input document."""
+ISSUE_KINDS = ("not-utf8", "empty", "too-long", "bad-json", "no-text", "damaged-file")
+"""What can be wrong with one input document (``damaged-file``: with a whole file or
+the rest of it, from the line it names)."""
+
+DAMAGED = "damaged-file"
+
+_READ_ERRORS = (EOFError, zlib.error, OSError)  # gzip.BadGzipFile is an OSError
 
 MAX_LISTED = 100
 """Issues kept in detail per shard (counts stay exact): a fully broken file must not
@@ -80,6 +97,9 @@ class Piece:
     version: str = ""
     """The file's size and modification time when planned: a changed file changes the
     piece, and so redoes the shards that read it."""
+    damage: str = ""
+    """Non-empty: the file is damaged from ``first_line`` on, for this reason; the piece
+    holds no documents and reading it reports the damage (once)."""
 
 
 class IssueLog:
@@ -130,34 +150,84 @@ def list_pieces(sources: list[str], max_docs: int, max_bytes: int) -> list[Piece
 
 
 def file_pieces(path: Path, file_id: str, max_docs: int, max_bytes: int) -> list[Piece]:
-    """The pieces of one file, by its format."""
+    """The pieces of one file, by its format; a damaged file's readable part, then a
+    piece carrying the damage (:attr:`Piece.damage`)."""
     fmt = ".jsonl.gz" if path.name.endswith(".jsonl.gz") else path.suffix
-    stat = path.stat()
-    version = f"{stat.st_size}:{stat.st_mtime_ns}"
     where = os.path.abspath(path)  # workers (and later steps) may run in another folder
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        return [_damaged(where, file_id, fmt, 1, "", f"cannot read it ({exc.strerror})")]
+    version = f"{stat.st_size}:{stat.st_mtime_ns}"
     if fmt == ".txt":
         return [Piece(where, file_id, fmt, 0, 1, 1, 1, stat.st_size, version)]
+    damage = ""
     if fmt == ".parquet":
-        bounds = _parquet_runs(path, max_docs, max_bytes)
+        try:
+            bounds = _parquet_runs(path, max_docs, max_bytes)
+        except (OSError, _arrow_error()) as exc:  # ArrowInvalid: "not a parquet file"
+            detail = f"not a readable parquet file ({type(exc).__name__}: {exc}); skipped whole"
+            return [_damaged(where, file_id, fmt, 1, version, detail)]
     else:
+        found: list[tuple[str, bool]] = []
         opener = gzip.open if fmt == ".jsonl.gz" else open
         with opener(path, "rb") as f:
-            bounds = _cut(_line_lengths(f), max_docs, max_bytes, by_bytes=fmt == ".jsonl")
-    return [Piece(where, file_id, fmt, *b, version) for b in bounds]
+            lengths = _line_lengths(f, found, stat.st_size)
+            bounds = _cut(lengths, max_docs, max_bytes, by_bytes=fmt == ".jsonl")
+        if found:
+            damage, keep = found[0]
+            bounds = bounds if keep else []
+    pieces = [Piece(where, file_id, fmt, *b, version) for b in bounds]
+    if damage:
+        line = 1 if not bounds else bounds[-1][2] + bounds[-1][3]
+        pieces.append(_damaged(where, file_id, fmt, line, version, damage))
+    return pieces
 
 
-def _line_lengths(f: IO[bytes]) -> Iterator[int]:
+def _damaged(path: str, file_id: str, fmt: str, line: int, version: str, why: str) -> Piece:
+    """A piece standing for the damaged rest of a file, from ``line`` on."""
+    return Piece(path, file_id, fmt, 0, 0, line, 0, 0, version, damage=why)
+
+
+def _line_lengths(f: IO[bytes], damage: list[tuple[str, bool]], size: int) -> Iterator[int]:
     """Byte length of each line of ``f`` (newline included), found by scanning blocks,
-    so an enormous line costs no more memory than a block."""
-    pending = 0
-    while block := f.read(_BLOCK):
-        pos = 0
-        while (nl := block.find(b"\n", pos)) >= 0:
-            yield pending + nl + 1 - pos
-            pending, pos = 0, nl + 1
-        pending += len(block) - pos
+    so an enormous line costs no more memory than a block. A read error (a truncated or
+    corrupt gzip, an I/O error) ends the lines: the partial line before it is dropped,
+    and ``damage`` gets the reason with the offsets where it was met, and whether the
+    lines before it may be kept."""
+    pending = done = 0
+    try:
+        # read1: one decompression at a time, so the lines before damage all come out
+        while block := f.read1(_BLOCK):
+            pos = 0
+            while (nl := block.find(b"\n", pos)) >= 0:
+                yield pending + nl + 1 - pos
+                pending, pos = 0, nl + 1
+            pending += len(block) - pos
+            done += len(block)
+    except _READ_ERRORS as exc:
+        damage.append(_read_error(f, exc, done - pending, size))
+        return
     if pending:
         yield pending
+
+
+def _read_error(f: IO[bytes], exc: BaseException, good: int, size: int) -> tuple[str, bool]:
+    """What went wrong reading ``f`` and where (the file offset reached: a gzip's
+    compressed offset, within its read-ahead), and whether the ``good`` bytes of
+    complete lines before it may be kept."""
+    raw = getattr(f, "fileobj", None)  # a GzipFile's underlying file
+    try:
+        offset = (raw or f).tell()
+    except (OSError, ValueError):
+        offset = size
+    where = f"at byte {offset} of {size}"
+    # gzip says a checksum failed only in its message ("CRC check failed", "Incorrect
+    # length of data produced"); the data came out, but some of it is wrong
+    if isinstance(exc, gzip.BadGzipFile) and any(w in str(exc) for w in ("CRC", "length")):
+        return f"gzip checksum does not match ({exc}) {where}; skipped whole", False
+    reason = f"truncated ({exc})" if isinstance(exc, EOFError) else f"{type(exc).__name__}: {exc}"
+    return f"{reason} {where}; the complete lines before it ({good} bytes) are kept", True
 
 
 def _cut(
@@ -211,7 +281,25 @@ def _bundled_pieces(max_docs: int, max_bytes: int) -> list[Piece]:
 
 
 def read_piece(piece: Piece, opts: ReadOptions, issues: IssueLog) -> Iterator[Document]:
-    """The good documents of ``piece``; bad ones are skipped into ``issues``."""
+    """The good documents of ``piece``; bad ones are skipped into ``issues``, and so is
+    the rest of the piece when its file fails to read (damaged since it was planned)."""
+    if piece.damage:
+        issues.add(piece.file_id, piece.first_line, DAMAGED, piece.damage)
+        return
+    try:
+        yield from _read_piece(piece, opts, issues)
+    except (*_READ_ERRORS, _arrow_error()) as exc:
+        issues.add(piece.file_id, piece.first_line, DAMAGED, f"{type(exc).__name__}: {exc}")
+
+
+def _arrow_error() -> type[Exception]:
+    """pyarrow's base error (a corrupt parquet row group), imported when needed."""
+    import pyarrow as pa
+
+    return pa.ArrowException
+
+
+def _read_piece(piece: Piece, opts: ReadOptions, issues: IssueLog) -> Iterator[Document]:
     if piece.fmt == ".txt":
         yield from _txt_documents(piece, opts, issues)
     elif piece.fmt == ".jsonl":

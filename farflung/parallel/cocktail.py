@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from farflung.comm import Comm
-from farflung.comm.dist import subgroup_like
+from farflung.comm.dist import ReleasedGroup, subgroup_like
 from farflung.comm.sharded import (
     OK,
     SKIPPED,
@@ -287,3 +287,7 @@ class Cocktail(DataParallel):
         if not abort:
             self._wait()
         self.executor.shutdown(wait=not abort, cancel_futures=abort)
+        if not abort:  # (on abort the thread may still be using it)
+            # the background group goes with destroy_process_group(), its threads
+            # joined there, not at interpreter exit (see ReleasedGroup)
+            self.sync_comm.group = ReleasedGroup("cocktail's sync")

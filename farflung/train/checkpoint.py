@@ -16,12 +16,21 @@ config and tokenizer, checksums, writes the manifest and publishes the folder. W
 one shared folder that is rank 0 alone; with a folder per machine, one rank per
 machine. A crash mid-write never leaves a folder that looks complete, and re-saving
 a step swaps folders so that one complete copy exists at every moment.
+
+Durability: every file and the step folder are fsynced before the folder is renamed
+into place, and the parent folder after the rename, before any older checkpoint is
+deleted, so a power loss leaves either the new checkpoint or the old ones, never a
+folder whose manifest names bytes that never reached the disk. A crashed save's
+``step_X.tmp`` is removed at the next save and when a run resumes
+(:func:`remove_stale_tmp`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -96,6 +105,29 @@ def tmp_dir(root: Path, step: int) -> Path:
     return step_dir(root, step).with_suffix(".tmp")
 
 
+def remove_stale_tmp(root: Path) -> list[Path]:
+    """Delete the ``step_*.tmp`` folders under ``root``: saves that crashed
+    before publishing. Their ``.rankR`` marks and files would otherwise join a later save
+    of the same step. Call it only when no other save can be in flight in ``root``: at a
+    commit (saves are sequential) or at start-up before any rank saves. Returns them."""
+    stale = [p for p in Path(root).glob("step_*.tmp") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot sync a folder; a file must sync
+        if not (e.errno == errno.EINVAL and Path(path).is_dir()):
+            raise
+    finally:
+        os.close(fd)
+
+
 def mark_present(tmp: Path, rank: int) -> None:
     """Say "rank R writes here"; ranks that see each other's marks share a folder."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -138,6 +170,9 @@ def commit(
     for marker in tmp.glob(".rank*"):
         marker.unlink()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for name in [*names, MANIFEST]:  # on the disk before the folder can look complete
+        fsync_path(tmp / name)
+    fsync_path(tmp)
     final = tmp.with_suffix("")
     old = final.with_suffix(_OLD)
     if final.exists():  # re-saving a step: keep one complete copy at every moment
@@ -145,9 +180,12 @@ def commit(
             shutil.rmtree(old)
         final.rename(old)
     tmp.rename(final)
+    fsync_path(final.parent)  # the rename is durable before anything older goes
+    fsync_path(final.parent.parent)  # a first save created checkpoints/ itself
     shutil.rmtree(old, ignore_errors=True)
     for stale in list_checkpoints(final.parent)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_tmp(final.parent)
     return final
 
 

@@ -8,7 +8,11 @@ Files in the run folder, written here from the coordinator's decisions:
   trained (:func:`check_samples` proves them exact);
 - ``events.jsonl``: one record per membership change: who left or joined, why, the
   step committed before it, how long the worker had been silent, how long recovery
-  took (until the next commit), the state transferred to a joiner;
+  took (until the next commit), the state transferred to a joiner; a rollback when the
+  members' state hashes had no majority (``diverged``); each connection refused
+  (``refused``: its address and why: no run key, a bad hello, too many);
+- ``run.key``: the run key (mode 0600) when none was given (``--key-file``,
+  ``FARFLUNG_KEY_FILE``, ``FARFLUNG_RUN_KEY``): the local workers get its path;
 - ``summary.json``: as for any run, counted from the committed steps."""
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,10 +34,13 @@ import numpy as np
 import torch
 
 from farflung.comm import free_port
+from farflung.comm.binding import BIND_ENV, PORT_RANGE_ENV, parse_port_range
+from farflung.comm.channel import KEY_ENV, KEY_FILE_ENV, load_key, write_key_file
 from farflung.comm.coordinator import Coordinator
-from farflung.config import Config, config_to_toml
+from farflung.config import Config, ConfigError, config_to_toml
 from farflung.data import batch_ids
 from farflung.train import checkpoint as ckpt
+from farflung.train import runfolder
 from farflung.train.metrics import aggregate, read_jsonl, truncate_jsonl
 from farflung.train.progress import Progress
 
@@ -44,9 +52,12 @@ JOIN_ENV = "FARFLUNG_ELASTIC_JOIN"  # "1": enter the running job as a joiner
 class RunLog:
     """Writes the run's files from the coordinator's decisions (its Handler)."""
 
-    def __init__(self, cfg: Config, out: Path, quiet: bool = False) -> None:
+    def __init__(self, cfg: Config, out: Path, quiet: bool = False, resume: bool = False) -> None:
         self.cfg, self.out, self.quiet = cfg, Path(out), quiet
-        self.out.mkdir(parents=True, exist_ok=True)
+        runfolder.mark_run(self.out)
+        # resuming: the files are cut back only once the workers say where they resume
+        # (the coordinator may hold no checkpoint of its own: its host runs no worker)
+        self.resuming, self.started = resume, False
         (self.out / "config.toml").write_text(config_to_toml(cfg))
         self.totals = {"steps": 0, "tokens": 0, "train_s": 0.0, "sent": 0, "recv": 0}
         self.member_steps = 0  # sum over committed steps of the members that made them
@@ -60,10 +71,24 @@ class RunLog:
 
     def _append(self, name: str, record: dict[str, Any] | str) -> None:
         line = record if isinstance(record, str) else json.dumps(record)
-        with open(self.out / name, "a") as f:
-            f.write(line + "\n")
+        path = self.out / name
+        try:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:  # the coordinator stops the run with this message
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
+
+    def on_start(self, step: int) -> None:
+        """Generation 0 formed; its workers resume from ``step`` (0: a fresh start). A
+        resumed run's files lose what was committed after ``step``, and only that."""
+        if self.started:
+            return
+        self.started = True
+        if self.resuming:
+            self.resume_from(step)
 
     def on_commit(self, step: int, gen: int, members: list[int], votes: dict[int, dict]) -> None:
+        self.on_start(step - 1)  # the first commit follows generation 0's step
         now = time.monotonic()
         if self.last_step_time is not None:  # start-up is not a stall
             self.longest_stall_s = max(self.longest_stall_s, now - self.last_step_time)
@@ -81,13 +106,10 @@ class RunLog:
                 "samples": [votes[i]["samples"] for i in members],
             },
         )
-        hashes = {votes[i]["hash"] for i in members if "hash" in votes[i]}
-        if len(hashes) > 1:
+        # the coordinator evicts members whose state hash is not the majority's
+        # (events: "diverged"), or rolls the step back without a majority
+        if len({votes[i]["hash"] for i in members if "hash" in votes[i]}) > 1:
             self.hash_disagreements += 1
-            print(
-                f"farflung: step {step}: members' states differ ({len(hashes)} hashes)",
-                file=sys.stderr,
-            )
         val = [votes[i]["val_loss"] for i in members if "val_loss" in votes[i]]
         if val:
             self._append("eval.jsonl", {"step": step, "val_loss": val[0], "tokens": rec.tokens})
@@ -108,6 +130,7 @@ class RunLog:
         committed after it."""
         valid, _ = ckpt.verified(self.out / "checkpoints", rank=0)
         step = max(valid, default=0)
+        self.started = True
         self.resume_from(step)
         return step
 
@@ -129,7 +152,11 @@ class RunLog:
 
     def on_event(self, record: dict[str, Any]) -> None:
         self._append("events.jsonl", record)
-        if not self.quiet and record["event"] == "rewound":
+        if not self.quiet and record["event"] in ("refused", "diverged"):
+            what = record.get("address") or "the members' states"
+            why = record.get("reason") or record.get("detail")
+            print(f"farflung: {record['event']}: {what}: {why}", file=sys.stderr)
+        elif not self.quiet and record["event"] == "rewound":
             print(
                 f"farflung: every worker was lost; resumed from step {record['to_step']}",
                 file=sys.stderr,
@@ -167,14 +194,20 @@ class RunLog:
             "backend": "gloo",
             "network": self.network,
             "elastic": {
-                "membership_changes": len(events),
+                "membership_changes": sum(e["event"] in ("left", "joined") for e in events),
+                "refused": sum(e["event"] == "refused" for e in events),
+                "rollbacks": sum(e["event"] == "diverged" for e in events),
                 "left": sum(e["event"] == "left" for e in events),
                 "joined": sum(e["event"] == "joined" for e in events),
                 "hash_disagreements": self.hash_disagreements,
                 "longest_stall_s": round(self.longest_stall_s, 3),
             },
         }
-        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1) + "\n")
+        path = self.out / "summary.json"
+        try:
+            path.write_text(json.dumps(self.summary, indent=1) + "\n")
+        except OSError as e:  # the coordinator stops the run with this message
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
 
 
 def check_samples(path: Path, cfg: Config, n_train: int) -> list[str]:
@@ -203,14 +236,53 @@ def _netns(name: str):
     return in_netns(name)
 
 
+def run_key(out: Path, key_file: str | None = None) -> tuple[str, dict[str, str]]:
+    """The run key, and the environment that hands it to workers: ``--key-file``,
+    else ``FARFLUNG_KEY_FILE`` / ``FARFLUNG_RUN_KEY`` (the workers inherit them), else
+    ``out/run.key``, made (mode 0600) when it is not there yet (a resumed run keeps
+    its own). A ConfigError names the file or variable that is wrong."""
+    try:
+        key = load_key(key_file)
+        if key is not None:
+            env = {KEY_FILE_ENV: str(Path(key_file).resolve())} if key_file else {}
+            return key, env
+        path = out / "run.key"
+        key = load_key(path) if path.exists() else write_key_file(path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return key, {KEY_FILE_ENV: str(path.resolve())}
+
+
+def config_args(config: str, sets: list[str]) -> str:
+    """``CONFIG --set K=V ...`` as a shell line: what a joining worker must train on."""
+    sets = [x for x in sets if x != "elastic.enabled=true"]  # the hint says it anyway
+    return " ".join(shlex.quote(a) for a in [config, *(a for x in sets for a in ("--set", x))])
+
+
+def join_hint(address: str, key_env: dict[str, str], config: str = "CONFIG") -> str:
+    """The command a worker elsewhere runs to join (the key passed as it is here);
+    ``config``: :func:`config_args`."""
+    if KEY_FILE_ENV in key_env:
+        how = f"{KEY_FILE_ENV}={key_env[KEY_FILE_ENV]} "
+    elif os.environ.get(KEY_FILE_ENV):
+        how = f"{KEY_FILE_ENV}={os.environ[KEY_FILE_ENV]} "
+    else:
+        how = f"{KEY_ENV}=<the same key> "
+    return f"{how}farflung train {config} --set elastic.enabled=true --join {address}"
+
+
 def start_coordinator(
     cfg: Config,
     out: Path,
     workers: int,
     advertise: str,
     *,
+    key: str,
+    key_env: dict[str, str] | None = None,
+    config: str = "CONFIG",
     bind: str = "0.0.0.0",
     port: int = 0,
+    port_range: str | None = None,
     netns: str = "",
     replay: list[dict[str, Any]] | None = None,
     resume: bool = False,
@@ -219,11 +291,14 @@ def start_coordinator(
 ) -> tuple[Coordinator, str]:
     """The run's coordinator, serving from this process, writing the run's files in
     ``out``; returns it and the address workers join (``advertise:port``, also in
-    ``out/coordinator.json``)."""
-    log = RunLog(cfg, out, quiet)
+    ``out/coordinator.json``). It and its rendezvous store listen on ``bind``, at
+    ``port`` (0: the first free one of ``port_range``, LOW-HIGH, or any)."""
+    try:
+        ports = parse_port_range(port_range)
+    except ValueError as e:
+        raise ConfigError(f"--port-range: {e}") from None
+    log = RunLog(cfg, out, quiet, resume=resume)
     log.network = network
-    if resume:
-        log.rewind()
     say = (
         (lambda m: None)
         if quiet
@@ -234,18 +309,22 @@ def start_coordinator(
             workers,
             cfg.elastic.heartbeat_s,
             log,
+            key=key,
             min_workers=cfg.elastic.min_workers,
             host=bind,
             port=port,
+            port_range=ports,
             replay=replay,
             log=say,
+            patience_s=cfg.parallel.timeout_s,
         )
     coord.start()
     address = f"{advertise}:{coord.port}"
     (out / "coordinator.json").write_text(json.dumps({"address": address, "pid": os.getpid()}))
     if not quiet:
         print(
-            f"farflung: elastic run; join it with: farflung train ... --join {address}",
+            f"farflung: elastic run on {bind} (port {coord.port}, store {coord.store_port}); "
+            f"workers join with:\n  {join_hint(address, key_env or {}, config)}",
             file=sys.stderr,
         )
     return coord, address
@@ -260,14 +339,20 @@ def launch_elastic(
     quiet: bool = False,
     replay: list[dict[str, int]] | None = None,
     resume: bool = False,
+    key_file: str | None = None,
+    bind: str | None = None,
+    port_range: str | None = None,
 ) -> int:
     """Run ``workers`` local workers under a coordinator in this process; a crashed
     worker is restarted as a joiner when ``elastic.respawn`` (at most ``workers``
-    times each). Returns 0 once every step is committed and the members finished."""
+    times each). Returns 0 once every step is committed and the members finished.
+    The coordinator binds ``bind`` (default: 127.0.0.1, or the lab's coordinator
+    address); the run key is :func:`run_key`'s."""
     from farflung.train.entry import EXIT_PEER_LOST
-    from farflung.train.launch import GRACE_S, worker_env
+    from farflung.train.launch import GRACE_S, bind_env, worker_env
 
     host = placement.coordinator_addr or "127.0.0.1"
+    key, key_env = run_key(out, key_file)
 
     def say(msg: str) -> None:
         if not quiet:
@@ -277,7 +362,14 @@ def launch_elastic(
         cfg,
         out,
         workers,
-        host,
+        host if bind in (None, "", "0.0.0.0", "::") else bind,
+        key=key,
+        key_env=key_env,
+        config=config_args(
+            worker_args[0], [worker_args[i + 1] for i, a in enumerate(worker_args) if a == "--set"]
+        ),
+        bind=bind or host,
+        port_range=port_range,
         replay=replay,
         resume=resume,
         quiet=quiet,
@@ -296,7 +388,11 @@ def launch_elastic(
 
     def start(key: int, slot: int, join: bool) -> None:
         extra = {
+            **bind_env(placement, slot),  # its state server: on loopback in a local run
+            **({BIND_ENV: bind} if bind else {}),
+            **({PORT_RANGE_ENV: port_range} if port_range else {}),
             **placement.envs[slot],
+            **key_env,
             COORDINATOR_ENV: address,
             "FARFLUNG_NETWORK": placement.description,
         }
@@ -344,6 +440,9 @@ def launch_elastic(
         deadline = time.monotonic() + GRACE_S
         while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
             time.sleep(0.05)
+        if coord.error is not None:
+            print(f"farflung: the coordinator stopped the run: {coord.error}", file=sys.stderr)
+            return 1
         return 0
     except KeyboardInterrupt:
         print("farflung: interrupted; stopping workers", file=sys.stderr, flush=True)

@@ -15,7 +15,12 @@ The loop is :class:`~farflung.train.loop.Worker`'s, with four additions:
 - **votes**: once a step's contribution has been averaged (the algorithm says when:
   :meth:`~farflung.parallel.base.DataParallel.settled_step`), the worker tells the
   coordinator, with its sample ids, its metrics row and a hash of the state the
-  algorithm keeps equal on every member.
+  algorithm keeps equal on every member, as the snapshot taken there holds it; the
+  coordinator commits a step for the members whose hash is the majority's;
+- **checked state transfer**: a joiner fetches its snapshot from the donor the
+  coordinator named, with the ticket it signed (:mod:`farflung.comm.state_transfer`:
+  safetensors and JSON, never pickle), restores it, and refuses it unless the
+  restored state hashes to what the coordinator recorded at that commit.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import io
 import math
 import os
 import signal
@@ -41,7 +45,9 @@ import torch.distributed as dist
 from farflung.comm import Comm, DistInfo
 from farflung.comm.collectives import pinned_epoch
 from farflung.comm.errors import PeerLostError, Reconfigure
-from farflung.comm.member import Member, fetch_state
+from farflung.comm.member import Member
+from farflung.comm.state_transfer import fetch_state
+from farflung.comm.tensor_tree import encode
 from farflung.config import Config
 from farflung.data import batch_ids, val_batch_ids
 from farflung.parallel import NonFiniteStep, make_algorithm
@@ -72,6 +78,7 @@ def join_group(member: Member, gen: dict[str, Any], backend: str, timeout_s: flo
     # meet first, abortably: torch's own rendezvous would wait out its whole timeout
     # for a member that has moved on to a newer generation
     prefixed.add("arrived", 1)
+    member.met(gen["gen"])  # a member that never meets is evicted at the deadline
     while prefixed.add("arrived", 0) < len(members):
         if member.lost is not None:
             raise member.lost
@@ -92,7 +99,13 @@ def join_group(member: Member, gen: dict[str, Any], backend: str, timeout_s: flo
 
 
 _GRAVEYARD: list[Any] = []  # abandoned groups and works: their destructors would block
-_FETCHED: dict[int, dict[str, Any]] = {}  # a joiner's state by restart step
+_FETCHED: dict[int, dict[str, Any]] = {}  # a joiner's verified state by restart step
+STATE_CAP_FACTOR = 16
+"""A donor's state may be at most this many times the joiner's own parameter bytes
+(plus :data:`STATE_CAP_SLACK`): model, two AdamW moments, and an algorithm's copies of
+the model stay below it (cocktail, the largest, about 8x: its global model, in-flight
+sync, shared moments and error buffers; tests/test_state_transfer.py measures each)."""
+STATE_CAP_SLACK = 64 << 20
 
 
 def state_hash(obj: Any) -> str:
@@ -120,10 +133,15 @@ class ElasticWorker(Worker):
     """See the module docstring. ``member``: the connection to the coordinator, whose
     first generation this worker has entered already (``info``)."""
 
-    def __init__(self, cfg: Config, out: Path, info: DistInfo, member: Member, gen: dict) -> None:
-        self.member, self.gen = member, gen
+    def __init__(
+        self, cfg: Config, out: Path, info: DistInfo, member: Member, gen: dict, key: str
+    ) -> None:
+        self.member, self.gen, self.key = member, gen, key
         self.epoch = member.gen_epoch[gen["gen"]]  # waits of this generation end with it
         self.snapshots: dict[int, dict[str, Any]] = {}
+        # the shared-state hash of each snapshot, taken with it: what the vote of the
+        # step before carries, and what a joiner restoring it must find
+        self.snapshot_hashes: dict[int, str] = {}
         self.pending_votes: dict[int, dict[str, Any]] = {}
         self.voted = 0
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""), member.id)
@@ -134,17 +152,59 @@ class ElasticWorker(Worker):
         self._snapshot()
         self.initial = self.snapshots[1]
         if gen["restart"] != self.step + 1:  # resumed, or a joiner: not the start
-            snap = self._state_for(gen)
-            self._restore(snap)
-            self.snapshots = {gen["restart"]: snap}
+            snap = self._restore_for(gen)
+            self.snapshots, self.snapshot_hashes = {gen["restart"]: snap}, {}
             self.voted = self.saved_step = self.step
 
-    def _state_for(self, gen: dict[str, Any]) -> dict[str, Any]:
-        """The state to enter ``gen`` with, when this worker holds none: a donor's, or
-        a checkpoint's (every member was lost, or the run resumes)."""
+    def _restore_for(self, gen: dict[str, Any]) -> dict[str, Any]:
+        """Restore the state to enter ``gen`` with, when this worker holds none: a
+        donor's (checked against the coordinator's hash), or a checkpoint's (every
+        member was lost, or the run resumes); returns it."""
         if gen.get("donor") is None:
-            return self._load_checkpoint(gen["restart"] - 1)
-        return self._fetch(gen)
+            snap = self._load_checkpoint(gen["restart"] - 1)
+            self._restore(snap)
+            return snap
+        if gen["restart"] in _FETCHED:  # fetched and checked for a generation replaced since
+            snap = _FETCHED[gen["restart"]]
+            self._restore(snap)
+            return snap
+        return self._restore_fetched(gen)
+
+    def _restore_fetched(self, gen: dict[str, Any]) -> dict[str, Any]:
+        """Fetch the donor's state, restore it, and keep it only if it hashes as the
+        members committed it (PeerLostError otherwise)."""
+        t0 = time.perf_counter()
+        snap = self._fetch(gen)
+        self._restore(snap)
+        try:
+            self._check_fetched(gen)
+        except PeerLostError:
+            self._restore(self.initial)  # nothing of a refused state stays in the model
+            raise
+        seconds = time.perf_counter() - t0
+        self.member.tell({"op": "healed", "bytes": encode(snap).nbytes, "seconds": seconds})
+        _FETCHED.clear()
+        _FETCHED[gen["restart"]] = snap  # checked: reusable if this generation is replaced
+        return snap
+
+    def _check_fetched(self, gen: dict[str, Any]) -> None:
+        """The restored state hashes as the members' votes did at the commit before
+        ``gen``'s restart step (see :meth:`_snapshot`); PeerLostError otherwise, so
+        that the coordinator decides (another donor, or a rewind)."""
+        expected = gen.get("state_hash")
+        if expected is None:  # the coordinator recorded none (a resumed run's start)
+            return
+        got = self._shared_hash(gen["restart"] - 1)
+        if got != expected:
+            raise PeerLostError(
+                f"the state from donor {gen.get('donor')} at {gen.get('donor_addr')} hashes "
+                f"to {got}, the members committed step {gen['restart'] - 1} with {expected}: "
+                "refused"
+            )
+
+    def _shared_hash(self, step: int) -> str:
+        """The hash of what the algorithm keeps equal on every member, at ``step``."""
+        return state_hash({"step": step, "state": self.algo.shared_state()})
 
     def _telemetry_group(self) -> None:
         return None  # rows travel with the votes
@@ -176,36 +236,40 @@ class ElasticWorker(Worker):
         self._hook_algorithm()
         snap = self.snapshots.get(restart)
         if snap is None:
-            snap = self._state_for(gen)
-        self._restore(snap)
-        self.snapshots = {restart: snap}
+            snap = self._restore_for(gen)
+        else:
+            self._restore(snap)
+        self.snapshots, self.snapshot_hashes = {restart: snap}, {}
         self.pending_votes = {t: v for t, v in self.pending_votes.items() if t < restart}
         self.voted = restart - 1
 
     def _fetch(self, gen: dict[str, Any]) -> dict[str, Any]:
         """This worker holds no state for the restart step (it is joining): the
-        donor's, over a connection of its own."""
-        if gen["restart"] in _FETCHED:  # fetched for a generation replaced since
-            return _FETCHED[gen["restart"]]
-        t0 = time.perf_counter()
+        donor's, over a connection of its own, with the coordinator's ticket."""
         try:
-            data = fetch_state(gen["donor_addr"], gen["restart"], self.cfg.parallel.timeout_s)
-        except OSError as e:  # the donor died or its link is down: the coordinator decides
-            raise PeerLostError(f"fetching the state from {gen['donor_addr']} failed: {e}") from e
-        seconds = time.perf_counter() - t0
-        self.member.tell({"op": "healed", "bytes": len(data), "seconds": seconds})
-        _FETCHED.clear()
-        _FETCHED[gen["restart"]] = torch.load(io.BytesIO(data), weights_only=False)
-        return _FETCHED[gen["restart"]]
+            return fetch_state(
+                gen["donor_addr"],
+                self.key,
+                gen["ticket"],
+                self.cfg.parallel.timeout_s,
+                max_bytes=self._state_cap(),
+            )
+        except (OSError, KeyError) as e:  # the donor died, refused, or sent garbage
+            raise PeerLostError(
+                f"fetching the state from donor {gen.get('donor')} at {gen.get('donor_addr')} "
+                f"failed: {e!r}"
+            ) from e
 
-    def provide(self, step: int) -> bytes | None:
-        """The snapshot for ``step`` as bytes, for a joiner (the state server's thread)."""
-        snap = self.snapshots.get(step)
-        if snap is None:
-            return None
-        buf = io.BytesIO()
-        torch.save(snap, buf)
-        return buf.getvalue()
+    def _state_cap(self) -> int:
+        """The most state bytes this worker accepts from a donor (its model's size)."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return STATE_CAP_FACTOR * params + STATE_CAP_SLACK
+
+    def provide(self, step: int) -> dict[str, Any] | None:
+        """The snapshot for ``step``, for a joiner (the state server's thread encodes
+        it as it sends: a snapshot is complete once its step is committed, which is
+        when joiners are sent for it, and is never changed after, only dropped)."""
+        return self.snapshots.get(step)
 
     def _hook_algorithm(self) -> None:
         if hasattr(self.algo, "on_result"):
@@ -222,9 +286,13 @@ class ElasticWorker(Worker):
 
     # -- snapshots ---------------------------------------------------------------------
     def _snapshot(self) -> None:
-        """Keep what redoing step ``self.step + 1`` needs (when it may follow a commit)."""
+        """Keep what redoing step ``self.step + 1`` needs (when it may follow a commit),
+        and the hash of its shared state: the vote of the step it settles carries that
+        hash, so a joiner restoring this snapshot can check it against the commit
+        (cocktail votes a step one step late: the hash is still the snapshot's)."""
         if self.step % self.algo.settle_every == 0:
             self.snapshots[self.step + 1] = self._state(self.algo.elastic_state())
+            self.snapshot_hashes[self.step + 1] = self._shared_hash(self.step)
 
     def _state(self, algorithm: dict[str, Any]) -> dict[str, Any]:
         """A copy of everything this worker's future depends on, at this step."""
@@ -264,6 +332,7 @@ class ElasticWorker(Worker):
                 self._save_snapshot(self.snapshots[t])
             if t <= committed:
                 del self.snapshots[t]
+                self.snapshot_hashes.pop(t, None)
 
     def _save_snapshot(self, snap: dict[str, Any]) -> None:
         """A committed state as a one-rank checkpoint any member can resume from."""
@@ -342,8 +411,10 @@ class ElasticWorker(Worker):
 
     def train_step(self) -> None:
         t = self.step + 1
-        for action in self.faults.pop(t, []):
-            inject(action)
+        actions = self.faults.pop(t, [])
+        for action in actions:
+            if action != "CORRUPT":
+                inject(action)
         # dropout: the same for a redone step, whichever attempt and group size
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + t * 1009 + self.replica)
         lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim) * self.algo.lr_scale
@@ -353,6 +424,8 @@ class ElasticWorker(Worker):
         loss = self._forward_backward_share(ids)
         self.step = t
         skipped = self._update(math.isfinite(loss))
+        if "CORRUPT" in actions:  # after the update: nothing of it reached the others yet
+            corrupt(self.algo)
         now = time.perf_counter()
         wall, self.mark = now - self.mark, now
         snap = self.comm.meter.snapshot(reset=True)
@@ -383,9 +456,9 @@ class ElasticWorker(Worker):
         return loss_sum / len(ids)
 
     def _boundary(self) -> None:
-        """After a step: vote the steps now settled, keep a snapshot for the next."""
-        self._vote(self.algo.settled_step(self.step))
+        """After a step: keep a snapshot for the next, vote the steps now settled."""
         self._snapshot()
+        self._vote(self.algo.settled_step(self.step))
 
     def _vote(self, settled: int) -> None:
         if settled <= self.voted:
@@ -393,7 +466,9 @@ class ElasticWorker(Worker):
         votes = [
             {"step": t, **self.pending_votes.pop(t)} for t in range(self.voted + 1, settled + 1)
         ]
-        votes[-1]["hash"] = state_hash({"step": settled, "state": self.algo.shared_state()})
+        # the snapshot that redoes the step after ``settled``, hashed when it was taken;
+        # a final step without one: the state as it is now
+        votes[-1]["hash"] = self.snapshot_hashes.get(settled + 1) or self._shared_hash(settled)
         self.member.vote(self.gen["gen"], votes)
         self.voted = settled
 
@@ -446,7 +521,9 @@ FAULTS_ENV = "FARFLUNG_FAULTS"
 does ``ACTION`` to itself as it starts step ``STEP``: a signal name (``SIGKILL``,
 ``SIGSTOP``), ``LINKDOWN`` (its network interface goes down, in the network lab) or
 ``LINKFLAP<seconds>`` (down, and up again that much later); ``SLEEP<seconds>`` is a
-slow step (a straggler, not a fault)."""
+slow step (a straggler, not a fault); ``CORRUPT`` silently changes one number of its
+state as step ``STEP``'s update ends (:func:`corrupt`): its state hash disagrees with
+the others' from that step on, and the coordinator evicts it."""
 
 
 def parse_faults(spec: str, wid: int | None) -> dict[int, list[str]]:
@@ -456,6 +533,29 @@ def parse_faults(spec: str, wid: int | None) -> dict[int, list[str]]:
         if int(who) == wid:
             faults.setdefault(int(step), []).append(action)
     return faults
+
+
+def corrupt(algo: Any) -> None:
+    """Add 1.0 to one element of the first tensor of the state ``algo`` keeps equal on
+    every member (the model's first parameter when replicas are identical, the global
+    model of cocktail and DiLoCo), or of the model's first parameter when nothing is
+    shared (gossip): a memory error no collective notices."""
+    target = _first_tensor(algo.shared_state())
+    if target is None:
+        target = next(algo.model.parameters())
+    with torch.no_grad():
+        target.view(-1)[0] += 1.0
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    for v in values:
+        found = _first_tensor(v)
+        if found is not None:
+            return found
+    return None
 
 
 def inject(action: str) -> None:

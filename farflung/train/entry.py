@@ -30,7 +30,8 @@ from farflung.config import Config, ConfigError, load_config
 from farflung.data import INDEX_FILE, DataError, ShardIndex, prepare
 from farflung.model.hf import HFCheckpointError
 from farflung.parallel import algorithm_names, check_parallel_config
-from farflung.train import init
+from farflung.train import checkpoint as ckpt
+from farflung.train import init, runfolder
 from farflung.train.checkpoint import CheckpointError
 from farflung.train.progress import print_summary
 
@@ -70,11 +71,45 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="enter a running elastic run (elastic.enabled = true) through its coordinator",
     )
     p.add_argument(
+        "--key-file",
+        metavar="PATH",
+        help="elastic runs: the run key (mode 0600; or FARFLUNG_KEY_FILE / FARFLUNG_RUN_KEY); "
+        "the local launcher makes one in --out when none is given",
+    )
+    p.add_argument(
+        "--bind",
+        metavar="ADDR",
+        help="elastic runs: the address this host's listeners bind (a --join worker's state "
+        "server; the local launcher's coordinator); default: every interface for --join, "
+        "127.0.0.1 for a local run",
+    )
+    p.add_argument(
+        "--port-range",
+        metavar="LOW-HIGH",
+        help="elastic runs: the ports those listeners may take (for firewall rules)",
+    )
+    p.add_argument(
         "--placement",
         metavar="FILE",
         help="pipeline placement (JSON: rank -> stage, replica, host), as `farflung plan` "
         "writes it; default: stage-major rank order",
     )
+
+
+def apply_bind_args(args: argparse.Namespace) -> None:
+    """``--bind`` / ``--port-range`` as FARFLUNG_BIND / FARFLUNG_PORT_RANGE, for this
+    process's listeners and the worker processes it starts (ConfigError when the range
+    is malformed)."""
+    from farflung.comm.binding import BIND_ENV, PORT_RANGE_ENV, parse_port_range
+
+    if getattr(args, "port_range", None):
+        try:
+            parse_port_range(args.port_range)
+        except ValueError as e:
+            raise ConfigError(f"--port-range: {e}") from None
+        os.environ[PORT_RANGE_ENV] = args.port_range
+    if getattr(args, "bind", None):
+        os.environ[BIND_ENV] = args.bind
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -88,13 +123,16 @@ def out_dir(args: argparse.Namespace) -> Path:
 
 
 def check_out_dir(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to mix a new run into an old one's files."""
+    """Refuse to mix a new run into an old one's files, and ``--force`` on a folder that
+    is not a farflung run (checked before anything is deleted anywhere)."""
     used = out.is_dir() and any((out / n).exists() for n in ("metrics.jsonl", "checkpoints"))
     if used and not resume and not force:
         raise ConfigError(
             f"{out} already holds a run; pass --resume to continue it, "
             "--force to replace it, or another --out"
         )
+    if force and not resume and (out.exists() or out.is_symlink()):
+        runfolder.check_removable(out)
 
 
 @contextlib.contextmanager
@@ -295,9 +333,14 @@ def _run(args: argparse.Namespace) -> int:
         cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
     )
     if info.local_rank == 0 and args.force and out.exists() and not args.resume:
-        # each node clears its own --out (no shared filesystem assumed); nodes that
-        # do share one may race here, so files already gone are fine
+        # each node clears its own --out (no shared filesystem assumed; every node
+        # checked it before the rendezvous); nodes that do share one may race here,
+        # so files already gone are fine
         shutil.rmtree(out, ignore_errors=True)
+    if info.local_rank == 0:
+        runfolder.mark_run(out)
+        if args.resume:  # before the data barrier: no rank saves before every node did this
+            ckpt.remove_stale_tmp(out / "checkpoints")
     prepare_data_on_node(cfg, info, show_progress=not args.quiet)
     if cfg.pipeline.stages > 1:
         worker = PipelineWorker(
@@ -319,9 +362,11 @@ def _run(args: argparse.Namespace) -> int:
 def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     """One worker of an elastic run: started by the launcher (the coordinator's
     address in the environment) or by hand with ``--join HOST:PORT``."""
+    from farflung.comm.channel import load_key
     from farflung.comm.collectives import pinned_epoch, set_epoch_source
     from farflung.comm.dist import pick_backend
-    from farflung.comm.member import Member, StateServer
+    from farflung.comm.member import Member
+    from farflung.comm.state_transfer import StateServer
     from farflung.train.elastic_run import COORDINATOR_ENV, ID_ENV, JOIN_ENV
     from farflung.train.elastic_worker import ElasticWorker, join_group
 
@@ -339,22 +384,42 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     )
     ensure_data(cfg, show_progress=False)
+    runfolder.mark_run(out)
     step = 0
-    if args.resume and not joining:  # every initial worker resumes the same checkpoint
-        from farflung.train import checkpoint as ckpt
-
+    # every initial worker (`--join` ones included: before generation 0 forms they are
+    # initial) tells the coordinator the checkpoint it holds; the run resumes there
+    if args.resume and os.environ.get(JOIN_ENV) != "1":  # not a respawned joiner
+        # before this worker's hello: no member saves before every initial one did this
+        ckpt.remove_stale_tmp(out / "checkpoints")
         valid, _ = ckpt.verified(out / "checkpoints", rank=0)
         step = max(valid, default=0)
     holder: dict[str, ElasticWorker] = {}
-    server = StateServer(lambda step: holder["w"].provide(step) if "w" in holder else None)
+    try:
+        key = load_key(getattr(args, "key_file", None))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if key is None:
+        raise ConfigError(
+            "an elastic worker needs the run key: pass --key-file PATH (the coordinator "
+            "prints where it is) or set FARFLUNG_KEY_FILE or FARFLUNG_RUN_KEY"
+        )
+    apply_bind_args(args)  # --bind / --port-range: where the state server listens
+    # joiners fetch this worker's snapshots here, with a ticket the coordinator signed
+    server = StateServer(
+        lambda step: holder["w"].provide(step) if "w" in holder else None,
+        key,
+        timeout_s=cfg.parallel.timeout_s,
+    )
     member = Member(
         address,
+        key=key,
         wid=wid,
         join=joining,
         step=step,
         state_port=server.port,
         connect_timeout_s=cfg.parallel.timeout_s,
     )
+    server.donor_id = member.id  # the donor a ticket must name
     set_epoch_source(member.current_epoch)
     backend, gen_no = pick_backend(cfg.parallel.backend), -1
     while True:  # a generation may be replaced while this worker enters it
@@ -363,7 +428,7 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         try:
             info = join_group(member, gen, backend, cfg.parallel.timeout_s)
             with pinned_epoch(member.gen_epoch[gen_no]):
-                worker = ElasticWorker(cfg, out, info, member, gen)
+                worker = ElasticWorker(cfg, out, info, member, gen, key)
             break
         except Reconfigure:
             continue

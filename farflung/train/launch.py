@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from farflung.comm import free_port
+from farflung.comm.binding import BIND_ENV
+from farflung.comm.dist import is_loopback
 from farflung.train.entry import (
     EXIT_INTERRUPTED,
     EXIT_NONFINITE,
@@ -76,6 +79,27 @@ def worker_env(
     return env
 
 
+def bind_env(place: Placement, rank: int) -> dict[str, str]:
+    """Where worker ``rank``'s listeners bind: rank 0's rendezvous store on the master
+    address (not every interface, torch's default; see farflung.comm.dist), and in a
+    run on loopback every rank's listeners, gloo's included, on loopback too (gloo
+    would take the address the host name resolves to). The lab's placements name
+    each rank's interface themselves."""
+    env = {}
+    local = is_loopback(place.master_addr)
+    if rank == 0 or local:
+        env[BIND_ENV] = place.master_addr
+    ifname = _loopback_ifname()
+    if local and ifname and "GLOO_SOCKET_IFNAME" not in os.environ:
+        env["GLOO_SOCKET_IFNAME"] = ifname
+    return env
+
+
+def _loopback_ifname() -> str | None:
+    names = {name for _, name in socket.if_nameindex()}
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
 def launch_local(
     worker_args: Sequence[str],
     workers: int,
@@ -89,7 +113,7 @@ def launch_local(
     procs: list[subprocess.Popen] = []
     try:
         for r in range(workers):
-            extra = {**place.envs[r], "FARFLUNG_NETWORK": place.description}
+            extra = {**bind_env(place, r), **place.envs[r], "FARFLUNG_NETWORK": place.description}
             extra[REPORT_ENV] = str(reports)
             procs.append(
                 subprocess.Popen(
@@ -151,10 +175,11 @@ def read_reports(folder: Path) -> dict[int, dict]:
 # the order in which failures explain a run: bad input first, then non-finite
 # numbers, then a crash, then the lost-peer exits that a crash or a freeze causes
 _RANK_OF_CODE = {EXIT_USAGE: 0, EXIT_NONFINITE: 1, EXIT_PEER_LOST: 3, EXIT_INTERRUPTED: 4}
-# among lost-peer reports: a rank that read the store and saw a peer fall silent is
-# a better witness than one that lost the store itself (both sides of a cut link
-# report), and either is better than a failed collective alone
-_RANK_OF_VIA = {"heartbeat": 0, "store": 1}
+# among lost-peer reports: a foreign value in the heartbeat store explains the rest;
+# a rank that read the store and saw a peer fall silent is a better witness than one
+# that lost the store itself (both sides of a cut link report), and either is better
+# than a failed collective alone
+_RANK_OF_VIA = {"protocol": -1, "heartbeat": 0, "store": 1}
 
 
 _SAID_BY_RANK_0 = {"usage": "bad input, see above", "nonfinite": "non-finite numbers, see above"}

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from farflung.comm import Comm, DistInfo, new_group
+from farflung.comm.dist import all_gather_json
 from farflung.comm.errors import NonFiniteError
 from farflung.config import (
     Config,
@@ -479,11 +480,10 @@ class Worker:
         intact."""
         root = self.out / "checkpoints"
         valid, problems = ckpt.verified(root, rank=self.info.rank)
-        mine = (sorted(valid), problems)
+        mine = [sorted(valid), problems]
         everyone: list[Any] = [mine]
         if self.info.world_size > 1:
-            everyone = [None] * self.info.world_size
-            dist.all_gather_object(everyone, mine)
+            everyone = all_gather_json(mine)
         if not any(steps or probs for steps, probs in everyone):
             return None  # no rank has any checkpoint: a fresh start
         for rank, (_, probs) in enumerate(everyone):
