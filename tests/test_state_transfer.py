@@ -493,7 +493,8 @@ def test_a_flood_of_requests_builds_nothing(server):
     # bounded connections: a thread and a deadline timer for each one served
     assert during["threads"] <= before["threads"] + 2 * MAX_CONNECTIONS
     assert during["rss_mib"] - before["rss_mib"] < STATE_MIB / 2
-    state = fetch_state(server.addr, server.key, server.ticket(), timeout_s=30)
+    state, nbytes = fetch_state(server.addr, server.key, server.ticket(), timeout_s=30)
+    assert nbytes > STATE_MIB << 20  # the size on the wire, the tensors and their skeleton
     torch.manual_seed(0)
     assert torch.equal(state["model"]["w"], torch.randn(STATE_MIB << 18))
     assert state["step"] == 7 and state["t"] == (1, 2.5)

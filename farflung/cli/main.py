@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -18,13 +17,12 @@ from farflung.train.entry import (
     EXIT_USAGE,
     add_train_args,
     apply_bind_args,
-    check_out_dir,
+    claim_out_dir,
     ensure_data,
     out_dir,
     raise_interrupt,
     resolve_config,
 )
-from farflung.train.runfolder import mark_run
 
 if TYPE_CHECKING:
     from farflung.parallel.pipeline import StageMap
@@ -50,10 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_batch(cfg, args.workers)
     stage_map = load_placement(args, cfg)  # before anything is prepared or launched
     out = out_dir(args)
-    check_out_dir(out, args.resume, args.force)  # --force: only on a farflung run
-    if args.force and not args.resume and out.exists():
-        shutil.rmtree(out)
-    mark_run(out)
+    claim_out_dir(out, args.resume, args.force)  # --force: only on a farflung run
     ensure_data(cfg, show_progress=not args.quiet)
     worker_args = [args.config, "--out", str(out)]
     for item in args.set:
@@ -127,10 +122,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     args.set = [*args.set, "elastic.enabled=true"]
     cfg = resolve_config(args)
     out = out_dir(args)
-    check_out_dir(out, args.resume, args.force)  # --force: only on a farflung run
-    if args.force and not args.resume and out.exists():
-        shutil.rmtree(out)  # clean logs: no step may appear twice
-    mark_run(out)
+    claim_out_dir(out, args.resume, args.force)  # --force: only on a farflung run
     key, key_env = run_key(out, args.key_file)  # made in --out (0600) when none is given
     bound = args.bind not in ("", "0.0.0.0", "::")
     host = args.host or (args.bind if bound else socket.getfqdn())

@@ -35,6 +35,14 @@ def parse_port_range(spec: str | None) -> tuple[int, int] | None:
     return lo, hi
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` as ``(host, port)``; a ValueError names the address otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host, int(port)
+
+
 def default_bind() -> str:
     """This process's bind address: ``FARFLUNG_BIND``, else every interface."""
     return os.environ.get(BIND_ENV, "") or "0.0.0.0"

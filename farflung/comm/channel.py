@@ -309,11 +309,22 @@ class Channel:
         self.sock.settimeout(t)
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_socket(self.sock)
+
+
+def shutdown_socket(sock: socket.socket) -> None:
+    """Wake whatever reads or writes ``sock`` (it then sees the connection end); the
+    descriptor stays open for the thread that owns it to close."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or never connected
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Shut ``sock`` down both ways and close it."""
+    shutdown_socket(sock)
+    sock.close()
 
 
 # -- the handshake's own (unauthenticated, small) frames ------------------------------------

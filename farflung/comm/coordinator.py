@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from farflung.comm.binding import listen, serve_store
-from farflung.comm.channel import MAX_FRAME, AuthError, Channel, sign
+from farflung.comm.channel import MAX_FRAME, AuthError, Channel, close_socket, sign
 
 BEATS_PER_BOUND = 5
 """Beats (both ways) per ``heartbeat_s``: a silence of the whole bound is five missed
@@ -365,7 +365,7 @@ class Coordinator:
                 if not full:
                     self.open_conns += 1
             if full:  # refused before any thread or buffer is spent on it
-                self._shut(sock)
+                close_socket(sock)
                 self._refused(peer, f"too many connections (at most {self.max_conns})")
                 continue
             self._thread(self._serve, sock, peer)
@@ -417,7 +417,7 @@ class Coordinator:
                         detail = str(e) or type(e).__name__
                         self._lose(conn, why, f"its connection closed ({detail})")
         finally:
-            self._shut(sock)
+            close_socket(sock)
             with self.lock:
                 self.open_conns -= 1
 
@@ -455,12 +455,12 @@ class Coordinator:
         while True:
             msg = conn.outbox.get()
             if msg is None:
-                self._shut(conn.ch.sock)
+                close_socket(conn.ch.sock)
                 return
             try:
                 conn.ch.send(msg)
             except OSError:
-                self._shut(conn.ch.sock)  # its reader sees it and reports the loss
+                close_socket(conn.ch.sock)  # its reader sees it and reports the loss
                 return
 
     def _close(self, conn: _Conn, drain: bool = False) -> None:
@@ -468,15 +468,7 @@ class Coordinator:
         conn.alive = False
         conn.outbox.put(None)
         if not drain:
-            self._shut(conn.ch.sock)
-
-    @staticmethod
-    def _shut(sock: socket.socket) -> None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
+            close_socket(conn.ch.sock)
 
     def _hello(self, ch: Channel, msg: dict[str, Any]) -> _Conn:
         # before the first generation every worker is an initial member, however

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from farflung.comm.binding import split_address
 from farflung.comm.channel import AuthError, Channel, WrongKey
 from farflung.comm.coordinator import BEATS_PER_BOUND, HANDSHAKE_S, MAX_MESSAGE
 from farflung.comm.errors import Reconfigure
@@ -29,13 +30,6 @@ class MembershipLost(RuntimeError):
     def __init__(self, message: str, leave: bool = False) -> None:
         super().__init__(message)
         self.leave = leave
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"{address!r} is not HOST:PORT")
-    return host, int(port)
 
 
 class Member:

@@ -29,10 +29,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-from farflung.comm.binding import listen
-from farflung.comm.channel import AuthError, Channel, verify
+from farflung.comm.binding import listen, split_address
+from farflung.comm.channel import AuthError, Channel, close_socket, shutdown_socket, verify
 from farflung.comm.tensor_tree import decode, encode
 
 ROLE = "state"
@@ -101,7 +101,7 @@ class StateServer:
                 return  # closed
             if not self._slots.acquire(blocking=False):
                 self._refuse(addr, "too many connections at once")
-                _close(sock)
+                close_socket(sock)
                 continue
             threading.Thread(target=self._serve, args=(sock, addr), daemon=True).start()
 
@@ -109,7 +109,7 @@ class StateServer:
         # one deadline for the handshake and the request together: a peer sending a
         # byte at a time must not hold a slot for longer (shutdown wakes the read; the
         # descriptor is closed here, by the thread that reads it)
-        timer = threading.Timer(HANDSHAKE_S, _shutdown, (sock,))
+        timer = threading.Timer(HANDSHAKE_S, shutdown_socket, (sock,))
         timer.start()
         try:
             ch = Channel.server(sock, self.key, ROLE, timeout_s=HANDSHAKE_S)
@@ -122,7 +122,7 @@ class StateServer:
             self._refuse(addr, str(e) or type(e).__name__)
         finally:
             timer.cancel()
-            _close(sock)
+            close_socket(sock)
             self._slots.release()
 
     def _answer(self, ch: Channel, addr: tuple[str, int], request: dict[str, Any]) -> None:
@@ -169,19 +169,14 @@ class StateServer:
             )
 
     def close(self) -> None:
-        _close(self.listener)
+        close_socket(self.listener)
 
 
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+class Fetched(NamedTuple):
+    """A state a donor served, and how many bytes it took."""
 
-
-def _close(sock: socket.socket) -> None:
-    _shutdown(sock)
-    sock.close()
+    state: dict[str, Any]
+    nbytes: int
 
 
 def fetch_state(
@@ -190,16 +185,17 @@ def fetch_state(
     ticket: dict[str, Any],
     timeout_s: float,
     max_bytes: int = 1 << 40,
-) -> dict[str, Any]:
+) -> Fetched:
     """The state the donor at ``address`` (HOST:PORT) serves for ``ticket``, tensors
-    rebuilt. Every read waits at most ``timeout_s``; a state announced larger than
-    ``max_bytes`` is refused before anything is read. OSError on any failure
+    rebuilt, and its size on the wire. Every read waits at most ``timeout_s``; a state
+    announced larger than ``max_bytes`` is refused before anything is read. OSError on any failure
     (:class:`StateTransferError` when the donor refused or sent a bad state,
     :class:`~farflung.comm.channel.AuthError` when it does not hold the key)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise StateTransferError(f"the donor address {address!r} is not HOST:PORT")
-    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+    try:
+        host, port = split_address(address)
+    except ValueError as e:
+        raise StateTransferError(f"the donor address: {e}") from None
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
         ch = Channel.client(sock, key, ROLE, timeout_s=min(timeout_s, HANDSHAKE_S))
         ch.settimeout(timeout_s)
         ch.send({"op": "fetch", "ticket": ticket})
@@ -210,7 +206,7 @@ def fetch_state(
         raise StateTransferError(f"{address} sent a state that cannot be read: {e}") from None
     if not isinstance(state, dict):
         raise StateTransferError(f"{address} sent a {type(state).__name__}, not a state dict")
-    return state
+    return Fetched(state, len(data))
 
 
 def _receive(ch: Channel, address: str, max_bytes: int) -> bytearray:
@@ -236,6 +232,7 @@ def _receive(ch: Channel, address: str, max_bytes: int) -> bytearray:
 __all__ = [
     "AuthError",
     "StateServer",
+    "Fetched",
     "StateTransferError",
     "fetch_state",
     "ticket_problem",

@@ -46,8 +46,7 @@ from farflung.comm import Comm, DistInfo
 from farflung.comm.collectives import pinned_epoch
 from farflung.comm.errors import PeerLostError, Reconfigure
 from farflung.comm.member import Member
-from farflung.comm.state_transfer import fetch_state
-from farflung.comm.tensor_tree import encode
+from farflung.comm.state_transfer import Fetched, fetch_state
 from farflung.config import Config
 from farflung.data import batch_ids, val_batch_ids
 from farflung.parallel import NonFiniteStep, make_algorithm
@@ -174,7 +173,7 @@ class ElasticWorker(Worker):
         """Fetch the donor's state, restore it, and keep it only if it hashes as the
         members committed it (PeerLostError otherwise)."""
         t0 = time.perf_counter()
-        snap = self._fetch(gen)
+        snap, nbytes = self._fetch(gen)
         self._restore(snap)
         try:
             self._check_fetched(gen)
@@ -182,7 +181,7 @@ class ElasticWorker(Worker):
             self._restore(self.initial)  # nothing of a refused state stays in the model
             raise
         seconds = time.perf_counter() - t0
-        self.member.tell({"op": "healed", "bytes": encode(snap).nbytes, "seconds": seconds})
+        self.member.tell({"op": "healed", "bytes": nbytes, "seconds": seconds})
         _FETCHED.clear()
         _FETCHED[gen["restart"]] = snap  # checked: reusable if this generation is replaced
         return snap
@@ -243,7 +242,7 @@ class ElasticWorker(Worker):
         self.pending_votes = {t: v for t, v in self.pending_votes.items() if t < restart}
         self.voted = restart - 1
 
-    def _fetch(self, gen: dict[str, Any]) -> dict[str, Any]:
+    def _fetch(self, gen: dict[str, Any]) -> Fetched:
         """This worker holds no state for the restart step (it is joining): the
         donor's, over a connection of its own, with the coordinator's ticket."""
         try:

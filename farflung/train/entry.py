@@ -135,6 +135,16 @@ def check_out_dir(out: Path, resume: bool, force: bool) -> None:
         runfolder.check_removable(out)
 
 
+def claim_out_dir(out: Path, resume: bool, force: bool) -> None:
+    """What a launcher does with ``--out`` before it starts anything: check it
+    (:func:`check_out_dir`), remove the old run on ``--force`` (only a farflung run
+    gets here), and mark the folder as a farflung run."""
+    check_out_dir(out, resume, force)
+    if force and not resume and out.exists():
+        shutil.rmtree(out)  # a new run starts with clean logs: no step appears twice
+    runfolder.mark_run(out)
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive flock on ``path``; a filesystem without locks gets none."""
