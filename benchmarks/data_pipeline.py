@@ -76,8 +76,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 
-from farflung.data.corpus import bundled_documents  # noqa: E402
-from farflung.data.dedup import (  # noqa: E402
+from farflung.curate.dedup import (  # noqa: E402
     RPV2_SEED,
     VERIFY_FN_WEIGHT,
     ShingleSets,
@@ -91,10 +90,11 @@ from farflung.data.dedup import (  # noqa: E402
     shard_keys,
     shard_shingle_keys,
 )
-from farflung.data.pipeline import open_executor  # noqa: E402
-from farflung.data.recipe import Sharding, run_dedup, run_filter, run_signals  # noqa: E402
-from farflung.data.rules import check_signals, evaluate, load_rules  # noqa: E402
-from farflung.data.signals import SIGNAL_NAMES, SignalContext, compute_signals  # noqa: E402
+from farflung.curate.pipeline import open_executor  # noqa: E402
+from farflung.curate.recipe import Sharding, run_dedup, run_filter, run_signals  # noqa: E402
+from farflung.curate.rules import check_signals, evaluate, load_rules  # noqa: E402
+from farflung.curate.signals import SIGNAL_NAMES, SignalContext, compute_signals  # noqa: E402
+from farflung.data.corpus import bundled_documents  # noqa: E402
 
 THRESHOLD = 0.8
 NGRAM = 13

@@ -46,9 +46,9 @@ import torch
 from common import ROOT, train
 
 from farflung.cli.plan import EFFICIENCY
-from farflung.comm.link import LinkMatrix
 from farflung.config import load_config
 from farflung.model import GPT
+from farflung.netlab.link import LinkMatrix
 from farflung.plan.placement import Slot, StageMap
 from farflung.plan.workload import workload
 

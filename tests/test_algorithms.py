@@ -327,7 +327,7 @@ def test_state_dict_resume_is_exact(name, pcfg):
 
 def unoverlapped_worker(rank: int, world: int) -> dict:
     from farflung.comm.collectives import set_link_model
-    from farflung.comm.link import LinkMatrix, LinkModel
+    from farflung.netlab.link import LinkMatrix, LinkModel
 
     set_link_model(LinkModel(LinkMatrix.uniform(world, "1gbit", "100ms")))
     try:

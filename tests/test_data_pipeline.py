@@ -16,9 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from farflung.data.documents import IssueLog, ReadOptions
-from farflung.data.errors import DataError
-from farflung.data.pipeline import (
+from farflung.curate.documents import IssueLog, ReadOptions
+from farflung.curate.pipeline import (
     InlineExecutor,
     ProcessExecutor,
     ShardOutput,
@@ -28,7 +27,8 @@ from farflung.data.pipeline import (
     read_shard,
     run_stage,
 )
-from farflung.data.recipe import Sharding, run_dedup, run_filter, run_signals
+from farflung.curate.recipe import Sharding, run_dedup, run_filter, run_signals
+from farflung.data.errors import DataError
 
 
 def read_all(sources: list[str], docs: int = 3, mb: float = 1.0, **opts) -> tuple[list, dict, list]:
@@ -223,8 +223,8 @@ def test_failed_shard_is_redone_alone_and_corruption_detected(tmp_path: Path) ->
 KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
-from farflung.data.pipeline import InlineExecutor, plan_shards, read_shard, run_stage
-from farflung.data.documents import IssueLog, ReadOptions
+from farflung.curate.pipeline import InlineExecutor, plan_shards, read_shard, run_stage
+from farflung.curate.documents import IssueLog, ReadOptions
 
 def slow(arg, out):
     shard, log, pause = arg
@@ -296,8 +296,8 @@ def dedup_outputs(out: Path) -> dict[str, bytes]:
 DASK_SCRIPT = """
 import sys
 from pathlib import Path
-from farflung.data.pipeline import DaskExecutor
-from farflung.data.recipe import Sharding, run_dedup, run_filter, run_signals
+from farflung.curate.pipeline import DaskExecutor
+from farflung.curate.recipe import Sharding, run_dedup, run_filter, run_signals
 
 src, out = sys.argv[1], Path(sys.argv[2])
 ex = DaskExecutor(workers=2, processes=False)
@@ -367,7 +367,7 @@ def test_truncated_gzip_keeps_every_complete_line_across_pieces(tmp_path):
     damaged-file issue at the first lost line."""
     import zlib
 
-    from farflung.data.documents import list_pieces, read_piece
+    from farflung.curate.documents import list_pieces, read_piece
 
     lines = [
         json.dumps({"id": f"d{i}", "text": f"text {i} " + "x" * (i % 97)}) for i in range(3000)

@@ -15,8 +15,7 @@ from functools import cache
 import numpy as np
 import pytest
 
-from farflung.data.corpus import bundled_documents
-from farflung.data.dedup import (
+from farflung.curate.dedup import (
     EMPTY,
     RPV2_BANDS,
     MinHasher,
@@ -43,9 +42,10 @@ from farflung.data.dedup import (
     survivors,
     words,
 )
-from farflung.data.dedup import lsh as lsh_module
-from farflung.data.dedup import minhash as minhash_module
-from farflung.data.dedup import shingles as shingles_module
+from farflung.curate.dedup import lsh as lsh_module
+from farflung.curate.dedup import minhash as minhash_module
+from farflung.curate.dedup import shingles as shingles_module
+from farflung.data.corpus import bundled_documents
 
 P61 = (1 << 61) - 1
 
@@ -192,7 +192,7 @@ def test_signatures_are_the_same_in_another_process() -> None:
     """hashlib, not the salted ``hash``: another process with another hash seed agrees."""
     code = (
         "import hashlib, sys\n"
-        "from farflung.data.dedup import MinHasher\n"
+        "from farflung.curate.dedup import MinHasher\n"
         "texts = sys.stdin.read().split('\\x00')\n"
         "print(hashlib.sha256(MinHasher().signatures(texts).tobytes()).hexdigest())\n"
     )

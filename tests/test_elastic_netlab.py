@@ -11,7 +11,7 @@ import pytest
 from test_elastic import STEPS, check_run, elastic_run, workers_of
 from test_train_cli import tiny  # noqa: F401  (fixture)
 
-from farflung.comm.netlab import available
+from farflung.netlab import available
 
 OK, REASON = available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"network lab unavailable: {REASON}")

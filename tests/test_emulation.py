@@ -13,8 +13,8 @@ from distributed import run_distributed
 
 from farflung.comm import Comm
 from farflung.comm.collectives import set_link_model
-from farflung.comm.link import LinkMatrix, LinkModel
-from farflung.comm.probe import probe, round_robin
+from farflung.netlab.link import LinkMatrix, LinkModel
+from farflung.netlab.probe import probe, round_robin
 
 BW, DELAY = 80e6, 0.03  # 80 Mbit/s, 30 ms one way
 

@@ -20,14 +20,13 @@ import torch.distributed as dist
 from distributed import run_distributed
 from test_train_cli import farflung, tiny  # noqa: F401  (fixtures)
 
-from farflung.comm.errors import NonFiniteError
-from farflung.comm.netlab import available
-from farflung.comm.netlab.housekeeping import delete_netns
+from farflung.comm.errors import NonFiniteError, is_comm_failure
 from farflung.comm.watchdog import EXIT_PEER_LOST, StoreInfo, Watchdog
 from farflung.config import load_config
 from farflung.data import prepare
-from farflung.train import entry
-from farflung.train.entry import is_comm_failure
+from farflung.netlab import available
+from farflung.netlab.housekeeping import delete_netns
+from farflung.train import contract, entry
 from farflung.train.launch import explain, most_telling, read_reports
 from farflung.train.metrics import read_jsonl
 
@@ -337,15 +336,15 @@ def test_nonfinite_has_its_own_exit_code_and_is_said_once(monkeypatch, tmp_path,
         raise NonFiniteError("non-finite loss at step 7 on rank 1", 7, [1])
 
     monkeypatch.setattr(entry, "_run", raise_nonfinite)
-    monkeypatch.setenv(entry.REPORT_ENV, str(tmp_path))
-    assert [entry._guarded(None, r) for r in (0, 1)] == [entry.EXIT_NONFINITE] * 2
+    monkeypatch.setenv(contract.REPORT_ENV, str(tmp_path))
+    assert [entry._guarded(None, r) for r in (0, 1)] == [contract.EXIT_NONFINITE] * 2
     assert capsys.readouterr().err.count("non-finite loss at step 7 on rank 1") == 1
     reports = read_reports(tmp_path)
     assert sorted(reports) == [0, 1] and reports[1]["kind"] == "nonfinite"
     # it explains the run better than the lost-peer exits it may cause elsewhere
     lost = {"rank": 2, "kind": "lost_peer", "code": 3, "via": "heartbeat", "lost": [0],
             "message": "rank 0 stopped responding (no heartbeat for 3.0 s)"}  # fmt: skip
-    failed = {0: entry.EXIT_NONFINITE, 2: entry.EXIT_PEER_LOST}
+    failed = {0: contract.EXIT_NONFINITE, 2: contract.EXIT_PEER_LOST}
     assert most_telling(failed, {**reports, 2: lost}) == 0
     line = explain(0, 4, reports)
     assert line == "worker rank 0 exited with code 4 (non-finite numbers, see above)"
@@ -387,3 +386,8 @@ def test_slow_first_preparation_does_not_time_out_peers(tiny, tmp_path):  # noqa
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "data" / "index.json").is_file()
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 4
+
+
+def test_launcher_and_watchdog_agree_on_the_lost_peer_exit_code():
+    # the contract restates the watchdog's code so that the CLI can read it without torch
+    assert contract.EXIT_PEER_LOST == EXIT_PEER_LOST

@@ -7,9 +7,22 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "farflung"
 # each layer may import only the layers listed after it
-ORDER = ["cli", "train", "parallel", "plan", "comm", "compress", "model", "data", "config"]
+ORDER = [
+    "cli",
+    "train",
+    "membership",
+    "parallel",
+    "plan",
+    "netlab",
+    "comm",
+    "compress",
+    "model",
+    "curate",
+    "data",
+    "config",
+]
 # pure layers must not touch torch.distributed either
-NO_DIST = {"compress", "model", "data", "config"}
+NO_DIST = {"compress", "model", "curate", "data", "config"}
 
 
 def imports_of(path: Path) -> set[str]:

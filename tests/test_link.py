@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from farflung.comm.link import (
+from farflung.netlab.link import (
     SCENARIOS,
     LinkMatrix,
     LinkModel,

@@ -16,8 +16,7 @@ import time
 
 import pytest
 
-from farflung.comm.link import LinkMatrix
-from farflung.comm.netlab import (
+from farflung.netlab import (
     NS_PATTERN,
     Lab,
     available,
@@ -28,7 +27,8 @@ from farflung.comm.netlab import (
     measure_throughput,
     netlab_down,
 )
-from farflung.comm.netlab import lab as lab_module
+from farflung.netlab import lab as lab_module
+from farflung.netlab.link import LinkMatrix
 
 OK, WHY = available()
 needs_lab = pytest.mark.skipif(not OK, reason=f"network lab unavailable: {WHY}")
@@ -193,8 +193,8 @@ def test_detach_and_attach():
 _CREATOR = textwrap.dedent(
     """
     import time
-    from farflung.comm.link import LinkMatrix
-    from farflung.comm.netlab import Lab
+    from farflung.netlab.link import LinkMatrix
+    from farflung.netlab import Lab
     lab = Lab(LinkMatrix.uniform(2, "10mbit")).up()
     print(lab.prefix, flush=True)
     time.sleep(60)

@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from farflung.comm.link import LinkMatrix
-from farflung.comm.netlab import Lab, available
+from farflung.netlab import Lab, available
+from farflung.netlab.link import LinkMatrix
 
 OK, WHY = available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"network lab unavailable: {WHY}")

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from test_train_cli import losses, tiny, train_tiny  # noqa: F401  (fixture)
 
-from farflung.comm.link import LinkMatrix
-from farflung.comm.netlab import Lab, available
+from farflung.netlab import Lab, available
+from farflung.netlab.link import LinkMatrix
 from farflung.train.metrics import read_jsonl
 
 OK, WHY = available()

@@ -14,8 +14,8 @@ import time
 import pytest
 from test_train_cli import farflung, tiny, train_tiny  # noqa: F401  (fixture)
 
-from farflung.comm.link import LinkMatrix
-from farflung.comm.netlab import available
+from farflung.netlab import available
+from farflung.netlab.link import LinkMatrix
 from farflung.train.metrics import read_jsonl
 
 OK, REASON = available()

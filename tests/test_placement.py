@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from farflung.comm.link import LinkMatrix, LinkModel
-from farflung.comm.netlab import available
 from farflung.config import ConfigError
+from farflung.netlab import available
+from farflung.netlab.link import LinkMatrix, LinkModel
 from farflung.parallel.pipeline import Slot, StageMap
 
 TESTS = Path(__file__).resolve().parent
@@ -224,7 +224,7 @@ def test_comm_maps_ranks_to_shared_hosts():
 
 def test_rank_hosts_from_the_environment(tmp_path, monkeypatch):
     from farflung.comm import collectives
-    from farflung.comm.emulation import (
+    from farflung.netlab.emulation import (
         ENV,
         RANK_HOSTS_ENV,
         install_link_model_from_env,
@@ -257,7 +257,7 @@ def test_rank_hosts_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_in_process_network_gets_the_hosts(tmp_path):
-    from farflung.comm.emulation import RANK_HOSTS_ENV
+    from farflung.netlab.emulation import RANK_HOSTS_ENV
     from farflung.train.network import network
 
     m = StageMap.from_dict(placement(["x", "x", "y", "y"]), 4, 2)
@@ -373,7 +373,7 @@ def _worker(out: Path) -> None:
     import torch.distributed as dist
 
     from farflung.comm import Comm
-    from farflung.comm.emulation import install_link_model_from_env
+    from farflung.netlab.emulation import install_link_model_from_env
 
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))

@@ -232,7 +232,7 @@ def test_bottleneck_on_pipeline_edge():
 
 
 def test_from_link_units():
-    from farflung.comm.link import LinkMatrix
+    from farflung.netlab.link import LinkMatrix
 
     link = LinkMatrix([[None, "8mbit"], ["16mbit", None]], [[0, "10ms"], ["20ms", 0]])
     p = Problem.from_link(link, pp=2, dp=1, c_dp=0.0, c_pp=1e6)

@@ -129,7 +129,7 @@ def test_result_is_consistent_and_deterministic():
 
 
 def test_world_64():
-    from farflung.comm.link import LinkMatrix
+    from farflung.netlab.link import LinkMatrix
 
     link = LinkMatrix.scenario("world", 64)
     # GPT3-XL-like sizes: 1.3e9 params / 8 stages in fp16 (325 MB of gradients per

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from farflung.data.errors import DataError
-from farflung.data.rules import (
+from farflung.curate.rules import (
     DROPPED_WORDS,
     PRESETS,
     check_signals,
@@ -15,6 +14,7 @@ from farflung.data.rules import (
     evaluate,
     load_rules,
 )
+from farflung.data.errors import DataError
 
 
 def doc(value: float | None, n: int = 1000) -> list[list]:

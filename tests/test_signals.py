@@ -22,8 +22,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from farflung.data.errors import DataError
-from farflung.data.signals import (
+from farflung.curate.signals import (
     IMPORTANCE_NAMES,
     LINE_SIGNAL_NAMES,
     SIGNAL_NAMES,
@@ -31,8 +30,9 @@ from farflung.data.signals import (
     SignalContext,
     compute_signals,
 )
-from farflung.data.signals.hashing import string_hashes
-from farflung.data.signals.importance import token_hashes
+from farflung.curate.signals.hashing import string_hashes
+from farflung.curate.signals.importance import token_hashes
+from farflung.data.errors import DataError
 
 
 def doc_scores(text: str, ctx: SignalContext | None = None) -> dict:
@@ -305,7 +305,7 @@ def test_dsir_hash_is_the_documented_polynomial():
 
 def test_dsir_hashes_are_stable_across_processes():
     code = (
-        "from farflung.data.signals.importance import token_hashes;"
+        "from farflung.curate.signals.importance import token_hashes;"
         "print(token_hashes('Hello, wörld! hello').tolist())"
     )
     runs = []

@@ -31,13 +31,13 @@ from test_train_cli import tiny  # noqa: F401  (fixture)
 from farflung.comm.binding import serve_store
 from farflung.comm.channel import AuthError, Channel, new_key, sign
 from farflung.comm.errors import PeerLostError
-from farflung.comm.state_transfer import (
+from farflung.comm.tensor_tree import decode, encode
+from farflung.membership.state_transfer import (
     FRAME_BYTES,
     MAX_CONNECTIONS,
     StateTransferError,
     fetch_state,
 )
-from farflung.comm.tensor_tree import decode, encode
 
 # -- the encoding ------------------------------------------------------------------------
 
@@ -282,7 +282,7 @@ def forged_donor(rank: int, world: int, store_port: int, cfg_path: str, out: str
     """A joiner sent to a donor that holds the key and a valid ticket but serves
     wrong tensors (the biases set to 42): refused by hash, nothing kept; the same
     joiner sent to an honest donor gets exactly the donor's state."""
-    from farflung.comm.state_transfer import StateServer
+    from farflung.membership.state_transfer import StateServer
     from farflung.train import elastic_worker as ew
 
     torch.set_num_threads(1)
@@ -358,7 +358,7 @@ STATE_MIB = 32
 SERVER = f"""
 import json, sys, threading, torch
 from farflung.comm.channel import load_key
-from farflung.comm.state_transfer import StateServer
+from farflung.membership.state_transfer import StateServer
 torch.manual_seed(0)
 state = {{"model": {{"w": torch.randn({STATE_MIB} << 18)}}, "step": 7, "t": (1, 2.5)}}
 calls = []

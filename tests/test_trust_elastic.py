@@ -27,9 +27,9 @@ import pytest
 from test_train_cli import tiny  # noqa: F401  (fixture)
 
 from farflung.comm.channel import Channel, new_key, verify
-from farflung.comm.coordinator import MAX_ROLLBACKS, Coordinator
 from farflung.config import Config, load_config
 from farflung.data import SampleSet, ShardIndex, TokenStream
+from farflung.membership.coordinator import MAX_ROLLBACKS, Coordinator
 from farflung.train.elastic_run import RunLog, check_samples
 from farflung.train.metrics import read_jsonl
 

@@ -132,7 +132,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def read_options(args: argparse.Namespace) -> Any:
-    from farflung.data.documents import ReadOptions
+    from farflung.curate.documents import ReadOptions
 
     if args.max_doc_mb <= 0:
         raise DataError(f"--max-doc-mb must be positive, got {args.max_doc_mb}")
@@ -140,19 +140,19 @@ def read_options(args: argparse.Namespace) -> Any:
 
 
 def executor(args: argparse.Namespace) -> Any:
-    from farflung.data.pipeline import open_executor
+    from farflung.curate.pipeline import open_executor
 
     return open_executor(args.executor, args.processes, args.scheduler)
 
 
 def sharding(args: argparse.Namespace) -> Any:
-    from farflung.data.recipe import Sharding
+    from farflung.curate.recipe import Sharding
 
     return Sharding(args.shard_docs, args.shard_mb)
 
 
 def cmd_signals(args: argparse.Namespace) -> int:
-    from farflung.data.recipe import run_signals
+    from farflung.curate.recipe import run_signals
 
     with executor(args) as ex:
         manifest = run_signals(
@@ -174,7 +174,7 @@ def cmd_signals(args: argparse.Namespace) -> int:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from farflung.data.recipe import run_filter
+    from farflung.curate.recipe import run_filter
 
     with executor(args) as ex:
         manifest = run_filter(
@@ -186,7 +186,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from farflung.data.recipe import run_dedup
+    from farflung.curate.recipe import run_dedup
 
     threshold = None if args.exact else args.threshold
     with executor(args) as ex:
@@ -206,8 +206,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from farflung.config import load_config
-    from farflung.data.documents import ReadOptions
-    from farflung.data.recipe import resolve_sources
+    from farflung.curate.documents import ReadOptions
+    from farflung.curate.recipe import resolve_sources
 
     cfg = load_config(args.config, args.set)
     sources, _ = resolve_sources(args.inputs, ReadOptions())
@@ -250,7 +250,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from farflung.data.rules import load_rules
+    from farflung.curate.rules import load_rules
 
     rules = load_rules(args.rules)
     t = Table(title=f"{rules.name}: {rules.description or ''}".rstrip(": "))
@@ -274,8 +274,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def run_recipe(args: argparse.Namespace, sources: list[str], target: Path) -> list[str]:
     """``farflung prepare --filter/--dedup``: the steps under ``<target>/recipe``;
     returns the sources to tokenize."""
+    from farflung.curate.recipe import run_recipe as recipe
     from farflung.data.corpus import find_pair_record
-    from farflung.data.recipe import run_recipe as recipe
 
     if (where := find_pair_record(sources)) is not None:
         raise DataError(

@@ -13,8 +13,8 @@ from farflung.config import Config, ConfigError, check_batch, load_config
 from farflung.data import DataError
 from farflung.model.hf import HFCheckpointError
 from farflung.train.checkpoint import CheckpointError
+from farflung.train.contract import EXIT_USAGE
 from farflung.train.entry import (
-    EXIT_USAGE,
     add_train_args,
     apply_bind_args,
     claim_out_dir,

@@ -9,14 +9,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from farflung.comm.probe import add_probe_args
 from farflung.config import ConfigError
+from farflung.netlab.probe import add_probe_args
 
 EXIT_USAGE = 2
 
 
 def cmd_netlab(args: argparse.Namespace) -> int:
-    from farflung.comm.netlab import Lab, available, list_labs, netlab_down
+    from farflung.netlab import Lab, available, list_labs, netlab_down
 
     if args.action == "status":
         labs = list_labs()
@@ -88,7 +88,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return launch_local(
             ["--out", str(Path(args.out).resolve()), "--seconds", str(args.seconds)],
             args.workers,
-            module="farflung.comm.probe",
+            module="farflung.netlab.probe",
             placement=placement,
         )
 

@@ -105,7 +105,7 @@ def dp_codec(cfg: Config) -> tuple[str, int]:
 
 def resolve_devices(args: argparse.Namespace) -> tuple[list[Device], Any]:
     """(devices, the LinkMatrix between their hosts, hosts named as the devices say)."""
-    from farflung.comm.link import LinkMatrix
+    from farflung.netlab.link import LinkMatrix
 
     spec = args.links or args.scenario
     if args.devices:

@@ -23,7 +23,7 @@ With a link model installed (:func:`set_link_model`), every call also lasts at l
 as long as it would on the emulated links: the real transfer runs, and the caller
 then waits until the model says the data has arrived. Each call puts the bytes this
 rank sends through its host's egress queue and the bytes it receives through its
-ingress queue (see :class:`~farflung.comm.link.LinkModel`), so concurrent calls share
+ingress queue (see :class:`~farflung.netlab.link.LinkModel`), so concurrent calls share
 the links. The one-way delay counts from the later of the modelled serialization and
 the real transfer's completion, so over a real shaped link and a delay-only model
 (the network lab) a call takes the shaped time plus the delay."""
@@ -34,15 +34,37 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from farflung.comm.errors import Reconfigure
-from farflung.comm.link import LinkModel
 from farflung.comm.meter import Meter
 
-_link_model: LinkModel | None = None
+
+class LinkDelays(Protocol):
+    """Pairwise one-way delays (seconds) between link-model hosts."""
+
+    def delay(self, src: int, dst: int) -> float: ...
+
+
+class LinkEmulator(Protocol):
+    """What a :class:`Comm` asks of an installed link model. The lab's
+    :class:`~farflung.netlab.link.LinkModel` is the one farflung ships; the transport
+    names only this interface, so ``comm`` never imports the lab above it."""
+
+    matrix: LinkDelays
+
+    def now(self) -> float: ...
+    def sleep_until(self, deadline: float) -> float: ...
+    def egress(self, src: int, dst: int, nbytes: int | float, not_before: float) -> float: ...
+    def ingress(self, src: int, dst: int, nbytes: int | float, not_before: float) -> float: ...
+    def transfer_time(self, src: int, dst: int, nbytes: int | float) -> float: ...
+    def serialization_time(self, src: int, dst: int, nbytes: int | float) -> float: ...
+
+
+_link_model: LinkEmulator | None = None
 
 _epoch: Callable[[], int] | None = None
 POLL_S = 0.0005  # how often an elastic wait looks at the membership (and the work)
@@ -85,7 +107,7 @@ def pinned_epoch(epoch: int) -> Iterator[None]:
 Leg = tuple[float, float]
 
 
-def set_link_model(model: LinkModel | None) -> None:
+def set_link_model(model: LinkEmulator | None) -> None:
     """Emulate ``model``'s links in every :class:`Comm` this process creates from now
     on (None: off). Process-global: host ``i`` of the model is global rank ``i`` unless
     :func:`set_rank_hosts` says otherwise, and all of this process's Comms, in every

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import torch.distributed
+
 
 class NonFiniteError(RuntimeError):
     """A NaN or Inf reached a loss, a gradient or a synchronised tensor, and the run is
@@ -33,3 +35,30 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     text = str(e).strip().splitlines()
     line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", text[0]) if text else ""
     return line[:limit] or type(e).__name__
+
+
+# "[.../gloo/transport/tcp/pair.cc] Connection closed by peer" for a dead peer,
+# "Timed out waiting 15000ms for recv operation to complete" for a frozen one or a cut
+# link, "Rank 1 failed to pass monitoredBarrier". Only for those plain RuntimeErrors
+# are these fragments matched; every typed error (NCCL's DistBackendError, the store's
+# DistNetworkError / DistStoreError) is classified by its type.
+_GLOO_FRAGMENTS = (
+    "gloo/transport/",
+    "connection closed by peer",
+    "connection reset by peer",
+    "timed out waiting",
+    "failed to pass monitoredbarrier",
+    "broken pipe",
+)
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """True for errors raised by a collective or the store whose peer or link failed,
+    and for a wait on a peer that gave up at its deadline (TimeoutError: cocktail's
+    wait for its background sync)."""
+    if isinstance(e, (torch.distributed.DistError, TimeoutError, PeerLostError)):
+        return True
+    if type(e) is not RuntimeError:  # subclasses (NonFiniteError, ...) mean something else
+        return False
+    text = str(e).lower()
+    return any(f in text for f in _GLOO_FRAGMENTS)

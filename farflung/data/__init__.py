@@ -16,21 +16,7 @@ tokenizer and its chat template; ``y`` is then -100 on prompt tokens)::
     prepare(["chat.jsonl"], "data/chat", vocab_size=0, val_fraction=0.05,
             shard_tokens=1 << 22, tokenizer="/models/gpt2")
 
-The recipe before tokenizing (``farflung data ...``, ``farflung prepare --filter``)::
-
-    from farflung.data.pipeline import open_executor
-    from farflung.data.recipe import run_dedup, run_filter, run_signals
-
-    with open_executor("process", processes=8) as ex:      # or "dask", scheduler=ADDR
-        run_signals(["corpus/"], "out/signals", ex)          # RedPajama-v2 signals
-        run_filter("out/signals", "gopher", "out/filter", ex)  # preset or rule file
-        run_dedup(["out/filter"], "out/dedup", ex, threshold=0.8)
-    prepare(["out/dedup/kept"], ...)
-
-Modules: ``documents`` (lenient readers of .txt/.jsonl/.jsonl.gz/.parquet),
-``pipeline`` (bounded shards, executors, resumable stages), ``signals``, ``rules`` (the
-paper presets in ``presets/`` and user rule files), ``dedup`` and ``recipe`` (the
-steps as pipeline stages).
+Curating a corpus first (signals, rules, dedup) is :mod:`farflung.curate`'s job.
 """
 
 from farflung.data.corpus import BUNDLED, Document, bundled_documents, iter_documents

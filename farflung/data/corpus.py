@@ -71,7 +71,7 @@ def source_files(source: str, suffixes: tuple[str, ...] = SUFFIXES) -> list[tupl
 
     A file source is itself (id: its name); a folder source is every file below it
     whose name ends with one of ``suffixes`` (id: ``<folder name>/<relative path>``).
-    The data pipeline (farflung.data.documents) lists its inputs through this too, so
+    The data pipeline (farflung.curate.documents) lists its inputs through this too, so
     both readers name documents the same way.
     """
     root = Path(source).expanduser()

@@ -53,7 +53,7 @@ import numpy as np
 from farflung.plan.timeline import step_time
 
 if TYPE_CHECKING:  # import only for types: farflung.comm pulls in torch
-    from farflung.comm.link import LinkMatrix
+    from farflung.netlab.link import LinkMatrix
 
 __all__ = [
     "EXACT_TSP_MAX",
@@ -168,7 +168,7 @@ class Problem:
     def from_link(
         cls, link: LinkMatrix, pp: int, dp: int, c_dp: float, c_pp: float, **kw: Any
     ) -> Problem:
-        """From a :class:`~farflung.comm.link.LinkMatrix` (bits/s → bytes/s; inf stays
+        """From a :class:`~farflung.netlab.link.LinkMatrix` (bits/s → bytes/s; inf stays
         inf; the diagonal is ignored)."""
         bw = np.array(link.bandwidth_bps, dtype=float) / 8.0
         return cls(np.array(link.delay_s, dtype=float), bw, pp, dp, c_dp, c_pp, **kw)

@@ -10,7 +10,7 @@ the figures are DT-FM's, in DT-FM's units:
 
 * delay in ms, used as given: the per-message latency of a transfer is ``delay / 1e3``
   s (no halving: these are the scheduler's inputs, not farflung's one-way netlab
-  figures of :mod:`farflung.comm.scenarios`);
+  figures of :mod:`farflung.netlab.scenarios`);
 * bandwidth in Gbit/s; activation and gradient sizes in GB (x 8 = Gbit);
 * layout: GPT3-XL, 24 layers in 8 stages of 3 (``way`` = pp = 8) and a batch split in
   8 data-parallel parts (``partition_size`` = dp = 8), 64 devices.

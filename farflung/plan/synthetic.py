@@ -7,7 +7,7 @@ Layout (all draws from ``numpy.random.default_rng(seed)``, so a given
 * devices are packed ``per_machine`` to a machine (the last machine may be partial);
   machines are dealt to ``regions`` regions with Dirichlet(2)-weighted sizes, every
   region getting at least one machine; device ids are contiguous per machine and per
-  region (region 0 first), as in :meth:`farflung.comm.link.LinkMatrix.scenario`;
+  region (region 0 first), as in :meth:`farflung.netlab.link.LinkMatrix.scenario`;
 * within a machine: 100 Gbps, 5 µs one-way (NVLink/PCIe-class, "~0 ms");
 * within a region, between two machines: bandwidth uniform in 2-10 Gbps and one-way
   delay uniform in 1-5 ms, drawn once per machine pair (symmetric);
@@ -17,7 +17,7 @@ Layout (all draws from ``numpy.random.default_rng(seed)``, so a given
   Gbps jitter, clipped to 0.3-1.3 Gbps), drawn once per region pair (symmetric).
 
 :func:`synthetic_arrays` returns numpy matrices (fast at N = 1000);
-:func:`synthetic_link` wraps them in a :class:`~farflung.comm.link.LinkMatrix`."""
+:func:`synthetic_link` wraps them in a :class:`~farflung.netlab.link.LinkMatrix`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # farflung.comm pulls in torch
-    from farflung.comm.link import LinkMatrix
+    from farflung.netlab.link import LinkMatrix
 
 __all__ = ["synthetic_arrays", "synthetic_link"]
 
@@ -90,8 +90,8 @@ def synthetic_arrays(
 
 
 def synthetic_link(n: int, regions: int = 10, per_machine: int = 8, seed: int = 0) -> LinkMatrix:
-    """:func:`synthetic_arrays` as a :class:`~farflung.comm.link.LinkMatrix`."""
-    from farflung.comm.link import LinkMatrix
+    """:func:`synthetic_arrays` as a :class:`~farflung.netlab.link.LinkMatrix`."""
+    from farflung.netlab.link import LinkMatrix
 
     bw, delay, names = synthetic_arrays(n, regions, per_machine, seed)
     return LinkMatrix(bw, delay, regions=names)

@@ -36,17 +36,14 @@ import torch
 from farflung.comm import free_port
 from farflung.comm.binding import BIND_ENV, PORT_RANGE_ENV, parse_port_range
 from farflung.comm.channel import KEY_ENV, KEY_FILE_ENV, load_key, write_key_file
-from farflung.comm.coordinator import Coordinator
 from farflung.config import Config, ConfigError, config_to_toml
 from farflung.data import batch_ids
+from farflung.membership.coordinator import Coordinator
 from farflung.train import checkpoint as ckpt
 from farflung.train import runfolder
+from farflung.train.contract import COORDINATOR_ENV, EXIT_PEER_LOST, ID_ENV, JOIN_ENV
 from farflung.train.metrics import aggregate, read_jsonl, truncate_jsonl
 from farflung.train.progress import Progress
-
-COORDINATOR_ENV = "FARFLUNG_COORDINATOR"  # host:port of the coordinator
-ID_ENV = "FARFLUNG_ELASTIC_ID"  # the worker's id (initial workers)
-JOIN_ENV = "FARFLUNG_ELASTIC_JOIN"  # "1": enter the running job as a joiner
 
 
 class RunLog:
@@ -231,7 +228,7 @@ def check_samples(path: Path, cfg: Config, n_train: int) -> list[str]:
 def _netns(name: str):
     if not name:
         return contextlib.nullcontext()
-    from farflung.comm.netlab import in_netns
+    from farflung.netlab import in_netns
 
     return in_netns(name)
 
@@ -348,7 +345,6 @@ def launch_elastic(
     times each). Returns 0 once every step is committed and the members finished.
     The coordinator binds ``bind`` (default: 127.0.0.1, or the lab's coordinator
     address); the run key is :func:`run_key`'s."""
-    from farflung.train.entry import EXIT_PEER_LOST
     from farflung.train.launch import GRACE_S, bind_env, worker_env
 
     host = placement.coordinator_addr or "127.0.0.1"

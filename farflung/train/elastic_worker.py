@@ -18,7 +18,7 @@ The loop is :class:`~farflung.train.loop.Worker`'s, with four additions:
   algorithm keeps equal on every member, as the snapshot taken there holds it; the
   coordinator commits a step for the members whose hash is the majority's;
 - **checked state transfer**: a joiner fetches its snapshot from the donor the
-  coordinator named, with the ticket it signed (:mod:`farflung.comm.state_transfer`:
+  coordinator named, with the ticket it signed (:mod:`farflung.membership.state_transfer`:
   safetensors and JSON, never pickle), restores it, and refuses it unless the
   restored state hashes to what the coordinator recorded at that commit.
 """
@@ -44,14 +44,13 @@ import torch.distributed as dist
 
 from farflung.comm import Comm, DistInfo
 from farflung.comm.collectives import pinned_epoch
-from farflung.comm.errors import PeerLostError, Reconfigure
-from farflung.comm.member import Member
-from farflung.comm.state_transfer import Fetched, fetch_state
+from farflung.comm.errors import PeerLostError, Reconfigure, is_comm_failure
 from farflung.config import Config
 from farflung.data import batch_ids, val_batch_ids
+from farflung.membership.member import Member
+from farflung.membership.state_transfer import Fetched, fetch_state
 from farflung.parallel import NonFiniteStep, make_algorithm
 from farflung.train import checkpoint as ckpt
-from farflung.train.entry import is_comm_failure
 from farflung.train.loop import Worker, lr_at
 from farflung.train.metrics import local_row
 

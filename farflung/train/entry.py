@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import faulthandler
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -23,30 +22,28 @@ import torch
 from farflung.comm import DistInfo, init_distributed, shutdown_distributed
 from farflung.comm import watchdog as wd
 from farflung.comm.dist import store_barrier
-from farflung.comm.emulation import install_link_model_from_env
-from farflung.comm.errors import NonFiniteError, PeerLostError, Reconfigure, first_line
-from farflung.comm.member import MembershipLost
+from farflung.comm.errors import NonFiniteError, Reconfigure, first_line, is_comm_failure
 from farflung.config import Config, ConfigError, load_config
 from farflung.data import INDEX_FILE, DataError, ShardIndex, prepare
+from farflung.membership.member import MembershipLost
 from farflung.model.hf import HFCheckpointError
+from farflung.netlab.emulation import install_link_model_from_env
 from farflung.parallel import algorithm_names, check_parallel_config
 from farflung.train import checkpoint as ckpt
 from farflung.train import init, runfolder
 from farflung.train.checkpoint import CheckpointError
+from farflung.train.contract import (
+    COORDINATOR_ENV,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NONFINITE,
+    EXIT_PEER_LOST,
+    EXIT_USAGE,
+    ID_ENV,
+    JOIN_ENV,
+    write_report,
+)
 from farflung.train.progress import print_summary
-
-# Exit codes, most telling first (the local launcher explains a failed run by the
-# most telling exit among its workers: bad input, then non-finite numbers, then a
-# crash, then the lost-peer exits that the others' failures cause).
-EXIT_USAGE = 2  # bad config, data or checkpoint
-EXIT_NONFINITE = 4  # NaN/Inf with train.on_nonfinite = "stop"
-EXIT_FAILED = 1  # a crash (Python's own exit code for an uncaught exception)
-EXIT_PEER_LOST = wd.EXIT_PEER_LOST  # 3: a peer or its link stopped responding
-EXIT_INTERRUPTED = 130  # SIGTERM or Ctrl+C
-
-REPORT_ENV = "FARFLUNG_REPORT_DIR"
-"""Set by the local launcher: a private folder where a failing worker leaves
-``rank<R>.json`` ({"rank", "kind", "code", "message", ...}) before it exits."""
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -267,48 +264,6 @@ def _comm_failed(rank: int, e: BaseException) -> int:
 
 
 # gloo (torch 2.13, CPU) raises plain RuntimeError, not a DistError, from collectives:
-# "[.../gloo/transport/tcp/pair.cc] Connection closed by peer" for a dead peer,
-# "Timed out waiting 15000ms for recv operation to complete" for a frozen one or a cut
-# link, "Rank 1 failed to pass monitoredBarrier". Only for those plain RuntimeErrors
-# are these fragments matched; every typed error (NCCL's DistBackendError, the store's
-# DistNetworkError / DistStoreError) is classified by its type.
-_GLOO_FRAGMENTS = (
-    "gloo/transport/",
-    "connection closed by peer",
-    "connection reset by peer",
-    "timed out waiting",
-    "failed to pass monitoredbarrier",
-    "broken pipe",
-)
-
-
-def is_comm_failure(e: BaseException) -> bool:
-    """True for errors raised by a collective or the store whose peer or link failed,
-    and for a wait on a peer that gave up at its deadline (TimeoutError: cocktail's
-    wait for its background sync)."""
-    if isinstance(e, (torch.distributed.DistError, TimeoutError, PeerLostError)):
-        return True
-    if type(e) is not RuntimeError:  # subclasses (NonFiniteError, ...) mean something else
-        return False
-    text = str(e).lower()
-    return any(f in text for f in _GLOO_FRAGMENTS)
-
-
-def write_report(rank: int, kind: str, code: int, message: str, **extra: object) -> None:
-    """Leave this worker's conclusion for the local launcher (no-op elsewhere)."""
-    folder = os.environ.get(REPORT_ENV)
-    if not folder:
-        return
-    record = {"rank": rank, "kind": kind, "code": code, "message": message, **extra}
-    path = Path(folder) / f"rank{rank}.json"
-    try:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(path)  # the launcher never reads half a report
-    except OSError:
-        pass  # the launcher falls back to the exit code
-
-
 def _on_lost(rank: int) -> Callable[[wd.Lost], None]:
     def report(lost: wd.Lost) -> None:
         write_report(
@@ -375,9 +330,8 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from farflung.comm.channel import load_key
     from farflung.comm.collectives import pinned_epoch, set_epoch_source
     from farflung.comm.dist import pick_backend
-    from farflung.comm.member import Member
-    from farflung.comm.state_transfer import StateServer
-    from farflung.train.elastic_run import COORDINATOR_ENV, ID_ENV, JOIN_ENV
+    from farflung.membership.member import Member
+    from farflung.membership.state_transfer import StateServer
     from farflung.train.elastic_worker import ElasticWorker, join_group
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where it waits

@@ -25,7 +25,7 @@ from pathlib import Path
 from farflung.comm import free_port
 from farflung.comm.binding import BIND_ENV
 from farflung.comm.dist import is_loopback
-from farflung.train.entry import (
+from farflung.train.contract import (
     EXIT_INTERRUPTED,
     EXIT_NONFINITE,
     EXIT_PEER_LOST,
@@ -161,7 +161,7 @@ def _on_failure(procs: list[subprocess.Popen], reports: Path) -> int:
 
 
 def read_reports(folder: Path) -> dict[int, dict]:
-    """The workers' reports by rank (see farflung.train.entry.write_report)."""
+    """The workers' reports by rank (see farflung.train.contract.write_report)."""
     found = {}
     for path in folder.glob("rank*.json"):
         try:

@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from farflung.comm.emulation import delay_only, has_delay, link_env, rank_hosts_env
-from farflung.comm.link import LinkMatrix
 from farflung.config import ConfigError
+from farflung.netlab.emulation import delay_only, has_delay, link_env, rank_hosts_env
+from farflung.netlab.link import LinkMatrix
 from farflung.train.launch import Placement
 
 if TYPE_CHECKING:  # the package pulls in every parallel algorithm; only the type is needed
@@ -107,7 +107,7 @@ def network(
     host_env = rank_hosts_env(rank_hosts) if shared else {}
     run_dir.mkdir(parents=True, exist_ok=True)
     if netlab:
-        from farflung.comm.netlab import Lab, available
+        from farflung.netlab import Lab, available
 
         ok, reason = available()
         if ok:
