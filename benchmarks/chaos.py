@@ -306,33 +306,34 @@ class Chaos:
             self.down[(ns, iface)] = time.time() + hold
             rec.update(iface=iface, hold_s=round(hold, 2))
         elif kind == "join":
-            address = json.loads((self.run / "coordinator.json").read_text())["address"]
-            folder = self.run.parent / f"{self.run.name}-join{len(self.joiner_dirs) + 1}"
-            log = self.run.parent / f"{folder.name}.log"
-            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "farflung.cli.main"]
-            cmd += ["train", CONFIG, "--out", str(folder), "--quiet", "--join", address]
-            cmd += ["--key-file", str(self.run / "run.key")]  # the launcher made it
-            cmd += overrides(self.args, self.steps)
-            self.joiner_dirs.append(folder)
-            self.logs.append(log)
-            # the lab's settings of that host (the gloo interface, the delay matrix): a
-            # joiner without them would offer its peers a loopback address
-            lab_env = {k: v for k, v in env.items() if k in LAB_ENV}
-            with open(log, "w") as f:
-                self.joiners.append(
-                    subprocess.Popen(
-                        cmd,
-                        cwd=ROOT,
-                        stdout=f,
-                        stderr=subprocess.STDOUT,
-                        env={**os.environ, **lab_env},
-                    )
-                )
-            rec["pid"] = self.joiners[-1].pid
+            rec["pid"] = self._join(ns, env)
         self.faults.append(rec)
         held = f" for {rec['hold_s']:.1f} s" if "hold_s" in rec else ""
         say(f"{kind} -> pid {rec['pid']} ({ns}){held}")
         return rec
+
+    def _join(self, ns: str, env: dict[str, str]) -> int:
+        """One more worker (``farflung train --join``) in namespace ``ns``, with the
+        lab settings ``env`` of the worker living there; its pid."""
+        address = json.loads((self.run / "coordinator.json").read_text())["address"]
+        folder = self.run.parent / f"{self.run.name}-join{len(self.joiner_dirs) + 1}"
+        log = self.run.parent / f"{folder.name}.log"
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "farflung.cli.main"]
+        cmd += ["train", CONFIG, "--out", str(folder), "--quiet", "--join", address]
+        cmd += ["--key-file", str(self.run / "run.key")]  # the launcher made it
+        cmd += overrides(self.args, self.steps)
+        self.joiner_dirs.append(folder)
+        self.logs.append(log)
+        # the lab's settings of that host (the gloo interface, the delay matrix): a
+        # joiner without them would offer its peers a loopback address
+        lab_env = {k: v for k, v in env.items() if k in LAB_ENV}
+        with open(log, "w") as f:
+            self.joiners.append(
+                subprocess.Popen(
+                    cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **lab_env}
+                )
+            )
+        return self.joiners[-1].pid
 
     def drive(self, launcher: subprocess.Popen, limit_s: float) -> tuple[bool, float]:
         """Inject faults until the run is near its end; wait for it to finish.
@@ -548,7 +549,7 @@ def sample_violations(run: Path) -> list[str]:
     return check_samples(run / "samples.jsonl", cfg, n)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--duration", type=float, default=600.0, help="seconds of chaos")
@@ -568,194 +569,255 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.resummarize:
-        print(json.dumps(resummarize(args.resummarize)))
-        return
+        return args
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = set(args.kinds) - {"kill", "freeze", "flap", "join"}
     if bad or not args.kinds:
         p.error(f"unknown fault kinds: {sorted(bad)}")
-    sys.path.insert(0, str(ROOT))
-    root = (args.out or Path(tempfile.mkdtemp(prefix="farflung-chaos-"))).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    before = netns_list()
-    calib, ref, run = root / "calibrate", root / "reference", root / "chaos"
-    procs: list[subprocess.Popen] = []
-    chaos: Chaos | None = None
+    return args
 
-    def on_term(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
-
-    def finish(proc: subprocess.Popen, out: Path, log: Path, limit_s: float) -> None:
-        try:
-            code = proc.wait(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            say(f"{out.name}: no end after {limit_s:.0f} s; stopping it. Its log:\n{tail(log)}")
-            raise SystemExit(1) from None
-        if code != 0:
-            say(f"{out.name}: exit {code}. Its log:\n{tail(log)}")
-            raise SystemExit(1)
-
+def finish(proc: subprocess.Popen, out: Path, log: Path, limit_s: float) -> None:
+    """Wait for a run that must end well; exit 1 with its log when it does not."""
     try:
-        steps = args.steps
-        if steps is None:
-            say(f"calibrating: {CALIBRATION_STEPS} steps, {args.workers} workers, {args.links}")
-            t0 = time.monotonic()
-            log = root / "calibrate.log"
-            procs.append(launch(calib, args.workers, CALIBRATION_STEPS, args, log))
-            finish(procs[-1], calib, log, 600)
-            wall = time.monotonic() - t0
-            records = read_jsonl(calib / "metrics.jsonl")
-            step_s = step_time(calib)
-            startup = max(0.0, wall - sum(r["wall_s"] for r in records))
-            steps = max(CALIBRATION_STEPS, round((args.duration - startup) / step_s))
-            say(f"{step_s:.2f} s/step, {startup:.1f} s start-up: {steps} steps")
+        code = proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        say(f"{out.name}: no end after {limit_s:.0f} s; stopping it. Its log:\n{tail(log)}")
+        raise SystemExit(1) from None
+    if code != 0:
+        say(f"{out.name}: exit {code}. Its log:\n{tail(log)}")
+        raise SystemExit(1)
+
+
+class Bench:
+    """One benchmark's runs under ``root`` (calibration, reference, chaos), in order;
+    :meth:`cleanup` stops whatever of them is left and removes a lab left behind."""
+
+    def __init__(self, args: argparse.Namespace, root: Path) -> None:
+        self.args, self.root = args, root
+        self.before = netns_list()
+        self.calib, self.ref, self.run = root / "calibrate", root / "reference", root / "chaos"
+        self.procs: list[subprocess.Popen] = []
+        self.chaos: Chaos | None = None
+
+    def start(self, out: Path, steps: int, log: Path) -> subprocess.Popen:
+        self.procs.append(launch(out, self.args.workers, steps, self.args, log))
+        return self.procs[-1]
+
+    def calibrate(self) -> int:
+        """The step count that makes the reference run last about ``--duration``."""
+        args = self.args
+        say(f"calibrating: {CALIBRATION_STEPS} steps, {args.workers} workers, {args.links}")
+        t0 = time.monotonic()
+        log = self.root / "calibrate.log"
+        finish(self.start(self.calib, CALIBRATION_STEPS, log), self.calib, log, 600)
+        wall = time.monotonic() - t0
+        records = read_jsonl(self.calib / "metrics.jsonl")
+        step_s = step_time(self.calib)
+        startup = max(0.0, wall - sum(r["wall_s"] for r in records))
+        steps = max(CALIBRATION_STEPS, round((args.duration - startup) / step_s))
+        say(f"{step_s:.2f} s/step, {startup:.1f} s start-up: {steps} steps")
+        return steps
+
+    def reference(self, steps: int) -> dict:
+        """The undisturbed run: its wall time, step time, summary and leaks."""
         say(f"reference run: {steps} steps")
         t0 = time.monotonic()
-        log = root / "reference.log"
-        procs.append(launch(ref, args.workers, steps, args, log))
-        finish(procs[-1], ref, log, 3 * args.duration + 600)
-        ref_wall = time.monotonic() - t0
-        ref_summary = json.loads((ref / "summary.json").read_text())
-        step_s = step_time(ref)
-        ref_loss = ref_summary["final_val_loss"]
-        say(f"reference: {ref_wall:.0f} s, {step_s:.2f} s/step, val loss {ref_loss:.4f}")
-        ref_address = json.loads((ref / "coordinator.json").read_text())["address"]
-        ref_leaks = leaks([ref], before, ref_address, set())
+        log = self.root / "reference.log"
+        finish(self.start(self.ref, steps, log), self.ref, log, 3 * self.args.duration + 600)
+        wall = time.monotonic() - t0
+        summary = json.loads((self.ref / "summary.json").read_text())
+        step_s = step_time(self.ref)
+        say(
+            f"reference: {wall:.0f} s, {step_s:.2f} s/step, "
+            f"val loss {summary['final_val_loss']:.4f}"
+        )
+        address = json.loads((self.ref / "coordinator.json").read_text())["address"]
+        leaked = leaks([self.ref], self.before, address, set())
+        return {"wall_s": wall, "step_s": step_s, "summary": summary, "leaks": leaked}
 
+    def chaos_run(self, steps: int, ref: dict) -> tuple[float, float, dict]:
+        """The run under faults: its duration, the longest gap between commits seen
+        here, and the leaks of both runs. Prints a failure record and exits 1 when it
+        does not end well."""
+        args, run = self.args, self.run
         say(f"chaos run: {steps} steps, a fault every {args.every[0]:g}-{args.every[1]:g} s")
-        log = root / "chaos.log"
+        log = self.root / "chaos.log"
         t0 = time.monotonic()
-        launcher = launch(run, args.workers, steps, args, log)
-        procs.append(launcher)
-        chaos = Chaos(run, args, steps, step_s)
+        launcher = self.start(run, steps, log)
+        chaos = self.chaos = Chaos(run, args, steps, ref["step_s"])
         while not (run / "coordinator.json").is_file() and launcher.poll() is None:
             time.sleep(0.1)
-        lab = netns_list() - before
-        ok, observed_stall = chaos.drive(launcher, limit_s=3 * ref_wall + 300)
+        lab = netns_list() - self.before
+        ok, observed_stall = chaos.drive(launcher, limit_s=3 * ref["wall_s"] + 300)
         duration = time.monotonic() - t0
         chaos.cleanup()
         if not ok or launcher.returncode != 0:
-            why = (
+            self.fail(
                 f"the chaos run did not end in {duration:.0f} s"
                 if not ok
-                else f"the chaos run exited {launcher.returncode}"
+                else f"the chaos run exited {launcher.returncode}",
+                steps,
             )
-            say(f"{why}. Its log:\n{tail(log)}")
-            failure = {
-                "benchmark": "chaos",
-                "ok": False,
-                "error": why,
-                "seed": args.seed,
-                "workers": args.workers,
-                "steps": steps,
-                "committed": len(read_jsonl(run / "metrics.jsonl")),
-                "faults": chaos.faults,
-                "events": read_jsonl(run / "events.jsonl"),
-                "log_tail": tail(log, 40),
-                "out": str(root),
-            }
-            print(json.dumps(failure))
-            raise SystemExit(1)
         coord = json.loads((run / "coordinator.json").read_text())
-        chaos_leaks = leaks(chaos.folders(), before, coord["address"], lab)
-        found = {"count": ref_leaks["count"] + chaos_leaks["count"]}
-        found.update(reference=ref_leaks, chaos=chaos_leaks)
+        chaos_leaks = leaks(chaos.folders(), self.before, coord["address"], lab)
+        found = {"count": ref["leaks"]["count"] + chaos_leaks["count"]}
+        found.update(reference=ref["leaks"], chaos=chaos_leaks)
         if found["count"]:
             say(f"leaks: {json.dumps(found)}")
+        return duration, observed_stall, found
 
-        summary = json.loads((run / "summary.json").read_text())
-        events = read_jsonl(run / "events.jsonl")
-        rows = match(chaos.faults, events, args.heartbeat, chaos.commits)
-        timing = summarize(rows, args.kinds)
-        redone: dict[object, int] = {}
-        for e in events:
-            if e["event"] == "left" and e.get("member", True):
-                key = e.get("gen")
-                redone[key] = max(redone.get(key, 0), e.get("steps_redone") or 0)
-        counts = {k: sum(f["kind"] == k for f in chaos.faults) for k in args.kinds}
-        violations = sample_violations(run)
-        p95 = timing["detection_p95_s"]
-        stall = summary["elastic"]["longest_stall_s"]
-        targets = {"detection_p95_s": 3.0, "longest_stall_s": round(2 * args.heartbeat + step_s, 3)}
-        met = {
-            "detection_p95_s": p95 is not None and p95 <= targets["detection_p95_s"],
-            "longest_stall_s": stall <= targets["longest_stall_s"],
-            "observed_stall_s": observed_stall <= targets["longest_stall_s"],
-        }
-        final, reference = summary["final_val_loss"], ref_summary["final_val_loss"]
-        result = {
+    def fail(self, why: str, steps: int) -> None:
+        """The chaos run did not end well: what it did, as JSON; exit 1."""
+        log = self.root / "chaos.log"
+        say(f"{why}. Its log:\n{tail(log)}")
+        failure = {
             "benchmark": "chaos",
-            "ok": True,
-            "config": CONFIG,
-            "workers": args.workers,
-            "links": args.links,
-            "algorithm": args.algorithm,
-            "seed": args.seed,
-            "every_s": args.every,
-            "kinds": args.kinds,
-            "steps": summary["steps"],
-            "step_s": round(step_s, 3),
-            "duration_s": round(duration, 1),
-            "reference_duration_s": round(ref_wall, 1),
-            "heartbeat_s": args.heartbeat,
-            "faults": counts,
-            **timing,
-            "results": rows,
-            "commits_between_faults": commits_between(chaos.commits, chaos.faults),
-            "membership": {k: summary["elastic"][k] for k in ("left", "joined")},
-            "longest_stall_s": stall,
-            "observed_stall_s": round(observed_stall, 3),
-            "steps_lost": sum(redone.values()),
-            "hash_disagreements": summary["elastic"]["hash_disagreements"],
-            "sample_violations": len(violations),
-            "sample_problems": violations[:5],
-            "leaks": found["count"],
-            "leak_details": found,
-            "final_val_loss": final,
-            "reference_val_loss": reference,
-            "loss_ratio": round(final / reference, 5) if final and reference else None,
-            "targets": targets,
-            "met": met,
-            "out": str(root),
+            "ok": False,
+            "error": why,
+            "seed": self.args.seed,
+            "workers": self.args.workers,
+            "steps": steps,
+            "committed": len(read_jsonl(self.run / "metrics.jsonl")),
+            "faults": self.chaos.faults if self.chaos else [],
+            "events": read_jsonl(self.run / "events.jsonl"),
+            "log_tail": tail(log, 40),
+            "out": str(self.root),
         }
-        say(
-            f"{len(chaos.faults)} faults {counts} in {duration:.0f} s, {summary['steps']} steps; "
-            f"undetected {timing['undetected']} (ended as crashes {timing['ended_as_crash']}), "
-            f"{result['commits_between_faults']} commits between the first fault and the last"
-        )
-        say(
-            f"detection p50 {result['detection_p50_s']} s, p95 {result['detection_p95_s']} s "
-            f"(target <= 3.0: {'met' if met['detection_p95_s'] else 'MISSED'})"
-        )
-        say(
-            f"longest stall {stall} s (coordinator, incl. start-up), "
-            f"{observed_stall:.1f} s between commits seen here "
-            f"(target <= {targets['longest_stall_s']}: "
-            f"{'met' if met['longest_stall_s'] else 'MISSED'} / "
-            f"{'met' if met['observed_stall_s'] else 'MISSED'})"
-        )
-        say(
-            f"steps lost {result['steps_lost']}, "
-            f"hash disagreements {result['hash_disagreements']}, "
-            f"sample violations {len(violations)}, leaks {found['count']}"
-        )
-        say(f"val loss {final:.4f} vs reference {reference:.4f} (ratio {result['loss_ratio']})")
-        print(json.dumps(result))
-    finally:
-        if chaos is not None:
-            chaos.cleanup()
-        for proc in procs:
+        print(json.dumps(failure))
+        raise SystemExit(1)
+
+    def cleanup(self) -> None:
+        if self.chaos is not None:
+            self.chaos.cleanup()
+        for proc in self.procs:
             stop(proc)
-        folders = [calib, ref, run, *(chaos.joiner_dirs if chaos else [])]
+        folders = [self.calib, self.ref, self.run, *(self.chaos.joiner_dirs if self.chaos else [])]
         kill_leftovers(folders)
-        if netns_list() - before:  # a lab whose launcher died: farflung removes it
+        if netns_list() - self.before:  # a lab whose launcher died: farflung removes it
             subprocess.run(
                 [sys.executable, "-m", "farflung.cli.main", "netlab", "down"],
                 cwd=ROOT,
                 capture_output=True,
             )
+
+
+def result_of(
+    bench: Bench, steps: int, ref: dict, duration: float, observed_stall: float, found: dict
+) -> dict:
+    """The chaos run's figures, as chaos.json holds them."""
+    args, run, chaos, step_s = bench.args, bench.run, bench.chaos, ref["step_s"]
+    assert chaos is not None
+    summary = json.loads((run / "summary.json").read_text())
+    events = read_jsonl(run / "events.jsonl")
+    rows = match(chaos.faults, events, args.heartbeat, chaos.commits)
+    timing = summarize(rows, args.kinds)
+    redone: dict[object, int] = {}
+    for e in events:
+        if e["event"] == "left" and e.get("member", True):
+            key = e.get("gen")
+            redone[key] = max(redone.get(key, 0), e.get("steps_redone") or 0)
+    violations = sample_violations(run)
+    stall = summary["elastic"]["longest_stall_s"]
+    targets = {"detection_p95_s": 3.0, "longest_stall_s": round(2 * args.heartbeat + step_s, 3)}
+    p95 = timing["detection_p95_s"]
+    final, reference = summary["final_val_loss"], ref["summary"]["final_val_loss"]
+    return {
+        "benchmark": "chaos",
+        "ok": True,
+        "config": CONFIG,
+        "workers": args.workers,
+        "links": args.links,
+        "algorithm": args.algorithm,
+        "seed": args.seed,
+        "every_s": args.every,
+        "kinds": args.kinds,
+        "steps": summary["steps"],
+        "step_s": round(step_s, 3),
+        "duration_s": round(duration, 1),
+        "reference_duration_s": round(ref["wall_s"], 1),
+        "heartbeat_s": args.heartbeat,
+        "faults": {k: sum(f["kind"] == k for f in chaos.faults) for k in args.kinds},
+        **timing,
+        "results": rows,
+        "commits_between_faults": commits_between(chaos.commits, chaos.faults),
+        "membership": {k: summary["elastic"][k] for k in ("left", "joined")},
+        "longest_stall_s": stall,
+        "observed_stall_s": round(observed_stall, 3),
+        "steps_lost": sum(redone.values()),
+        "hash_disagreements": summary["elastic"]["hash_disagreements"],
+        "sample_violations": len(violations),
+        "sample_problems": violations[:5],
+        "leaks": found["count"],
+        "leak_details": found,
+        "final_val_loss": final,
+        "reference_val_loss": reference,
+        "loss_ratio": round(final / reference, 5) if final and reference else None,
+        "targets": targets,
+        "met": {
+            "detection_p95_s": p95 is not None and p95 <= targets["detection_p95_s"],
+            "longest_stall_s": stall <= targets["longest_stall_s"],
+            "observed_stall_s": observed_stall <= targets["longest_stall_s"],
+        },
+        "out": str(bench.root),
+    }
+
+
+def tell(result: dict, n_faults: int, duration: float) -> None:
+    """The result in a few lines on stderr."""
+    met, targets = result["met"], result["targets"]
+    stall, observed = result["longest_stall_s"], result["observed_stall_s"]
+    say(
+        f"{n_faults} faults {result['faults']} in {duration:.0f} s, "
+        f"{result['steps']} steps; undetected {result['undetected']} "
+        f"(ended as crashes {result['ended_as_crash']}), "
+        f"{result['commits_between_faults']} commits between the first fault and the last"
+    )
+    say(
+        f"detection p50 {result['detection_p50_s']} s, p95 {result['detection_p95_s']} s "
+        f"(target <= 3.0: {'met' if met['detection_p95_s'] else 'MISSED'})"
+    )
+    say(
+        f"longest stall {stall} s (coordinator, incl. start-up), "
+        f"{observed:.1f} s between commits seen here "
+        f"(target <= {targets['longest_stall_s']}: "
+        f"{'met' if met['longest_stall_s'] else 'MISSED'} / "
+        f"{'met' if met['observed_stall_s'] else 'MISSED'})"
+    )
+    say(
+        f"steps lost {result['steps_lost']}, "
+        f"hash disagreements {result['hash_disagreements']}, "
+        f"sample violations {result['sample_violations']}, leaks {result['leaks']}"
+    )
+    say(
+        f"val loss {result['final_val_loss']:.4f} vs reference "
+        f"{result['reference_val_loss']:.4f} (ratio {result['loss_ratio']})"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.resummarize:
+        print(json.dumps(resummarize(args.resummarize)))
+        return
+    sys.path.insert(0, str(ROOT))
+    root = (args.out or Path(tempfile.mkdtemp(prefix="farflung-chaos-"))).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, root)
+
+    def on_term(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        steps = args.steps if args.steps is not None else bench.calibrate()
+        ref = bench.reference(steps)
+        duration, observed_stall, found = bench.chaos_run(steps, ref)
+        result = result_of(bench, steps, ref, duration, observed_stall, found)
+        tell(result, len(bench.chaos.faults) if bench.chaos else 0, duration)
+        print(json.dumps(result))
+    finally:
+        bench.cleanup()
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def test_factored_moments_by_hand():
     opt.state[b]["exp_avg_sq"] = torch.tensor([5.0, 6.0, 7.0])
     stats = moment_stats(opt, [w, b])
     assert stats.tolist() == [3.0, 7.0, 4.0, 6.0, 5.0, 6.0, 7.0]
-    assert stats_numel([w, b]) == 7 and stats_numel([w, b], "full") == 7
+    assert stats_numel([w, b]) == 7
     est_w, est_b = estimates(stats, [w.data, b.data])
     torch.testing.assert_close(est_w, torch.tensor([[1.2, 1.8], [2.8, 4.2]]))
     assert est_b.tolist() == [5.0, 6.0, 7.0]
@@ -247,6 +247,39 @@ def test_factored_moments_by_hand():
     (est,) = estimates(moment_stats(opt3, [w3]), [w3.data])
     torch.testing.assert_close(est, rank1)
     assert moment_stats(torch.optim.AdamW([w3]), [w3]) is None  # no step taken yet
+
+
+def test_factored_and_full_statistics_by_hand():
+    """A 3x5 matrix, a 2x3x4 tensor (rows over its first two dimensions) and a vector:
+    ``factored`` sends row and column sums (3 + 5, 6 + 4) and the vector, 21 numbers;
+    ``full`` sends everything, 15 + 24 + 3 = 42, and gets every moment back exactly."""
+    from farflung.parallel.moments import estimates, moment_stats, stats_numel
+
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((3, 5), (2, 3, 4), (3,))]
+    opt = torch.optim.AdamW(params)
+    moments = [
+        torch.arange(1.0, 16.0).view(3, 5),
+        torch.arange(1.0, 25.0).view(2, 3, 4),
+        torch.tensor([5.0, 6.0, 7.0]),
+    ]
+    for p, v in zip(params, moments, strict=True):
+        opt.state[p]["exp_avg_sq"] = v.clone()
+    factored = moment_stats(opt, params, "factored")
+    assert factored.tolist() == [
+        *[15.0, 40.0, 65.0],  # 3x5: row sums
+        *[18.0, 21.0, 24.0, 27.0, 30.0],  # column sums
+        *[10.0, 26.0, 42.0, 58.0, 74.0, 90.0],  # 2x3x4: sums of its 6 rows of 4
+        *[66.0, 72.0, 78.0, 84.0],  # its 4 column sums
+        *[5.0, 6.0, 7.0],  # the vector, whole
+    ]
+    full = moment_stats(opt, params, "full")
+    assert full.tolist() == [*range(1, 16), *range(1, 25), 5.0, 6.0, 7.0]
+    assert stats_numel(params) == stats_numel(params, "factored") == 21
+    assert stats_numel(params, "full") == 42
+    for est, v in zip(estimates(full, moments, "full"), moments, strict=True):
+        assert torch.equal(est, v)
+    with pytest.raises(ValueError, match="42 numbers, expected 21"):
+        list(estimates(full, moments, "factored"))
 
 
 def slow_sync_worker(rank: int, world: int, delay: float) -> dict:

@@ -10,8 +10,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from cli import run_cli
 
-from farflung.cli.main import main
 from farflung.data import ShardIndex
 
 VOCAB = (
@@ -53,23 +53,15 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def kept(folder: Path) -> list[dict]:
     return [json.loads(line) for p in sorted((folder / "kept").iterdir()) for line in p.open()]
 
 
-def test_step_by_step_equals_prepare_recipe(
-    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_step_by_step_equals_prepare_recipe(corpus: Path, tmp_path: Path) -> None:
     common = ("--processes", "2", "--quiet")
     sig, filt, dd = tmp_path / "signals", tmp_path / "filter", tmp_path / "dedup"
-    code, out, err = run(
-        capsys, "data", "signals", str(corpus), "--out", str(sig), "--shard-docs", "4", *common
+    code, out, err = run_cli(
+        "data", "signals", str(corpus), "--out", str(sig), "--shard-docs", "4", *common
     )
     assert code == 0, err
     assert "signals of 14 documents" in out
@@ -79,8 +71,7 @@ def test_step_by_step_equals_prepare_recipe(
     assert record["id"] == "good-0"
     assert record["quality_signals"]["rps_doc_word_count"][0][2] == 120
 
-    code, out, err = run(
-        capsys,
+    code, out, err = run_cli(
         "data",
         "filter",
         str(sig),
@@ -104,8 +95,8 @@ def test_step_by_step_equals_prepare_recipe(
 
     # The same shard size as the recipe below: prepare names documents by kept file and
     # line, so the train/val split follows the shard layout.
-    code, out, err = run(
-        capsys, "data", "dedup", str(filt), "--out", str(dd), "--shard-docs", "4", *common
+    code, out, err = run_cli(
+        "data", "dedup", str(filt), "--out", str(dd), "--shard-docs", "4", *common
     )
     assert code == 0, err
     assert "1 duplicate clusters, 1 duplicates removed, 11 kept" in out
@@ -115,22 +106,19 @@ def test_step_by_step_equals_prepare_recipe(
     for mode in ([], ["signatures"]):  # --verify alone: exact Jaccard of the shingles
         verified = tmp_path / f"dedup_verified{'_'.join(['', *mode])}"
         argv = ["data", "dedup", str(filt), "--out", str(verified), "--verify", *mode]
-        code, out, err = run(capsys, *argv)
+        code, out, err = run_cli(*argv)
         assert code == 0, err
         assert f"{mode[0] if mode else 'shingles'} verified" in out
         assert [json.loads(line) for line in (verified / "clusters.jsonl").open()] == clusters
         assert any(verified.glob("keys/*.shingles.npy")) == (not mode)
 
     data = tmp_path / "data"
-    code, out, err = run(
-        capsys, "data", "tokenize", str(dd), "--out", str(data), "--vocab-size", "300"
-    )
+    code, out, err = run_cli("data", "tokenize", str(dd), "--out", str(data), "--vocab-size", "300")
     assert code == 0, err
     stepwise = ShardIndex.load(data)
 
     recipe = tmp_path / "prepared"
-    code, out, err = run(
-        capsys,
+    code, out, err = run_cli(
         "prepare",
         "--source",
         str(corpus),
@@ -154,9 +142,7 @@ def test_step_by_step_equals_prepare_recipe(
         assert together.tokens(split) == stepwise.tokens(split)
 
 
-def test_user_rules_exact_dedup_and_errors(
-    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_user_rules_exact_dedup_and_errors(corpus: Path, tmp_path: Path) -> None:
     rules = tmp_path / "mine.toml"
     rules.write_text(
         'name = "long-only"\n'
@@ -166,47 +152,45 @@ def test_user_rules_exact_dedup_and_errors(
     args = ("data", "signals", str(corpus), "--out", str(sig), "--processes", "1", "--quiet")
     reference = tmp_path / "reference.txt"
     reference.write_text(prose(random.Random(1), 300))
-    assert run(capsys, *args, "--dsir-reference", str(reference))[0] == 0
+    assert run_cli(*args, "--dsir-reference", str(reference))[0] == 0
     record = json.loads((sig / "signals" / "00000.jsonl").open().readline())
     assert isinstance(record["quality_signals"]["rps_doc_importance"][0][2], float)
     markers = {p: p.stat().st_mtime_ns for p in (sig / "done").rglob("*.json")}
-    assert run(capsys, *args, "--dsir-reference", str(reference))[0] == 0  # nothing to redo
+    assert run_cli(*args, "--dsir-reference", str(reference))[0] == 0  # nothing to redo
     assert markers == {p: p.stat().st_mtime_ns for p in (sig / "done").rglob("*.json")}
-    code, out, _ = run(
-        capsys, "data", "filter", str(sig), "--rules", str(rules), "--out", str(tmp_path / "f")
+    code, out, _ = run_cli(
+        "data", "filter", str(sig), "--rules", str(rules), "--out", str(tmp_path / "f")
     )
     assert code == 0 and "rules long-only: kept 13 of 14" in out
-    code, out, _ = run(
-        capsys, "data", "dedup", str(corpus), "--out", str(tmp_path / "d"), "--exact", "--quiet"
+    code, out, _ = run_cli(
+        "data", "dedup", str(corpus), "--out", str(tmp_path / "d"), "--exact", "--quiet"
     )
     assert code == 0 and "dedup (exact): 14 documents, 1 duplicate clusters" in out
 
     rules.write_text('[[rule]]\nsignal = "rps_doc_word_count"\nkeep = "at least 5"\n')
-    code, _, err = run(
-        capsys, "data", "filter", str(sig), "--rules", str(rules), "--out", str(tmp_path / "g")
+    code, _, err = run_cli(
+        "data", "filter", str(sig), "--rules", str(rules), "--out", str(tmp_path / "g")
     )
     assert code == 2 and "rule 1: keep must be" in err
-    code, _, err = run(
-        capsys, "data", "filter", str(corpus), "--rules", "c4", "--out", str(tmp_path / "h")
+    code, _, err = run_cli(
+        "data", "filter", str(corpus), "--rules", "c4", "--out", str(tmp_path / "h")
     )
     assert code == 2 and "is not a farflung data folder" in err
-    code, _, err = run(
-        capsys, "prepare", "--source", str(corpus), "--out", str(tmp_path / "p"), "--dedup", "most"
+    code, _, err = run_cli(
+        "prepare", "--source", str(corpus), "--out", str(tmp_path / "p"), "--dedup", "most"
     )
     assert code == 2 and "--dedup must be a Jaccard threshold or exact" in err
 
 
-def test_filter_refuses_inputs_changed_since_their_signals(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_filter_refuses_inputs_changed_since_their_signals(tmp_path: Path) -> None:
     src = tmp_path / "a.jsonl"
     src.write_text(json.dumps({"text": prose(random.Random(2))}) + "\n")
     sig = tmp_path / "signals"
-    assert run(capsys, "data", "signals", str(src), "--out", str(sig), "--processes", "1")[0] == 0
+    assert run_cli("data", "signals", str(src), "--out", str(sig), "--processes", "1")[0] == 0
     with src.open("a") as f:
         f.write(json.dumps({"text": "one more"}) + "\n")
-    code, _, err = run(
-        capsys, "data", "filter", str(sig), "--rules", "c4", "--out", str(tmp_path / "f")
+    code, _, err = run_cli(
+        "data", "filter", str(sig), "--rules", "c4", "--out", str(tmp_path / "f")
     )
     assert code == 2 and "a.jsonl changed (or went missing) since the signals step" in err
 
@@ -234,9 +218,7 @@ def _damaged_folder(root: Path, rng: random.Random) -> tuple[Path, list[str]]:
     return folder, want
 
 
-def test_damaged_files_are_reported_and_skipped(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_damaged_files_are_reported_and_skipped(tmp_path: Path) -> None:
     """`data signals` and `data dedup` over a folder with damaged files beside good
     ones: each damaged file is named (line, byte offset, reason) on stderr and in
     issues.jsonl / the manifest, a truncated gzip keeps its complete lines, the other
@@ -244,7 +226,7 @@ def test_damaged_files_are_reported_and_skipped(
     folder, want = _damaged_folder(tmp_path, random.Random(7))
     for verb, extra in (("signals", []), ("dedup", ["--exact"])):
         out = tmp_path / verb
-        code, _, err = run(capsys, "data", verb, str(folder), "--out", str(out), "--quiet", *extra)
+        code, _, err = run_cli("data", verb, str(folder), "--out", str(out), "--quiet", *extra)
         assert code == 0, err
         issues = [json.loads(line) for line in (out / "issues.jsonl").read_text().splitlines()]
         damaged = {Path(i["file"]).name: i for i in issues if i["kind"] == "damaged-file"}

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from functools import cache
 
 import numpy as np
@@ -247,11 +248,70 @@ def test_lsh_search_agrees_with_datasketch() -> None:
     assert optimal_params(0.8, 128, 0.9) == (14, 9)  # what verify=True bands with
 
 
+def banded_signatures(seed: int, n_base: int = 40, n_copies: int = 160) -> np.ndarray:
+    """Signatures whose band matches depend on exactly which columns make a band.
+
+    Copies of a few random base rows, each value redrawn with probability 0.06: a copy
+    keeps some bands of its base (and of the other copies of it) and loses others, so a
+    band shifted by one column, or one row short, finds other pairs. Two rows are all
+    ``EMPTY`` (documents shorter than one shingle).
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, EMPTY, size=(n_base, 128), dtype=np.uint32)
+    copies = base[rng.integers(0, n_base, n_copies)]
+    redraw = rng.random(copies.shape) < 0.06
+    copies[redraw] = rng.integers(0, EMPTY, size=int(redraw.sum()), dtype=np.uint32)
+    sigs = np.concatenate([base, copies])[rng.permutation(n_base + n_copies)]
+    sigs[[5, 17]] = EMPTY
+    return sigs
+
+
+def datasketch_band_pairs(sigs: np.ndarray, bands: int, rows: int) -> set[tuple[int, int]]:
+    """RedPajama-v2's candidate pairs with datasketch's ``MinHashLSH`` doing the banding.
+
+    RedPajama-v2's MinHash cuts a signature into the hashranges ``(i * r, (i + 1) * r)``
+    and keys a band by its byte-swapped values, as datasketch's ``MinHashLSH`` does;
+    its ``run_lsh.py`` drops documents without a signature and, in every bucket of
+    every band with two or more members, links each member to the smallest.
+    """
+    datasketch = pytest.importorskip("datasketch")
+    lsh = datasketch.MinHashLSH(num_perm=sigs.shape[1], params=(bands, rows))
+    live = [i for i, sig in enumerate(sigs) if (sig != EMPTY).any()]
+    hashes = {i: datasketch.LeanMinHash(seed=42, hashvalues=sigs[i]) for i in live}
+    for i, minhash in hashes.items():
+        lsh.insert(i, minhash)
+    pairs, partners = set(), defaultdict(set)
+    for table in lsh.hashtables:
+        for key in table.keys():
+            first, *others = members = sorted(table.get(key))
+            pairs.update((first, other) for other in others)
+            for m in members:
+                partners[m].update(members)
+    # the buckets read from its tables are the ones its public query answers from
+    assert all(set(lsh.query(h)) == partners[i] for i, h in hashes.items())
+    return pairs
+
+
+def as_pairs(found: np.ndarray) -> set[tuple[int, int]]:
+    assert len(set(map(tuple, found.tolist()))) == len(found)  # each pair once
+    return set(map(tuple, found.tolist()))
+
+
+@pytest.mark.parametrize("bands_rows", [(14, 9), (9, 13), (5, 25), (21, 6), (25, 5), (3, 40)])
+def test_candidate_pairs_match_datasketch_minhash_lsh(bands_rows: tuple[int, int]) -> None:
+    """The band layout (which columns form band i) is RedPajama-v2's, checked against an
+    independent implementation of it: RPV2_BANDS (1x128 aside: datasketch wants two
+    bands at least), the recall bandings, and one that leaves 8 columns unused."""
+    sigs = banded_signatures(seed=bands_rows[0])
+    expected = datasketch_band_pairs(sigs, *bands_rows)
+    assert len(expected) >= 30  # enough pairs that a wrong layout shows
+    assert as_pairs(candidate_pairs(sigs, *bands_rows)) == expected
+
+
 def test_bucket_grouping_is_exact_when_keys_collide(monkeypatch) -> None:
-    sigs = np.random.default_rng(0).integers(0, 3, size=(300, 128), dtype=np.uint32)
-    expected = candidate_pairs(sigs, 9, 13)
+    sigs = banded_signatures(seed=0)
     monkeypatch.setattr(lsh_module, "_FNV_PRIME", np.uint64(0))  # every key collides
-    assert np.array_equal(candidate_pairs(sigs, 9, 13), expected)
+    assert as_pairs(candidate_pairs(sigs, 9, 13)) == datasketch_band_pairs(sigs, 9, 13)
 
 
 def plain_union_find(n: int, pairs: np.ndarray) -> list[int]:
@@ -266,6 +326,46 @@ def plain_union_find(n: int, pairs: np.ndarray) -> list[int]:
         ru, rv = find(u), find(v)
         parent[max(ru, rv)] = min(ru, rv)
     return [find(i) for i in range(n)]
+
+
+def reference_clusters(ids: list[str], pairs: set[tuple[int, int]]) -> list[list[str]]:
+    """Clusters by definition: connected components of two or more, members in input
+    order, clusters ordered by their first member."""
+    labels = plain_union_find(len(ids), np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2))
+    members = defaultdict(list)
+    for i, label in enumerate(labels):  # a label is its component's smallest index
+        members[label].append(ids[i])
+    return [m for _, m in sorted(members.items()) if len(m) > 1]
+
+
+def test_cluster_by_hand_at_08() -> None:
+    """Bands laid out by hand for 0.8 (9 bands x 13 rows: band k is columns 13k to
+    13k + 12; columns 117-127 belong to no band)."""
+    sigs = np.random.default_rng(8).integers(0, EMPTY, size=(10, 128), dtype=np.uint32)
+
+    def share(a: int, b: int, first: int, last: int) -> None:
+        sigs[b, first : last + 1] = sigs[a, first : last + 1]
+
+    share(0, 3, 0, 12)  # band 0
+    share(3, 6, 104, 116)  # band 8, the last: 6 joins 0 through 3
+    share(7, 1, 65, 77)  # band 5: the cluster is named in input order, 1 first
+    share(1, 4, 117, 127)  # the unused columns only: no pair
+    share(2, 5, 1, 13)  # band 0 shifted by one column: no pair
+    share(2, 7, 26, 37)  # 12 of band 2's 13 rows: no pair
+    sigs[8:] = EMPTY  # two documents without shingles: alike, but never candidates
+    ids = [f"d{i}" for i in range(10)]
+    assert candidate_pairs(sigs, 9, 13).tolist() == [[0, 3], [1, 7], [3, 6]]
+    assert cluster(ids, sigs, 0.8) == [["d0", "d3", "d6"], ["d1", "d7"]]
+    assert as_pairs(candidate_pairs(sigs, 9, 13)) == datasketch_band_pairs(sigs, 9, 13)
+
+
+def test_cluster_matches_datasketch_pairs_and_plain_components() -> None:
+    """Ids that sort unlike their input order: clusters follow input order."""
+    sigs = banded_signatures(seed=9)
+    ids = [f"doc{(i * 37) % len(sigs):03d}" for i in range(len(sigs))]
+    expected = reference_clusters(ids, datasketch_band_pairs(sigs, 9, 13))
+    assert len(expected) >= 10
+    assert cluster(ids, sigs, 0.8) == expected
 
 
 def test_components_match_plain_union_find() -> None:
@@ -290,7 +390,8 @@ def shingle_set(text: str) -> set[str]:
     return {" ".join(tokens[i : i + 13]) for i in range(len(tokens) - 12)}
 
 
-def near_duplicate_corpus(seed: int = 7) -> list[str]:
+@cache  # shared by the tests below; nothing changes it
+def near_duplicate_corpus(seed: int = 7) -> tuple[str, ...]:
     """Bundled text windows (300-1200 words), 110 copies with 0-4 words replaced, and 40
     copies with 0.8-2.5% of their words replaced, mostly below Jaccard 0.8.
 
@@ -311,10 +412,10 @@ def near_duplicate_corpus(seed: int = 7) -> list[str]:
             copy[rng.randrange(len(copy))] = rng.choice(vocab)
         docs.append(copy)
     docs += [["short", "doc", str(i % 3)] for i in range(6)]  # no shingle: never clustered
-    return [" ".join(d) for d in docs]
+    return tuple(" ".join(d) for d in docs)
 
 
-def true_jaccards(texts: list[str]) -> dict[tuple[int, int], float]:
+def true_jaccards(texts: Sequence[str]) -> dict[tuple[int, int], float]:
     """Jaccard of every pair sharing a shingle (the others have 0), from plain sets."""
     sets = [shingle_set(t) for t in texts]
     holders = defaultdict(list)
@@ -398,7 +499,7 @@ def test_rpv2_minhash_recall_and_precision_at_jaccard_08() -> None:
     clear = {p: j for p, j in jaccard.items() if j >= 0.9 or j < 0.8}  # 9x13 finds >= 93%
     assert scores(pairs, ids, clear)["recall"] >= 0.9
     assert found["recall"] <= scores(duplicate_pairs(sigs, 0.8, True), ids, jaccard)["recall"]
-    assert cluster(ids, sigs, 0.8) == groups(ids, components(len(ids), pairs))
+    assert cluster(ids, sigs, 0.8) == reference_clusters(ids, as_pairs(pairs))
 
 
 # --- exact verification by shingle sets --------------------------------------------------

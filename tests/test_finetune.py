@@ -6,13 +6,19 @@ back to a folder transformers loads."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from test_train_cli import farflung, losses
+from cli import run_cli
+from safetensors.torch import load_file
+from tiny_runs import farflung, losses
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from farflung.config import load_config
+from farflung.model import GPT
+from farflung.train import init
 from farflung.train.metrics import read_jsonl
 from farflung.train.sample import load_for_inference
 
@@ -53,6 +59,17 @@ def _tokenizer(folder: Path) -> int:
     return tok.get_vocab_size()
 
 
+def _save(model: torch.nn.Module, folder: Path) -> None:
+    """Save with norms and biases moved off their initial ones and zeros (farflung's
+    own initial values too): a tensor left unimported then shows."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny Llama (grouped-query attention, untied head) and a GPT-2, each with the
@@ -60,7 +77,7 @@ def base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("finetune")
     vocab = _tokenizer(root / "llama")
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(
+    llama = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
             vocab_size=vocab,
             hidden_size=32,
@@ -70,21 +87,23 @@ def base(tmp_path_factory) -> Path:
             num_key_value_heads=2,
             max_position_embeddings=64,
         )
-    ).save_pretrained(root / "llama")
+    )
+    _save(llama, root / "llama")
     (root / "gpt2").mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (root / "gpt2" / name).write_bytes((root / "llama" / name).read_bytes())
-    transformers.GPT2LMHeadModel(
+    gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    ).save_pretrained(root / "gpt2")
+    )
+    _save(gpt2, root / "gpt2")
     with (root / "pairs.jsonl").open("w") as f:
         for record in _pairs(120):
             f.write(json.dumps(record) + "\n")
-    r = farflung(
+    code, _, err = run_cli(
         "prepare", "--source", str(root / "pairs.jsonl"), "--tokenizer", str(root / "llama"),
         "--out", str(root / "data"),
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert code == 0, err
     (root / "ft.toml").write_text(f"""
 [model]
 init_from = "hf:{root / "llama"}"
@@ -126,22 +145,97 @@ def single(base) -> Path:
     return out
 
 
-def test_starts_from_the_imported_weights(base, single):
-    """Step 1's loss is the imported model's loss on that batch (not a random model's
-    ~ln(vocab)): recomputed with transformers on the same samples' response tokens."""
+# where each Hugging Face tensor goes in farflung's model (GPT-2's Conv1D weights are
+# stored [in, out], transposed against farflung's nn.Linear); written out here rather
+# than taken from farflung.model.hf, whose table is what this checks
+_LLAMA_NAMES = {
+    "model.embed_tokens.weight": "wte.weight",
+    "model.norm.weight": "ln_f.weight",
+    "lm_head.weight": "head.weight",
+    "input_layernorm.weight": "ln_1.weight",
+    "post_attention_layernorm.weight": "ln_2.weight",
+    "self_attn.q_proj.weight": "attn.q.weight",
+    "self_attn.k_proj.weight": "attn.k.weight",
+    "self_attn.v_proj.weight": "attn.v.weight",
+    "self_attn.o_proj.weight": "attn.proj.weight",
+    "mlp.gate_proj.weight": "mlp.gate.weight",
+    "mlp.up_proj.weight": "mlp.up.weight",
+    "mlp.down_proj.weight": "mlp.proj.weight",
+}
+_GPT2_NAMES = {
+    "transformer.wte.weight": "wte.weight",
+    "transformer.wpe.weight": "wpe.weight",
+    "transformer.ln_f.weight": "ln_f.weight",
+    "transformer.ln_f.bias": "ln_f.bias",
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "ln_2.weight": "ln_2.weight",
+    "ln_2.bias": "ln_2.bias",
+    "attn.c_attn.weight": "attn.qkv.weight",
+    "attn.c_attn.bias": "attn.qkv.bias",
+    "attn.c_proj.weight": "attn.proj.weight",
+    "attn.c_proj.bias": "attn.proj.bias",
+    "mlp.c_fc.weight": "mlp.fc.weight",
+    "mlp.c_fc.bias": "mlp.fc.bias",
+    "mlp.c_proj.weight": "mlp.proj.weight",
+    "mlp.c_proj.bias": "mlp.proj.bias",
+}
+
+
+def _ours(arch: str, theirs: str) -> tuple[str, bool]:
+    """(farflung's name, stored transposed?) of a Hugging Face tensor name."""
+    names, prefix = (
+        (_LLAMA_NAMES, "model.layers.") if arch == "llama" else (_GPT2_NAMES, "transformer.h.")
+    )
+    if theirs in names:
+        return names[theirs], False
+    assert theirs.startswith(prefix), theirs
+    layer, _, rest = theirs.removeprefix(prefix).partition(".")
+    conv1d = arch == "gpt2" and rest.endswith(".weight") and rest.startswith(("attn.", "mlp."))
+    return f"blocks.{layer}.{names[rest]}", conv1d
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_init_imports_every_tensor(base, arch):
+    """What ``model.init_from`` loads into a fresh model (as the training loop does)
+    is the source file's tensors, one by one; nothing is left at its initial value."""
+    cfg = init.resolve(load_config(base / "ft.toml", [f"model.init_from=hf:{base / arch}"]))
+    torch.manual_seed(1)
+    model = GPT(cfg.model)
+    init.load_weights(model, cfg)
+    state = model.state_dict()
+    loaded = set()
+    for theirs, tensor in load_file(base / arch / "model.safetensors").items():
+        ours, transposed = _ours(arch, theirs)
+        assert torch.equal(state[ours], tensor.t() if transposed else tensor), theirs
+        loaded.add(ours)
+    tied = {"head.weight"} if cfg.model.tie_embeddings else set()
+    assert set(state) - loaded == tied
+    if tied:
+        assert model.head.weight is model.wte.weight
+
+
+def _first_loss(base: Path, arch: str) -> float:
+    """The loss of the Hugging Face model ``arch`` on step 1's batch (response tokens
+    only), computed with transformers."""
     from farflung.data import SampleSet, ShardIndex, TokenStream, batch_ids
 
     index = ShardIndex.load(base / "data")
     samples = SampleSet(TokenStream(index, "train"), 16)
     assert samples.has_mask
     x, y = samples.batch(batch_ids(0, 8, len(samples), 1234))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(base / "llama").eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(base / arch).eval()
     with torch.no_grad():
         logits = ref(x).logits
     counted = y != -100
     assert 0 < counted.sum() < y.numel()  # prompts are left out, responses counted
-    expected = torch.nn.functional.cross_entropy(logits[counted], y[counted]).item()
-    assert losses(single)[0] == pytest.approx(expected, rel=1e-5)
+    return torch.nn.functional.cross_entropy(logits[counted], y[counted]).item()
+
+
+def test_starts_from_the_imported_weights(base, single):
+    """Step 1's loss is the imported model's loss on that batch (not a random model's
+    ~ln(vocab)): recomputed with transformers on the same samples' response tokens."""
+    assert losses(single)[0] == pytest.approx(_first_loss(base, "llama"), rel=1e-5)
 
 
 def test_two_workers_equal_one_process(base, single):
@@ -166,8 +260,8 @@ def test_pipeline_stages_carry_the_mask(base, single):
 
 
 def test_export_loads_with_from_pretrained(base, single, tmp_path):
-    r = farflung("export-hf", str(single), str(tmp_path / "out"))
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_cli("export-hf", str(single), str(tmp_path / "out"))  # launches nothing
+    assert code == 0, err
     ours, _ = load_for_inference(single)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -178,8 +272,8 @@ def test_export_loads_with_from_pretrained(base, single, tmp_path):
     # the imported tokenizer's own settings travelled through the run's checkpoint
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (base / "llama" / name).read_bytes()
-    again = farflung("export-hf", str(single), str(tmp_path / "out"))
-    assert again.returncode == 2 and "--force" in again.stderr
+    code, _, err = run_cli("export-hf", str(single), str(tmp_path / "out"))
+    assert code == 2 and "--force" in err
 
 
 def test_run_init_starts_from_another_runs_weights(base, single):
@@ -205,12 +299,23 @@ def test_gpt2_import_trains_with_other_algorithms(base, algorithm):
     assert r.returncode == 0, r.stderr
     saved = (out / "config.toml").read_text()
     assert 'arch = "gpt2"' in saved and "max_positions = 64" in saved
-    assert all(v == v for v in losses(out))  # finite
+    # the workers start from the imported GPT-2 and stay finite
+    assert losses(out)[0] == pytest.approx(_first_loss(base, "gpt2"), rel=1e-5)
+    assert all(math.isfinite(v) for v in losses(out) + _val(out))
 
 
 def test_init_errors_are_clear(base, tmp_path):
-    r = _train(base, tmp_path / "a", 1, f"model.init_from=hf:{tmp_path / 'missing'}")
-    assert r.returncode == 2 and "config.json: not found" in r.stderr
+    # refused before anything is launched: in this process
+    code, _, err = run_cli(
+        "train", str(base / "ft.toml"), "--out", str(tmp_path / "a"),
+        f"--set=model.init_from=hf:{tmp_path / 'missing'}",
+    )  # fmt: skip
+    assert code == 2 and "config.json: not found" in err
+    code, _, err = run_cli(
+        "train", str(base / "ft.toml"), "--out", str(tmp_path / "c"), "--set=model.context=100"
+    )
+    assert code == 2 and "model.context = 100 exceeds model.max_positions = 64" in err
+    # the workers compare the tokenizers: a real run
     other = tmp_path / "other"
     other.mkdir()
     (other / "tokenizer.json").write_text((base / "llama" / "tokenizer.json").read_text() + " ")
@@ -218,5 +323,3 @@ def test_init_errors_are_clear(base, tmp_path):
         (other / name).write_bytes((base / "llama" / name).read_bytes())
     r = _train(base, tmp_path / "b", 1, f"model.init_from=hf:{other}")
     assert r.returncode == 2 and "encoded with another tokenizer" in r.stderr
-    r = _train(base, tmp_path / "c", 1, "model.context=100")
-    assert r.returncode == 2 and "model.context = 100 exceeds model.max_positions = 64" in r.stderr

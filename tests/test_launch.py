@@ -13,7 +13,7 @@ import time
 
 import pytest
 from test_faults import kill_all, wait_until_training, worker_pids
-from test_train_cli import farflung, losses, run_a, tiny  # noqa: F401  (fixtures)
+from tiny_runs import losses
 
 
 def test_ctrl_c_stops_every_worker(tiny):  # noqa: F811
@@ -117,4 +117,4 @@ def test_torchrun_worker_names_a_frozen_peer(tiny):  # noqa: F811
         assert seen[-1].startswith("farflung: rank 0: rank 1 stopped responding (no heartbeat")
         assert timeout_s - 2 <= took <= timeout_s + 10, f"named {took:.1f} s after the freeze"
     finally:
-        kill_all(agent, pids)
+        kill_all(agent, pids, out)

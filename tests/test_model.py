@@ -207,16 +207,30 @@ def test_single_stage_is_whole_model():
     assert torch.equal(stage(idx, targets)[1], model(idx, targets)[1])
 
 
+def _next_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    """The whole model's logits for the token after ``ids`` (its last 16 as context)."""
+    with torch.no_grad():
+        return model(ids[:, -model.cfg.context :])[0][:, -1]
+
+
 def test_generate_length_and_greedy():
-    model = make_model().train()
+    # untied: a tied head's argmax mostly repeats the last token, whatever the dropout
+    model = make_model(dropout=0.2, tie_embeddings=False).train()
     prompt = torch.zeros(2, 3, dtype=torch.long)
     greedy = generate(model, prompt, 20, temperature=0.0)
+    assert model.training  # mode restored
     assert greedy.shape == (2, 23)
     assert torch.equal(greedy[:, :3], prompt)
-    assert torch.equal(greedy, generate(model, prompt, 20, temperature=0.0))
-    assert model.training  # mode restored
-    long_prompt = torch.randint(0, VOCAB, (1, 20))  # longer than the context of 16
-    assert generate(model, long_prompt, 4, temperature=0.0).shape == (1, 24)
+    # every token is the whole model's argmax after the ones before it (no dropout),
+    # the last 16 once the sequence outgrows the context
+    model.eval()
+    for t in range(3, 23):
+        assert torch.equal(greedy[:, t], _next_logits(model, greedy[:, :t]).argmax(-1)), t
+    long_prompt = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
+    longer = generate(model, long_prompt, 4, temperature=0.0)
+    assert longer.shape == (1, 24) and torch.equal(longer[:, :20], long_prompt)
+    for t in range(20, 24):
+        assert torch.equal(longer[:, t], _next_logits(model, longer[:, :t]).argmax(-1)), t
 
 
 def test_generate_sampling_with_generator_and_top_k():
@@ -229,4 +243,15 @@ def test_generate_sampling_with_generator_and_top_k():
 
     assert torch.equal(sample(None), sample(None))
     assert torch.equal(sample(1), generate(model, prompt, 10, temperature=0.0))
-    assert sample(5).shape == (1, 11)
+    five = sample(5)
+    assert five.shape == (1, 11)
+    for t in range(1, 11):  # each draw among the 5 likeliest tokens after its prefix
+        top = _next_logits(model.eval(), five[:, :t]).topk(5).indices
+        assert five[0, t] in top[0], t
+    # without top_k the draws leave the top 5 (64 near-equal tokens: 5/64 each)
+    unrestricted = sample(None)
+    outside = [
+        unrestricted[0, t] not in _next_logits(model, unrestricted[:, :t]).topk(5).indices[0]
+        for t in range(1, 11)
+    ]
+    assert any(outside)

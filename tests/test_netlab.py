@@ -372,10 +372,12 @@ def test_both_directions_at_once_keep_the_rate(shaping):
     rate, nbytes = 50e6, 4_000_000  # ~0.7 s each way
     with Lab(LinkMatrix.uniform(2, "50mbit"), shaping=shaping) as lab:
         results = []
-        for _ in range(2):  # the better of two tries: the 2-core host is shared
+        for _ in range(2):  # a second try only after a bad one: the 2-core host is shared
             one = measure_duplex(lab, 0, 1, nbytes, timeout=8)
             two = measure_pairs(lab, [(0, 1), (1, 0)], nbytes, timeout=8)
             results.append((*one, *two))
+            if min(r.bits_per_s for r in results[-1]) >= 0.85 * rate:
+                break
         # host 0's ACK class: under tbf, or under its htb class for host 1
         ack_bytes, ack_packets = _ack_stats(lab, 0, "10:1" if shaping == "tbf" else "3:1")
     for r in (r for tries in results for r in tries):

@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_train_cli import losses, tiny, train_tiny  # noqa: F401  (fixture)
+from procs import end_run
+from tiny_runs import losses, train_tiny
 
 from farflung.netlab import Lab, available
 from farflung.netlab.link import LinkMatrix
@@ -66,15 +67,27 @@ def run_nodes(lab: Lab, config: Path, outs: list[Path], *args: str) -> list[tupl
         for node in range(2)
     ]
     results = []
-    for node, proc in enumerate(procs):
-        try:
-            _, err = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"torchrun on node {node} did not finish in 240 s")
-        results.append((proc.returncode, err))
+    try:
+        for node, proc in enumerate(procs):
+            try:
+                _, err = proc.communicate(timeout=240)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"torchrun on node {node} did not finish in 240 s")
+            results.append((proc.returncode, err))
+    finally:  # torchrun's workers outlive a killed torchrun: end them by their --out
+        for out in outs:
+            end_run(out, *procs)
     return results
+
+
+def train_reference(tiny: Path, out: Path, *args: str) -> list[float]:  # noqa: F811
+    """Losses of an uninterrupted local run (2 workers) into ``out``."""
+    try:
+        r = train_tiny(tiny, out, "--quiet", *args)
+    finally:
+        end_run(out)
+    assert r.returncode == 0, r.stderr
+    return losses(out)
 
 
 def assert_succeeded(results: list[tuple[int, str]]) -> None:
@@ -129,10 +142,8 @@ def first_run(lab: Lab, tiny: Path) -> tuple[list[Path], list[tuple[int, str]]]:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny: Path) -> list[float]:  # noqa: F811
     """Losses of a 12-step run that was never stopped (local launcher, 2 workers)."""
-    out = tiny / "torchrun_reference"
-    r = train_tiny(tiny, out, "--quiet", "--set", f"train.steps={TOTAL}", *SCHEDULE)
-    assert r.returncode == 0, r.stderr
-    return losses(out)
+    steps = ["--set", f"train.steps={TOTAL}", *SCHEDULE]
+    return train_reference(tiny, tiny / "torchrun_reference", *steps)
 
 
 def test_two_nodes_train_and_checkpoint_into_their_own_folders(first_run):
@@ -170,10 +181,8 @@ def test_pipeline_stage_per_node_trains_and_resumes_exactly(lab, tiny):  # noqa:
     assert_succeeded(run_nodes(lab, tiny / "tiny.toml", outs, *first))
     more = ["--resume", "--set", f"train.steps={TOTAL}", *PIPELINE]
     assert_succeeded(run_nodes(lab, tiny / "tiny.toml", outs, *more))
-    ref = tiny / "pp_reference"
-    r = train_tiny(tiny, ref, "--quiet", "--set", f"train.steps={TOTAL}", *PIPELINE)
-    assert r.returncode == 0, r.stderr
-    assert losses(outs[0]) == losses(ref)
+    ref = train_reference(tiny, tiny / "pp_reference", "--set", f"train.steps={TOTAL}", *PIPELINE)
+    assert losses(outs[0]) == ref
     for node, out in enumerate(outs):
         ckpt = out / "checkpoints" / f"step_{TOTAL:08d}"
         assert (ckpt / f"rank{node}.pt").is_file()

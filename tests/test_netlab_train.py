@@ -12,7 +12,8 @@ import sys
 import time
 
 import pytest
-from test_train_cli import farflung, tiny, train_tiny  # noqa: F401  (fixture)
+from procs import end_run, processes_of
+from tiny_runs import farflung, train_tiny
 
 from farflung.netlab import available
 from farflung.netlab.link import LinkMatrix
@@ -30,7 +31,10 @@ def namespaces() -> set[str]:
 def test_training_crosses_the_shaped_link(tiny):  # noqa: F811
     before = namespaces()
     out = tiny / "netlab_run"
-    r = train_tiny(tiny, out, "--netlab", "20mbit,5ms", "--set", "train.steps=6", "--quiet")
+    try:
+        r = train_tiny(tiny, out, "--netlab", "20mbit,5ms", "--set", "train.steps=6", "--quiet")
+    finally:
+        end_run(out)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert "netlab" in summary["network"]
@@ -43,7 +47,10 @@ def test_training_crosses_the_shaped_link(tiny):  # noqa: F811
 
 def test_probe_in_the_lab_recovers_the_configured_link(tiny):  # noqa: F811
     out = tiny / "probed.json"
-    r = farflung("probe", "--workers", "2", "--netlab", "40mbit,10ms", "--out", str(out))
+    try:
+        r = farflung("probe", "--workers", "2", "--netlab", "40mbit,10ms", "--out", str(out))
+    finally:
+        end_run(out)  # its workers are told --out OUT
     assert r.returncode == 0, r.stderr
     m = LinkMatrix.from_file(out)
     for i, j in m.pairs():
@@ -59,19 +66,21 @@ def test_interrupted_run_tears_the_lab_down(tiny, sig):  # noqa: F811
     cmd = [sys.executable, "-m", "farflung.cli.main", "train", str(tiny / "tiny.toml")]
     cmd += ["--workers", "2", "--out", str(out), "--netlab", "5mbit", "--quiet"]
     cli = subprocess.Popen(cmd + ["--set", "train.steps=100000"], stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while not (metrics.exists() and metrics.read_text().strip()):  # training is under way
-        assert cli.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.2)
-    assert len(namespaces() - before) == 3  # two hosts and the bridge
-    cli.send_signal(sig)
-    _, err = cli.communicate(timeout=60)
-    assert cli.returncode != 0
-    assert "interrupted" in err
-    assert namespaces() == before
-    workers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
-    assert workers.strip() == ""  # no worker left running
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().strip()):  # training is under way
+            assert cli.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        assert len(namespaces() - before) == 3  # two hosts and the bridge
+        cli.send_signal(sig)
+        _, err = cli.communicate(timeout=60)
+        assert cli.returncode != 0
+        assert "interrupted" in err
+        assert namespaces() == before
+        assert processes_of(out) == []  # no worker left running
+    finally:
+        end_run(out, cli)
 
 
 def test_netlab_cli_up_status_down(tiny):  # noqa: F811

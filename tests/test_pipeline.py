@@ -17,9 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli import run_cli
 from distributed import run_distributed
 from safetensors.torch import load_file, load_model
 
 # the tiny corpus and the CLI helper are shared with the CLI tests
-from test_train_cli import farflung, tiny  # noqa: F401
+from tiny_runs import farflung
 
 from farflung.compress.activations import BoundaryCodec
 from farflung.config import ModelConfig
@@ -72,7 +71,7 @@ AQSGD = PP2 + sets(
     "train.checkpoint_every=2",
     "train.keep_checkpoints=10",
 )
-CUT_ENV = {"FARFLUNG_FAIL_AT": "1:3"}  # rank 1 exits after step 3, before step 4
+CUT_ENV = {"FARFLUNG_FAULTS": "1:4:EXIT"}  # rank 1 exits after step 3, before step 4
 # a placement that is not stage-major: rank 0 holds the last stage
 PLACEMENT = {
     "stages": 2,
@@ -565,7 +564,7 @@ def test_a_killed_stage_ends_the_run_and_is_named(root):
         *PP2,
         *sets("parallel.timeout_s=10", "train.steps=100"),
         workers=2,
-        env={"FARFLUNG_FAIL_AT": "1:3"},
+        env={"FARFLUNG_FAULTS": "1:4:EXIT"},
     )
     took = time.monotonic() - t0
     assert run.proc.returncode != 0
@@ -600,18 +599,12 @@ CONFIG_ERRORS = {
 
 
 def test_config_errors_exit_2_and_name_the_keys(root):
-    procs = {}
+    # refused before any worker starts: in this process (no interpreter start-up each)
     for name, (workers, args, _) in CONFIG_ERRORS.items():
         out = root / "pp" / f"bad-{name.replace(' ', '-')}"
-        cmd = [sys.executable, "-m", "farflung.cli.main", "train", str(root / "pipe.toml")]
-        cmd += ["--workers", str(workers), "--out", str(out), "--quiet", *args]
-        procs[name] = (
-            out,
-            subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ)),
-        )
-    for name, (out, p) in procs.items():
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 2, (name, err)
+        cmd = ["train", str(root / "pipe.toml"), "--workers", str(workers), "--out", str(out)]
+        code, _, err = run_cli(*cmd, "--quiet", *args)
+        assert code == 2, (name, err)
         assert "config error" in err, (name, err)
         for fragment in CONFIG_ERRORS[name][2]:
             assert fragment in err, (name, fragment, err)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from cli import run_cli
 
-from farflung.cli.main import main
 from farflung.config import ConfigError
 from farflung.plan.devices import REFERENCE_TFLOPS, devices_from_dict, load_devices
 from farflung.plan.placement import StageMap
@@ -35,10 +35,8 @@ def tiny(tmp_path: Path) -> Path:
     return p
 
 
-def plan(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["plan", *args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def plan(*args: str) -> tuple[int, str, str]:
+    return run_cli("plan", *args)
 
 
 # ---- devices files -------------------------------------------------------------------------
@@ -94,10 +92,9 @@ def test_devices_file_errors(tmp_path: Path) -> None:
 # ---- the command ---------------------------------------------------------------------------
 
 
-def test_plan_fixed_shape(tiny: Path, tmp_path: Path, capsys) -> None:
+def test_plan_fixed_shape(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "placement.json"
     code, stdout, stderr = plan(
-        capsys,
         str(tiny),
         "--scenario",
         "regional",
@@ -133,10 +130,10 @@ def test_plan_fixed_shape(tiny: Path, tmp_path: Path, capsys) -> None:
     assert "stages" not in base["random mean"]
 
 
-def test_plan_chooses_shape(tiny: Path, tmp_path: Path, capsys) -> None:
+def test_plan_chooses_shape(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     code, _, stderr = plan(
-        capsys, str(tiny), "--links", "100mbit,20ms", "--workers", "4", "--budget-s", "0.5",
+        str(tiny), "--links", "100mbit,20ms", "--workers", "4", "--budget-s", "0.5",
         "--out", str(out),
     )  # fmt: skip
     assert code == 0, stderr
@@ -146,7 +143,7 @@ def test_plan_chooses_shape(tiny: Path, tmp_path: Path, capsys) -> None:
     StageMap.load(out, 4, pp)
 
 
-def test_plan_cost_models_and_overlap(tiny: Path, tmp_path: Path, capsys) -> None:
+def test_plan_cost_models_and_overlap(tiny: Path, tmp_path: Path) -> None:
     """DT-FM's objective sums every boundary's whole-batch transfer; the schedule
     model overlaps boundaries and micro-batches, so where bandwidth dominates it
     predicts less pipeline time for the same placement. (Where delay dominates it can
@@ -158,7 +155,7 @@ def test_plan_cost_models_and_overlap(tiny: Path, tmp_path: Path, capsys) -> Non
     figs = {}
     for model in ("schedule", "dtfm"):
         out = tmp_path / f"{model}.json"
-        code, _, stderr = plan(capsys, *common, "--cost-model", model, "--out", str(out))
+        code, _, stderr = plan(*common, "--cost-model", model, "--out", str(out))
         assert code == 0, stderr
         assert f"cost model: {model}" in stderr
         figs[model] = json.loads(out.read_text())["baselines"]["rank order"]
@@ -167,7 +164,7 @@ def test_plan_cost_models_and_overlap(tiny: Path, tmp_path: Path, capsys) -> Non
     for overlap in ("true", "false"):
         out = tmp_path / f"cocktail-{overlap}.json"
         code, _, stderr = plan(
-            capsys, *common, "--set", "parallel.algorithm=cocktail",
+            *common, "--set", "parallel.algorithm=cocktail",
             "--set", f"parallel.overlap={overlap}", "--out", str(out),
         )  # fmt: skip
         assert code == 0, stderr
@@ -180,7 +177,7 @@ def test_plan_cost_models_and_overlap(tiny: Path, tmp_path: Path, capsys) -> Non
     assert hidden["total"] == pytest.approx(max(step, plain["dp"]))
 
 
-def test_plan_devices_file(tiny: Path, tmp_path: Path, capsys) -> None:
+def test_plan_devices_file(tiny: Path, tmp_path: Path) -> None:
     devs = tmp_path / "devices.json"
     devs.write_text(
         json.dumps(
@@ -195,7 +192,7 @@ def test_plan_devices_file(tiny: Path, tmp_path: Path, capsys) -> None:
     )
     out = tmp_path / "p.json"
     code, _, stderr = plan(
-        capsys, str(tiny), "--scenario", "world", "--devices", str(devs), "--stages", "2",
+        str(tiny), "--scenario", "world", "--devices", str(devs), "--stages", "2",
         "--dp", "2", "--budget-s", "0.3", "--out", str(out),
     )  # fmt: skip
     assert code == 0, stderr
@@ -203,7 +200,7 @@ def test_plan_devices_file(tiny: Path, tmp_path: Path, capsys) -> None:
     assert set(smap.hosts) == {"a", "b"}
 
 
-def test_plan_memory_overflow(tiny: Path, tmp_path: Path, capsys) -> None:
+def test_plan_memory_overflow(tiny: Path, tmp_path: Path) -> None:
     devs = tmp_path / "devices.json"
     devs.write_text(
         json.dumps(
@@ -211,17 +208,17 @@ def test_plan_memory_overflow(tiny: Path, tmp_path: Path, capsys) -> None:
         )
     )
     args = [str(tiny), "--scenario", "regional", "--devices", str(devs), "--budget-s", "0.2"]
-    code, _, stderr = plan(capsys, *args, "--out", str(tmp_path / "p.json"))
+    code, _, stderr = plan(*args, "--out", str(tmp_path / "p.json"))
     assert code == 2
     assert "memory_gb" in stderr and "no pipeline shape fits" in stderr
-    code, _, stderr = plan(capsys, *args, "--stages", "2", "--dp", "2", "--out", "x.json")
+    code, _, stderr = plan(*args, "--stages", "2", "--dp", "2", "--out", "x.json")
     assert code == 2 and "memory_gb" in stderr and "GB" in stderr
     assert not (tmp_path / "p.json").exists()
 
 
-def test_plan_bad_shape(tiny: Path, tmp_path: Path, capsys) -> None:
+def test_plan_bad_shape(tiny: Path, tmp_path: Path) -> None:
     code, _, stderr = plan(
-        capsys, str(tiny), "--scenario", "regional", "--workers", "8", "--stages", "3",
+        str(tiny), "--scenario", "regional", "--workers", "8", "--stages", "3",
         "--dp", "3", "--out", str(tmp_path / "p.json"),
     )  # fmt: skip
     assert code == 2 and "must equal the 8 devices" in stderr

@@ -9,18 +9,24 @@ model, its in-flight sync (with shared moments) and its server error buffers; di
 global model and
 outer momentum between outer steps (``local_steps=3``, so the step-4 checkpoint lies
 inside an outer round); gossip's public copies of itself and its neighbour.
+
+The runs are independent of each other except a resume of its own cut run, and each
+spends most of its time starting processes, so the module starts them all at once in
+a small thread pool (only the algorithms the selected tests name).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 # the tiny corpus and CLI helpers are shared with the CLI tests; importing the fixture
 # into this module's namespace is how pytest shares a fixture without a conftest entry
-from test_train_cli import tiny, train_tiny  # noqa: F401
+from tiny_runs import train_tiny
 
 from farflung.train.metrics import read_jsonl
 
@@ -68,19 +74,50 @@ def _final_val(run: Path) -> float:
     return json.loads((run / "summary.json").read_text())["final_val_loss"]
 
 
+Procs = tuple[subprocess.CompletedProcess, subprocess.CompletedProcess, int]
+
+
+def _cut_and_resume(tiny: Path, name: str) -> Procs:  # noqa: F811
+    """The run killed at ``FAIL_STEP``, the last step it logged, and its resume."""
+    cut = tiny / f"{name}_cut"
+    env = {"FARFLUNG_FAULTS": f"1:{FAIL_STEP + 1}:EXIT"}
+    killed = train_tiny(tiny, cut, *_args(name), env=env)
+    logged = max(_losses_by_step(cut), default=0)
+    return killed, train_tiny(tiny, cut, *_args(name), "--resume"), logged
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, request) -> dict[str, tuple[Future, Future]]:  # noqa: F811
+    """Per algorithm: the uninterrupted run, and the cut run with its resume."""
+    wanted = sorted(
+        {
+            item.callspec.params["name"]
+            for item in request.session.items
+            if item.module is request.module and hasattr(item, "callspec")
+        }
+    )
+    with ThreadPoolExecutor(3) as pool:
+        yield {
+            name: (
+                pool.submit(train_tiny, tiny, tiny / f"{name}_whole", *_args(name)),
+                pool.submit(_cut_and_resume, tiny, name),
+            )
+            for name in wanted
+        }
+
+
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_resume_from_checkpoint_files_is_exact(tiny, name):  # noqa: F811
+def test_resume_from_checkpoint_files_is_exact(tiny, runs, name):  # noqa: F811
     whole, cut = tiny / f"{name}_whole", tiny / f"{name}_cut"
-    r = train_tiny(tiny, whole, *_args(name))
+    r = runs[name][0].result()
     assert r.returncode == 0, r.stderr
     expected = _losses_by_step(whole)
     assert sorted(expected) == list(range(1, STEPS + 1))
 
-    r = train_tiny(tiny, cut, *_args(name), env={"FARFLUNG_FAIL_AT": f"1:{FAIL_STEP}"})
-    assert r.returncode != 0
-    assert max(_losses_by_step(cut), default=0) <= FAIL_STEP
+    killed, r, logged = runs[name][1].result()
+    assert killed.returncode != 0
+    assert logged <= FAIL_STEP
 
-    r = train_tiny(tiny, cut, *_args(name), "--resume")
     assert r.returncode == 0, r.stderr
     # it really resumed from the step-4 checkpoint (a restart from scratch would match
     # the uninterrupted run trivially)

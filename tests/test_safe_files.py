@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli import run_cli
 from safetensors.torch import load_file, save_file
-from test_train_cli import farflung, run_a, tiny, train_tiny  # noqa: F401  (fixtures)
+from tiny_runs import train_tiny
 
-from farflung.cli.main import main
 from farflung.comm import free_port
 from farflung.config import load_config
 from farflung.data import SampleSet, ShardIndex, TokenStream
 from farflung.model import GPT, hf
 from farflung.train import checkpoint as ckpt
 from farflung.train.elastic_run import check_samples
-from farflung.train.entry import check_out_dir
 from farflung.train.metrics import read_jsonl
+from farflung.train.options import check_out_dir
 from farflung.train.runfolder import RUN_MARKER, RunFolderError
 
 
@@ -39,7 +39,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 # -------------------------------------------------------------------------- --force
 
 
-def test_force_refuses_a_folder_that_is_not_a_run(tiny, tmp_path, capsys):  # noqa: F811
+def test_force_refuses_a_folder_that_is_not_a_run(tiny, tmp_path):  # noqa: F811
     """train / coordinator / demo --force on a folder with the user's files: refused,
     the message names what is there, nothing is deleted."""
     folder = tmp_path / "mine"
@@ -53,15 +53,15 @@ def test_force_refuses_a_folder_that_is_not_a_run(tiny, tmp_path, capsys):  # no
         ["train", cfg, "--out", str(folder), "--force"],
         ["coordinator", cfg, "--workers", "1", "--out", str(folder), "--force"],
     ):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
+        code, _, err = run_cli(*argv)
+        assert code == 2
         assert "notes0.txt" in err and "7 entries" in err and "nothing was deleted" in err
         assert tree(folder) == before
     (tmp_path / "demo" / "allreduce").mkdir(parents=True)
     (tmp_path / "demo" / "allreduce" / "thesis.tex").write_text("years of work")
     argv = ["demo", "--out", str(tmp_path / "demo"), "--algorithms", "allreduce"]
-    assert main([*argv, "--network", "off"]) == 2
-    assert "thesis.tex" in capsys.readouterr().err
+    code, _, err = run_cli(*argv, "--network", "off")
+    assert code == 2 and "thesis.tex" in err
     assert (tmp_path / "demo" / "allreduce" / "thesis.tex").read_text() == "years of work"
 
 
@@ -69,7 +69,6 @@ def test_force_refuses_the_working_directory_home_and_a_data_folder(
     tiny,  # noqa: F811
     tmp_path,
     monkeypatch,
-    capsys,
 ):
     cfg = str(tiny / "tiny.toml")
     work = tmp_path / "work"
@@ -78,8 +77,8 @@ def test_force_refuses_the_working_directory_home_and_a_data_folder(
     (work / RUN_MARKER).write_text("{}")
     monkeypatch.chdir(work)
     before = tree(work)
-    assert main(["train", cfg, "--out", ".", "--force"]) == 2
-    assert "working directory" in capsys.readouterr().err
+    code, _, err = run_cli("train", cfg, "--out", ".", "--force")
+    assert code == 2 and "working directory" in err
     assert tree(work) == before
     home = tmp_path / "home"
     (home / "checkpoints").mkdir(parents=True)
@@ -196,7 +195,7 @@ def test_export_force_removes_a_stale_sharded_model(run_a, tmp_path):  # noqa: F
     farflung's own loader reads the exported weights, not the old shards. A file of the
     user's own stays."""
     out = tmp_path / "hf"
-    assert main(["export-hf", str(run_a), str(out)]) == 0
+    assert run_cli("export-hf", str(run_a), str(out))[0] == 0
     new = load_file(out / hf.WEIGHTS_FILE)
     names = sorted(new)
     half = len(names) // 2
@@ -208,8 +207,9 @@ def test_export_force_removes_a_stale_sharded_model(run_a, tmp_path):  # noqa: F
     (out / hf.INDEX_FILE).write_text(json.dumps(index))
     (out / hf.WEIGHTS_FILE).unlink()
     (out / "README.md").write_text("my model card")
-    assert main(["export-hf", str(run_a), str(out)]) == 2  # without --force: refused
-    assert main(["export-hf", str(run_a), str(out), "--force"]) == 0
+    code, _, err = run_cli("export-hf", str(run_a), str(out))
+    assert code == 2 and "--force" in err  # without --force: refused
+    assert run_cli("export-hf", str(run_a), str(out), "--force")[0] == 0
     assert not (out / hf.INDEX_FILE).exists() and not any(out.glob("model-0000*"))
     assert (out / "README.md").read_text() == "my model card"
     found = ckpt.newest(run_a)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from test_train_cli import tiny, train_tiny  # noqa: F401  (fixture)
+from procs import end_run
+from tiny_runs import train_tiny
 
 from farflung.train.metrics import read_jsonl
 
@@ -15,21 +16,12 @@ def test_diloco_between_syncs_waits_on_no_link(tiny):  # noqa: F811
     cost each step one: 12 x 0.3 s of blocked time). The gather launched at step 10 is
     collected after step 12, when it has long arrived."""
     out = tiny / "telemetry_diloco"
-    r = train_tiny(
-        tiny,
-        out,
-        "--quiet",
-        "--link-model",
-        "100mbit,300ms",
-        "--set",
-        "parallel.algorithm=diloco",
-        "--set",
-        "parallel.local_steps=100",
-        "--set",
-        "train.eval_every=0",
-        "--set",
-        "train.checkpoint_every=0",
-    )
+    args = ["--quiet", "--link-model", "100mbit,300ms", "--set", "parallel.algorithm=diloco"]
+    args += ["--set", "parallel.local_steps=100", "--set", "train.eval_every=0"]
+    try:
+        r = train_tiny(tiny, out, *args, "--set", "train.checkpoint_every=0")
+    finally:
+        end_run(out)
     assert r.returncode == 0, r.stderr
     records = read_jsonl(out / "metrics.jsonl")
     assert [rec["step"] for rec in records] == list(range(1, 13))

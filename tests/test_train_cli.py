@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli import run_cli
+from tiny_runs import farflung, losses, train_tiny
 
-from farflung.data import prepare
 from farflung.train.metrics import read_jsonl
 
 STEP_FIELDS = {
@@ -35,80 +33,6 @@ SUMMARY_FIELDS = {
     "algorithm",
     "world_size",
 }
-
-
-def farflung(*args: str, env: dict | None = None, timeout: float = 180):
-    return subprocess.run(
-        [sys.executable, "-m", "farflung.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def train_tiny(tiny: Path, out: Path, *args: str, workers: int = 2, env: dict | None = None):
-    """``farflung train`` on the tiny config."""
-    cfg = str(tiny / "tiny.toml")
-    return farflung("train", cfg, "--workers", str(workers), "--out", str(out), *args, env=env)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny prepared corpus and a config that trains on it in seconds."""
-    root = tmp_path_factory.mktemp("tiny")
-    words = (
-        "the quick brown fox jumps over lazy dogs while seven wizards quietly "
-        "judge boxing matches near old river banks"
-    ).split()
-    for i in range(40):
-        text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(300))
-        (root / "corpus").mkdir(exist_ok=True)
-        (root / "corpus" / f"doc{i:02d}.txt").write_text(text + ".\n")
-    prepare(
-        [str(root / "corpus")],
-        root / "data",
-        vocab_size=300,
-        val_fraction=0.1,
-        shard_tokens=2048,
-        seed=0,
-        progress=False,
-    )
-    (root / "tiny.toml").write_text(f"""
-[model]
-n_layer = 2
-n_head = 2
-d_model = 32
-context = 16
-[data]
-dir = "{root / "data"}"
-[optim]
-lr = 3e-3
-warmup_steps = 2
-[train]
-steps = 12
-batch_size = 8
-micro_batch_size = 2
-eval_every = 4
-eval_batches = 2
-checkpoint_every = 4
-keep_checkpoints = 2
-threads = 1
-""")
-    return root
-
-
-@pytest.fixture(scope="module")
-def run_a(tiny) -> Path:
-    """An uninterrupted 2-worker run every other test compares against."""
-    out = tiny / "run_a"
-    r = train_tiny(tiny, out, "--quiet")
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-def losses(run: Path) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
 
 
 def test_run_folder_contents(run_a):
@@ -138,7 +62,7 @@ def test_one_worker_sees_the_same_batches(tiny, run_a):
 
 def test_killed_worker_is_named_and_resume_is_exact(tiny, run_a):
     out = tiny / "run_b"
-    r = train_tiny(tiny, out, "--quiet", env={"FARFLUNG_FAIL_AT": "1:6"})
+    r = train_tiny(tiny, out, "--quiet", env={"FARFLUNG_FAULTS": "1:7:EXIT"})
     assert r.returncode != 0
     assert "worker rank 1 exited" in r.stderr
     # telemetry is gathered in the background and written at the step-4 checkpoint;
@@ -164,13 +88,15 @@ def test_resume_with_another_algorithm_names_the_key(tiny, run_a):
 
 
 def test_new_run_refuses_to_overwrite(tiny, run_a):
-    r = train_tiny(tiny, run_a, workers=1)
-    assert r.returncode == 2
-    assert "already holds a run" in r.stderr
+    before = (run_a / "metrics.jsonl").read_text()
+    code, _, err = run_cli("train", str(tiny / "tiny.toml"), "--out", str(run_a))
+    assert code == 2
+    assert "already holds a run" in err
+    assert (run_a / "metrics.jsonl").read_text() == before
 
 
 def test_config_error_is_one_line(tiny):
-    r = farflung(
+    code, out, err = run_cli(
         "train",
         str(tiny / "tiny.toml"),
         "--set",
@@ -180,9 +106,9 @@ def test_config_error_is_one_line(tiny):
         "--out",
         str(tiny / "bad"),
     )
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    assert r.stderr.strip() == (
+    assert code == 2 and out == ""
+    assert not (tiny / "bad").exists()
+    assert err.strip() == (
         "farflung: config error: train.batch_size = 7 must be divisible by the 2 "
         "data-parallel workers; allowed: a multiple of 2"
     )
@@ -191,9 +117,9 @@ def test_config_error_is_one_line(tiny):
 def test_corrupt_newest_checkpoint_falls_back(tiny, run_a):
     """`sample` and `--resume` pass over a corrupt newest checkpoint with a warning and
     use the previous one; a corrupt checkpoint named explicitly is an error."""
-    r = farflung("sample", str(run_a), "--prompt", "the quick", "--tokens", "10")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("the quick") and len(r.stdout) > len("the quick")
+    code, out, err = run_cli("sample", str(run_a), "--prompt", "the quick", "--tokens", "10")
+    assert code == 0, err
+    assert out.startswith("the quick") and len(out) > len("the quick\n")
     copy = tiny / "corrupt"
     subprocess.run(["cp", "-r", str(run_a), str(copy)], check=True)
     newest = copy / "checkpoints" / "step_00000012"
@@ -201,12 +127,12 @@ def test_corrupt_newest_checkpoint_falls_back(tiny, run_a):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    r = farflung("sample", str(newest))
-    assert r.returncode == 2
-    assert "model.safetensors: corrupt" in r.stderr and "Traceback" not in r.stderr
-    r = farflung("sample", str(copy), "--tokens", "5")
-    assert r.returncode == 0, r.stderr
-    assert "model.safetensors: corrupt" in r.stderr and "using step_00000008" in r.stderr
+    code, _, err = run_cli("sample", str(newest))
+    assert code == 2
+    assert err.startswith("farflung: error: ") and "model.safetensors: corrupt" in err
+    code, _, err = run_cli("sample", str(copy), "--tokens", "5")
+    assert code == 0, err
+    assert "model.safetensors: corrupt" in err and "using step_00000008" in err
     r = train_tiny(tiny, copy, "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "model.safetensors: corrupt" in r.stderr and "resuming from step 8" in r.stderr

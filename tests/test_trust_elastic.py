@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_train_cli import tiny  # noqa: F401  (fixture)
+from procs import end_run
 
 from farflung.comm.channel import Channel, new_key, verify
 from farflung.config import Config, load_config
@@ -34,6 +34,7 @@ from farflung.train.elastic_run import RunLog, check_samples
 from farflung.train.metrics import read_jsonl
 
 KEY = new_key()
+HANDSHAKE_S = 2.0  # the coordinators' deadline for the handshake and hello (default 5 s)
 
 
 # -- the coordinator alone, with scripted members ---------------------------------------------
@@ -136,7 +137,13 @@ def coordinator():
         expected: int, handler: Recorder, heartbeat_s: float = 5.0, patience_s: float = 120.0
     ) -> Coordinator:
         coord = Coordinator(
-            expected, heartbeat_s, handler, key=KEY, host="127.0.0.1", patience_s=patience_s
+            expected,
+            heartbeat_s,
+            handler,
+            key=KEY,
+            host="127.0.0.1",
+            patience_s=patience_s,
+            handshake_s=HANDSHAKE_S,
         ).start()
         made.append(coord)
         return coord
@@ -195,7 +202,7 @@ def test_a_peer_without_the_key_is_refused_and_logged(coordinator):
     plain.sendall(b'{"op": "hello", "id": -1, "addr": "127.0.0.1:1"}\n')  # the old protocol
     assert plain.recv(100) == b""  # closed
     silent = socket.create_connection(("127.0.0.1", coord.port), timeout=10)
-    assert silent.recv(100) == b""  # closed within the handshake's 5 s
+    assert silent.recv(100) == b""  # closed within the handshake deadline
     _wait(lambda: len(handler.events) == 3)
     reasons = [e["reason"] for e in handler.events]
     assert all(e["event"] == "refused" and e["address"] for e in handler.events)
@@ -262,16 +269,19 @@ def test_a_member_that_trained_before_has_patience_to_meet(coordinator):
     """A member inside a long step when a joiner arrives meets late: it is not evicted
     at the newcomers' deadline, only after ``patience_s``."""
     handler = Recorder()
-    coord = coordinator(2, handler, heartbeat_s=0.5, patience_s=4.0)
+    coord = coordinator(2, handler, heartbeat_s=0.5, patience_s=3.0)
     fakes, gen = _group(coord, 2)
     for f in fakes:
         f.vote(gen["gen"], 1)
     _wait(lambda: handler.commits)
     joiner = Fake(coord)
     gen1 = joiner.next("gen")
+    newcomer_s = coord.meet_deadline_s(joiner.id)  # 1.5 s + twice the slowest step
+    assert newcomer_s < 3.0 - 1.0  # the patience is what keeps member 0
     for f in (fakes[1], joiner):  # member 0 is busy in its step
         f.ch.send({"op": "met", "gen": gen1["gen"]})
-    time.sleep(2.5)  # past a newcomer's 1.5 s (+ twice the slowest step)
+    # past a newcomer's deadline, a few checks later
+    _wait(lambda: time.monotonic() - coord.gen_started > newcomer_s + 0.3)
     assert coord.gen == gen1["gen"] and coord.conns[0].alive
     new = joiner.next("gen", timeout=20)  # then patience ends: evicted after all
     assert new["members"] == [1, joiner.id]
@@ -353,14 +363,14 @@ def test_connections_are_capped(coordinator):
     coord = coordinator(1, handler)
     socks = []
     try:
-        for _ in range(coord.max_conns + 20):  # held open, none says anything
+        for _ in range(coord.server.max_conns + 20):  # held open, none says anything
             socks.append(socket.create_connection(("127.0.0.1", coord.port), timeout=10))
         _wait(lambda: any("too many" in e.get("reason", "") for e in handler.events))
-        assert coord.open_conns <= coord.max_conns
+        assert coord.server.open_conns <= coord.server.max_conns
     finally:
         for s in socks:
             s.close()
-    _wait(lambda: coord.open_conns == 0)
+    _wait(lambda: coord.server.open_conns == 0)
     (member,) = [Fake(coord, 0)]  # room again once they are gone
     assert member.welcome["op"] == "welcome"
 
@@ -491,6 +501,7 @@ def test_a_run_under_attack_commits_every_step_exactly(tiny, tmp_path):  # noqa:
     exactly its batch, and the refused are in events.jsonl."""
     out = tmp_path / "run"
     launcher = _launch(tiny, out)
+    stall_stop = threading.Event()
     try:
         deadline = time.monotonic() + 120
         address = _address(out, deadline)
@@ -506,7 +517,6 @@ def test_a_run_under_attack_commits_every_step_exactly(tiny, tmp_path):  # noqa:
         staller = _authenticated(
             address, key, {"op": "hello", "id": None, "join": True, "step": 0, "state_port": 9}
         )
-        stall_stop = threading.Event()
         threading.Thread(target=_beat, args=(staller, stall_stop), daemon=True).start()
         # after the workers: the old protocol with a bad id, a line without end
         assert _stranger(address, b'{"op": "hello", "id": "x"}\n', beats=5) == b""
@@ -538,11 +548,9 @@ def test_a_run_under_attack_commits_every_step_exactly(tiny, tmp_path):  # noqa:
         assert sum(counts) >= 10_000, counts
         assert _rss_kb(launcher.pid) - rss < 100_000  # bounded: no attacker's bytes kept
         assert launcher.wait(timeout=180) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+    finally:  # the launcher stops its workers; any it could not are killed
         stall_stop.set()
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        end_run(out, launcher)
     cfg = load_config(out / "config.toml")
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
     n = len(SampleSet(TokenStream(ShardIndex.load(cfg.data.dir), "train"), cfg.model.context))

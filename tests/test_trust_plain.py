@@ -15,7 +15,6 @@ import pytest
 import torch.distributed as dist
 from distributed import run_distributed
 from test_faults import kill_all, start_training, wait_until_training, worker_pids
-from test_train_cli import tiny  # noqa: F401  (fixture)
 
 from farflung.comm.dist import JSON_LIMIT, all_gather_json
 from farflung.comm.watchdog import EXIT_PEER_LOST, StoreInfo, Watchdog
@@ -178,8 +177,8 @@ def test_local_run_listens_on_loopback_and_names_a_foreign_heartbeat(tiny):  # n
                                  timeout=timedelta(seconds=10), wait_for_workers=False)  # fmt: skip
         stranger.set("farflung/0/hb/1", "x")  # the heartbeat's own key (no prefix)
         _, err = cli.communicate(timeout=120)
-    finally:
-        kill_all(cli, pids)
+    finally:  # its workers by pid, then whatever else still works for the run
+        kill_all(cli, pids, out)
     assert cli.returncode == EXIT_PEER_LOST, err
     # the launcher's verdict, and each rank's own line: the value, never a lost peer
     said = [line for line in err.splitlines() if line.startswith("farflung: ")]

@@ -70,7 +70,7 @@ def test_close_and_teardown_leave_no_thread_behind():
     """A gloo thread left running into interpreter exit aborts the process at random
     ("terminate called without an active exception") when it drops a finished work's
     tensors there: close() and destroy_process_group() must have joined them all."""
-    for left in run_distributed(_threads_after_teardown, 2):
+    for left in run_distributed(_threads_after_teardown, 2, fresh=True):
         assert not [n for n in left["native"] if "gloo" in n], left
         assert not [n for n in left["python"] if "cocktail" in n], left
 
@@ -80,7 +80,13 @@ def test_distribute_rejects_unknown_options():
         distribute(torch.nn.Linear(2, 2), None, "cocktail", codecs="x")  # type: ignore[arg-type]
 
 
-def _ddp_losses(rank: int, world: int, spec: str | None) -> dict:
+def _ddp_losses(rank: int, world: int, specs: list[str | None]) -> dict:
+    """Each spec's run (None: DDP's own all-reduce), one after another in one group:
+    one start of the processes for all of them."""
+    return {spec: _ddp_run(rank, spec) for spec in specs}
+
+
+def _ddp_run(rank: int, spec: str | None) -> dict:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
     ddp = DDP(model, bucket_cap_mb=0.001)  # several buckets
@@ -103,9 +109,9 @@ def _ddp_losses(rank: int, world: int, spec: str | None) -> dict:
 
 
 def test_ddp_hook_identity_matches_ddp_and_quantized_trains():
-    plain = run_distributed(_ddp_losses, 2, None)
-    ident = run_distributed(_ddp_losses, 2, "identity")
-    quant = run_distributed(_ddp_losses, 2, "quantize:bits=4")
+    specs = [None, "identity", "quantize:bits=4"]
+    runs = run_distributed(_ddp_losses, 2, specs)
+    plain, ident, quant = ([run[s] for run in runs] for s in specs)
     for r in range(2):
         torch.testing.assert_close(ident[r]["losses"], plain[r]["losses"], rtol=1e-5, atol=1e-6)
     q = quant[0]["losses"]

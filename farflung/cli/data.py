@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from farflung.data.errors import DataError
-
 if TYPE_CHECKING:
     from farflung.config import Config
 
@@ -133,6 +131,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def read_options(args: argparse.Namespace) -> Any:
     from farflung.curate.documents import ReadOptions
+    from farflung.data.errors import DataError
 
     if args.max_doc_mb <= 0:
         raise DataError(f"--max-doc-mb must be positive, got {args.max_doc_mb}")
@@ -276,6 +275,7 @@ def run_recipe(args: argparse.Namespace, sources: list[str], target: Path) -> li
     returns the sources to tokenize."""
     from farflung.curate.recipe import run_recipe as recipe
     from farflung.data.corpus import find_pair_record
+    from farflung.data.errors import DataError
 
     if (where := find_pair_record(sources)) is not None:
         raise DataError(

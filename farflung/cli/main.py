@@ -1,4 +1,8 @@
-"""``farflung <verb>``: the command line."""
+"""``farflung <verb>``: the command line.
+
+Each verb imports its machinery (torch above all, ~2 s) when it runs, so that the
+parser, ``--help`` and usage and config errors answer at once; tests/test_cli_startup.py
+holds this module to it."""
 
 from __future__ import annotations
 
@@ -10,15 +14,11 @@ from typing import TYPE_CHECKING
 
 from farflung.cli import data, net, plan
 from farflung.config import Config, ConfigError, check_batch, load_config
-from farflung.data import DataError
-from farflung.model.hf import HFCheckpointError
-from farflung.train.checkpoint import CheckpointError
 from farflung.train.contract import EXIT_USAGE
-from farflung.train.entry import (
+from farflung.train.options import (
     add_train_args,
     apply_bind_args,
     claim_out_dir,
-    ensure_data,
     out_dir,
     raise_interrupt,
     resolve_config,
@@ -31,10 +31,11 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)  # a bad config file fails before these imports (torch)
+    from farflung.train.dataprep import ensure_data
     from farflung.train.launch import launch_local
     from farflung.train.network import network
 
-    cfg = resolve_config(args)
     if (args.join or args.replay) and not cfg.elastic.enabled:
         raise ConfigError(
             "--join and --replay are for elastic runs; allowed with --set elastic.enabled=true"
@@ -115,12 +116,12 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     import json
     import socket
 
+    args.set = [*args.set, "elastic.enabled=true"]
+    cfg = resolve_config(args)  # a bad config file fails before these imports (torch)
     from farflung.comm.channel import KEY_FILE_ENV
     from farflung.train.elastic_run import config_args, run_key, start_coordinator
     from farflung.train.progress import print_summary
 
-    args.set = [*args.set, "elastic.enabled=true"]
-    cfg = resolve_config(args)
     out = out_dir(args)
     claim_out_dir(out, args.resume, args.force)  # --force: only on a farflung run
     key, key_env = run_key(out, args.key_file)  # made in --out (0600) when none is given
@@ -358,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors a user can fix, printed as one line without a traceback: (module, class name).
+# Their modules import torch, so they are looked up only among the modules loaded when
+# an error arrives; an error class whose module was never imported cannot be raised.
+USER_ERRORS = (
+    ("farflung.data.errors", "DataError"),
+    ("farflung.train.checkpoint", "CheckpointError"),
+    ("farflung.model.hf", "HFCheckpointError"),
+)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
+    return (FileNotFoundError, *loaded)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, raise_interrupt)
@@ -372,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"farflung: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, CheckpointError, HFCheckpointError, FileNotFoundError) as e:
+    except user_errors() as e:  # evaluated only once an exception is raised
         print(f"farflung: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

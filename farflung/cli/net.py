@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 from farflung.config import ConfigError
-from farflung.netlab.probe import add_probe_args
-
-EXIT_USAGE = 2
+from farflung.netlab.probe_args import add_probe_args
+from farflung.train.contract import EXIT_USAGE
 
 
 def cmd_netlab(args: argparse.Namespace) -> int:

@@ -24,13 +24,15 @@ import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from farflung.config import Config, ConfigError, check_pipeline, validate
+from farflung.train.options import resolve_config
 
-from farflung.config import Config, ConfigError, check_pipeline, load_config, validate
-from farflung.plan.devices import Device, identical_devices, load_devices
-from farflung.train import init
+if TYPE_CHECKING:  # both import numpy: the parser is built without them
+    import numpy as np
+
+    from farflung.plan.devices import Device
 
 EFFICIENCY = 0.4
 """Fraction of peak FLOPS a device reaches on training (model FLOPs utilisation)."""
@@ -106,6 +108,7 @@ def dp_codec(cfg: Config) -> tuple[str, int]:
 def resolve_devices(args: argparse.Namespace) -> tuple[list[Device], Any]:
     """(devices, the LinkMatrix between their hosts, hosts named as the devices say)."""
     from farflung.netlab.link import LinkMatrix
+    from farflung.plan.devices import identical_devices, load_devices
 
     spec = args.links or args.scenario
     if args.devices:
@@ -158,6 +161,8 @@ def resolve_devices(args: argparse.Namespace) -> tuple[list[Device], Any]:
 
 def device_links(devices: list[Device], link: Any) -> tuple[np.ndarray, np.ndarray]:
     """Per-device delay (s) and bandwidth (bytes/s); devices of one host: 0 and inf."""
+    import numpy as np
+
     h = [link.hosts.index(d.host) for d in devices]
     delay = np.array(link.delay_s, dtype=float)[np.ix_(h, h)]
     bw = np.array(link.bandwidth_bps, dtype=float)[np.ix_(h, h)] / 8.0
@@ -183,6 +188,8 @@ def make_shape(
 ) -> Shape:
     """The problem of one layout under the cost ``model``, or a ConfigError saying why
     it does not fit."""
+    import numpy as np
+
     from farflung.plan.cost import Problem
     from farflung.plan.workload import workload
 
@@ -233,6 +240,8 @@ def overlaps(cfg: Config) -> bool:
 
 def choose_shape(args, cfg, devices, link_arrays) -> Shape:
     """The given ``--stages/--dp``, or the cheapest fitting shape (quick searches)."""
+    import numpy as np
+
     from farflung.plan.search import plan_search
 
     n = len(devices)
@@ -271,12 +280,9 @@ def _figures(b: Any) -> dict[str, float]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from farflung.parallel import algorithm_names
-
     if args.budget_s <= 0:
         raise ConfigError(f"--budget-s must be > 0, got {args.budget_s}")
-    cfg = load_config(args.config, args.set, choices={"parallel.algorithm": algorithm_names()})
-    cfg = init.resolve(cfg)  # model.init_from decides the architecture
+    cfg = resolve_config(args)  # as `farflung train` reads it: init_from, algorithm, codec
     cfg, vocab_how = resolve_vocab(cfg)
     log(f"model: vocab_size {cfg.model.vocab_size} ({vocab_how})")
     codec, sync_every = dp_codec(cfg)
@@ -312,6 +318,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def compare(problem: Any, args: argparse.Namespace) -> tuple[Any, dict]:
     """farflung's plan, and the table rows of it and its baselines: DT-FM's search,
     rank order, random placements (mean and best)."""
+    import numpy as np
+
     from farflung.plan.search import dtfm_search, plan_search, random_placement, rank_order
 
     plan = plan_search(problem, seed=args.seed, budget_s=args.budget_s)

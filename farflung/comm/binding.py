@@ -8,11 +8,16 @@ written (docs/security.md)."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
+import random
 import socket
 from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch only where a store is served: launchers stay torch-free
+    import torch.distributed as dist
 
 BIND_ENV = "FARFLUNG_BIND"
 """The address a worker's listeners bind (set by the launcher or by ``--bind``)."""
@@ -41,6 +46,47 @@ def split_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"{address!r} is not HOST:PORT")
     return host, int(port)
+
+
+_LOW_PORT = 10000  # below: ports services commonly take
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel gives outgoing connections (Linux's default elsewhere)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now, for a listener another process
+    opens a moment later (a worker's store). Drawn below the kernel's ephemeral
+    range, so that no outgoing connection made in between can take it: the kernel's
+    own choice (port 0) comes from that range, and on a busy machine a connection
+    sometimes took the port before the worker bound it."""
+    lo, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(64 if lo - _LOW_PORT > 1000 else 0):
+        port = rng.randrange(_LOW_PORT, lo)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_loopback(addr: str) -> bool:
+    """``addr`` is a loopback IP address (127.0.0.0/8, ::1); False for a host name."""
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
 
 
 def default_bind() -> str:
@@ -97,6 +143,8 @@ def serve_store(
 ) -> dist.TCPStore:
     """A TCPStore server listening only on ``host`` (torch's own would bind every
     interface). Its port is ``store.port``."""
+    import torch.distributed as dist
+
     sock = listen(host, port, port_range)
     bound = sock.getsockname()
     fd = sock.detach()  # the store owns the descriptor from here on

@@ -6,10 +6,8 @@ does not care which of the two started it."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,7 +25,7 @@ import torch.distributed as dist
 # without an active exception").
 import torch.distributed.nn  # noqa: F401
 
-from farflung.comm.binding import BIND_ENV, default_bind, serve_store
+from farflung.comm.binding import BIND_ENV, default_bind, free_port, is_loopback, serve_store
 
 
 @dataclass(frozen=True)
@@ -208,13 +206,6 @@ def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(backend: str = "auto", timeout_s: float = 120.0) -> DistInfo:
     """Join (or create) the default process group described by the environment.
 
@@ -278,14 +269,6 @@ def rendezvous_bind(master_addr: str) -> str:
     if master_addr == "localhost":
         return "127.0.0.1"
     return master_addr if is_loopback(master_addr) else default_bind()
-
-
-def is_loopback(addr: str) -> bool:
-    """``addr`` is a loopback IP address (127.0.0.0/8, ::1); False for a host name."""
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False
 
 
 def shutdown_distributed() -> None:

@@ -210,6 +210,16 @@ def marker_path(root: Path, stage: str, name: str) -> Path:
     return root / DONE_DIR / stage / f"{name}.json"
 
 
+def done_files(root: Path, stage: str, names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Output checksums (file -> sha256) of each shard in ``names``, read from the done
+    markers of a stage that has completed; a later stage passes them on in its
+    arguments, so that a rewritten input changes its key and its shards are redone."""
+    return {
+        name: json.loads(marker_path(root, stage, name).read_text(encoding="utf-8"))["files"]
+        for name in names
+    }
+
+
 def done_result(root: Path, stage: str, name: str, key: str) -> dict | None:
     """The stored result of a shard whose outputs are intact, else None."""
     path = marker_path(root, stage, name)

@@ -41,7 +41,7 @@ from farflung.curate.pipeline import (
     InputShard,
     ShardOutput,
     check_unchanged,
-    marker_path,
+    done_files,
     plan_shards,
     read_shard,
     remove_stale_files,
@@ -60,7 +60,7 @@ from farflung.curate.rules import (
 )
 from farflung.data.corpus import BUNDLED, Document
 from farflung.data.errors import DataError
-from farflung.data.shards import write_json
+from farflung.data.shards import sha256_file, write_json
 
 FORMAT = 1
 KEPT = "kept"
@@ -203,7 +203,7 @@ def run_signals(
         dsir = _fit_dsir(sources, dsir_reference, out, opts, sharding, executor, progress)
     settings = {"read": asdict(opts), "dsir_reference": dsir_reference}
     _start(out, "signals", sources, settings, shards)
-    dsir_sha = _sha(dsir) if dsir else None
+    dsir_sha = sha256_file(dsir) if dsir else None
     items = [(s.name, _SignalsArg(s, opts, dsir, dsir_sha)) for s in shards]
     results = run_stage("signals", _signals_shard, items, out, settings, executor, progress)
     remove_stale_files(out / "signals", [f"{s.name}.jsonl" for s in shards])
@@ -275,7 +275,7 @@ def _fit_dsir(
         items = [(s.name, _CountArg(s, read)) for s in shards]
         root = out / "dsir" / role
         results = run_stage(f"dsir-{role}", _count_shard, items, root, {}, executor, progress)
-        files = _done_files_partial(root, f"dsir-{role}", tuple(s.name for s in shards))
+        files = done_files(root, f"dsir-{role}", [s.name for s in shards])
         counts.append(tuple(str(root / rel) for f in files.values() for rel in f))
         sums += [digest for f in files.values() for digest in f.values()]
         totals.append(tuple(sum(r[k] for r in results.values()) for k in ("documents", "tokens")))
@@ -304,12 +304,6 @@ def _count_shard(arg: _CountArg, out: ShardOutput) -> dict:
     with out.open(f"counts/{arg.shard.name}.npy", "wb") as f:
         np.save(f, counts, allow_pickle=False)
     return {"documents": n, "tokens": tokens}
-
-
-def _sha(path: str) -> str:
-    from farflung.data.shards import sha256_file
-
-    return sha256_file(path)
 
 
 # ---------------------------------------------------------------------------- filter
@@ -342,7 +336,7 @@ def run_filter(
     opts = ReadOptions(**manifest["settings"]["read"])
     shards = [shard_from_json(s) for s in manifest["shards"]]
     check_unchanged(shards, f"the signals step ({signals_dir})")
-    markers = _done_files(signals_dir, "signals")
+    markers = done_files(signals_dir, "signals", [s.name for s in shards])
     settings = {"rules": asdict(runnable), "rejected": rejected}
     _start(out, "filter", manifest["sources"], settings, shards)
     items = []
@@ -358,16 +352,6 @@ def run_filter(
         rules=ruleset.name, skipped_rules=skipped, order=[r.name for r in runnable.rules]
     )
     return _finish(out, summary)
-
-
-def _done_files(folder: Path, stage: str) -> dict[str, dict[str, str]]:
-    """Each shard's output checksums, from its done marker (the step is complete)."""
-    manifest = read_manifest(folder)
-    files = {}
-    for s in manifest["shards"]:
-        marker = json.loads(marker_path(folder, stage, s["name"]).read_text(encoding="utf-8"))
-        files[s["name"]] = marker["files"]
-    return files
 
 
 def _filter_shard(arg: _FilterArg, out: ShardOutput) -> dict:
@@ -483,18 +467,8 @@ def run_dedup(
     :func:`farflung.curate.dedup.duplicate_pairs`): by exact Jaccard ("shingles"; the keys
     stage then also stores each document's shingle hashes, about 4 bytes per word) or by
     signature agreement ("signatures", or True)."""
-    from farflung.curate.dedup import lsh_params, verify_mode
-
     out = Path(out)
-    try:
-        verify = verify_mode(verify)
-    except ValueError as exc:
-        raise DataError(f"--verify: {exc}") from None
-    if threshold is not None:
-        try:
-            lsh_params(threshold)
-        except ValueError as exc:
-            raise DataError(f"--threshold {threshold}: {exc}") from None
+    verify = _check_dedup_args(threshold, verify)
     sources, opts = resolve_sources(sources, opts)
     shards = plan_shards(sources, sharding.docs, sharding.mb)
     settings = {"read": asdict(opts), "threshold": threshold, "verify": verify}
@@ -503,14 +477,7 @@ def run_dedup(
     shingles = fuzzy and verify == "shingles"
     keys_items = [(s.name, _KeysArg(s, opts, fuzzy, shingles)) for s in shards]
     keyed = run_stage("keys", _keys_shard, keys_items, out, settings, executor, progress)
-    names = tuple(s.name for s in shards)
-    files = _done_files_partial(out, "keys", names)
-    sums = tuple(sorted(d for f in files.values() for d in f.values()))
-    cluster_arg = _ClusterArg(names, str(out), sums, threshold, verify)
-    found = run_stage(
-        "clusters", _cluster_all, [("all", cluster_arg)], out, settings, InlineExecutor(), False
-    )["all"]
-    drops = _done_files_partial(out, "clusters", ("all",))["all"]
+    found, drops = _run_clusters(out, tuple(s.name for s in shards), settings)
     write_items = [
         (s.name, _WriteArg(s, opts, str(out / f"drop/{s.name}.json"), drops[f"drop/{s.name}.json"]))
         for s in shards
@@ -530,12 +497,35 @@ def run_dedup(
     return _finish(out, summary)
 
 
-def _done_files_partial(out: Path, stage: str, names: tuple[str, ...]) -> dict[str, dict]:
-    """Output checksums of shards ``names`` of a sub-stage that just completed."""
-    return {
-        n: json.loads(marker_path(out, stage, n).read_text(encoding="utf-8"))["files"]
-        for n in names
-    }
+def _check_dedup_args(threshold: float | None, verify: bool | str | None) -> str | None:
+    """``verify`` normalised (None, "signatures" or "shingles"); DataError, naming the
+    option, for a verify mode or threshold that dedup cannot run with."""
+    from farflung.curate.dedup import lsh_params, verify_mode
+
+    try:
+        mode = verify_mode(verify)
+    except ValueError as exc:
+        raise DataError(f"--verify: {exc}") from None
+    if threshold is not None:
+        try:
+            lsh_params(threshold)
+        except ValueError as exc:
+            raise DataError(f"--threshold {threshold}: {exc}") from None
+    return mode
+
+
+def _run_clusters(
+    out: Path, names: tuple[str, ...], settings: dict
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The clusters sub-stage, in this process since it needs every shard's keys at
+    once: its counts and the checksum of each shard's drop list."""
+    files = done_files(out, "keys", names)
+    sums = tuple(sorted(d for f in files.values() for d in f.values()))
+    arg = _ClusterArg(names, str(out), sums, settings["threshold"], settings["verify"])
+    found = run_stage(
+        "clusters", _cluster_all, [("all", arg)], out, settings, InlineExecutor(), False
+    )["all"]
+    return found, done_files(out, "clusters", ["all"])["all"]
 
 
 def _keys_shard(arg: _KeysArg, out: ShardOutput) -> dict:

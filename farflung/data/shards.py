@@ -137,10 +137,7 @@ def prepare(
     lengths, n_scanned, n_pairs = _scan(sources, progress)
     val = assign_val(lengths, val_fraction, seed)
     if tokenizer is None:
-        train_chars = sum(n for doc_id, n in lengths.items() if doc_id not in val)
-        tok = train_tokenizer(_train_texts(sources, val, train_chars, progress), vocab_size)
-        tok.save(out / TOKENIZER_FILE)
-        files = TokenizerFiles(out / TOKENIZER_FILE)
+        tok, files = _new_tokenizer(sources, val, lengths, vocab_size, out, progress)
     else:
         tok, files = _copy_tokenizer(tokenizer, out)
 
@@ -182,6 +179,22 @@ def _check_prepare_args(vocab_size: int | None, val_fraction: float, shard_token
         raise DataError(f"vocab_size must be at least {MIN_VOCAB} (256 bytes + end-of-text)")
     if vocab_size > 1 << 32:
         raise DataError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
+
+
+def _new_tokenizer(
+    sources: list[str],
+    val: set[str],
+    lengths: dict[str, int],
+    vocab_size: int,
+    out: Path,
+    progress: bool,
+) -> tuple[Tokenizer, TokenizerFiles]:
+    """Train a tokenizer on the training documents of ``sources`` (``lengths``: characters
+    per document id, for the progress bar) and save it into ``out``."""
+    train_chars = sum(n for doc_id, n in lengths.items() if doc_id not in val)
+    tok = train_tokenizer(_train_texts(sources, val, train_chars, progress), vocab_size)
+    tok.save(out / TOKENIZER_FILE)
+    return tok, TokenizerFiles(out / TOKENIZER_FILE)
 
 
 def _copy_tokenizer(source: str | os.PathLike, out: Path) -> tuple[Tokenizer, TokenizerFiles]:

@@ -4,11 +4,13 @@ One process (farflung's launcher, or ``farflung coordinator`` on a host of its o
 runs it. Workers keep one connection to it (:mod:`farflung.membership.member` is the other
 end), authenticated with the run key (:class:`~farflung.comm.channel.Channel`, role
 ``"coordinator"``): a peer that does not prove the key within
-:data:`HANDSHAKE_S` is closed and reported (``events.jsonl``: ``refused``), and never
-becomes a member. Every message is checked (its type and fields) before it is used; a
-member that sends a malformed one is evicted (why ``protocol``), never crashes the
-coordinator. Messages are capped at :data:`MAX_MESSAGE`, connections at
-``4 * expected + 16``.
+:data:`~farflung.membership.protocol.HANDSHAKE_S` is closed and reported
+(``events.jsonl``: ``refused``), and never becomes a member. Every message is checked
+(its type and fields, :func:`~farflung.membership.protocol.check_message`) before it is
+used; a member that sends a malformed one is evicted (why ``protocol``), never crashes
+the coordinator. Messages are capped at
+:data:`~farflung.membership.protocol.MAX_MESSAGE`, connections at ``4 * expected + 16``
+(:mod:`farflung.membership.connections` serves them; this module decides).
 
 - a crash is seen at once: the kernel closes a dead process's connection;
 - a freeze or a cut link is seen when a worker has sent nothing for ``heartbeat_s``
@@ -49,32 +51,21 @@ files) stops the run with a message naming the file; it never evicts a worker.""
 
 from __future__ import annotations
 
-import queue
-import socket
 import threading
 import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from farflung.comm.binding import listen, serve_store
-from farflung.comm.channel import MAX_FRAME, AuthError, Channel, close_socket, sign
+from farflung.comm.binding import serve_store
+from farflung.comm.channel import Channel, sign
+from farflung.membership.connections import Connection, Server
+from farflung.membership.protocol import BEATS_PER_BOUND, HANDSHAKE_S, MAX_AHEAD
 
-BEATS_PER_BOUND = 5
-"""Beats (both ways) per ``heartbeat_s``: a silence of the whole bound is five missed
-beats, so a beat delayed behind bulk traffic on a slow link is not a death."""
-HANDSHAKE_S = 5.0
-"""A connection proves the run key and says hello within this, or is closed."""
-MAX_MESSAGE = MAX_FRAME
-"""The largest message the coordinator reads (1 MiB)."""
 MAX_ROLLBACKS = 3
 """Steps without a majority state hash in a row before the run stops."""
-MAX_AHEAD = 1 << 16
-"""A vote for a step this far beyond the last commit is a protocol error."""
-REFUSALS_LOGGED = 10
-"""Refused connections logged per address per minute; the rest are counted."""
 
 
 class Handler(Protocol):
@@ -101,90 +92,6 @@ class Handler(Protocol):
         what was committed after it, and return its step."""
 
 
-# -- message checks ----------------------------------------------------------------------
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return (isinstance(x, (int, float))) and not isinstance(x, bool)
-
-
-_FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {
-    "hello": {
-        "join": lambda v: isinstance(v, bool),
-        "step": lambda v: _is_int(v) and 0 <= v < 1 << 53,
-        "state_port": lambda v: _is_int(v) and 1 <= v <= 65535,
-        "id": lambda v: v is None or _is_int(v),
-    },
-    "beat": {},
-    "met": {"gen": _is_int},
-    "vote": {"gen": _is_int, "votes": lambda v: isinstance(v, list) and len(v) > 0},
-    "healed": {"bytes": lambda v: _is_int(v) and v >= 0, "seconds": _is_num},
-    "fault": {"gen": _is_int, "why": lambda v: isinstance(v, str)},
-    "done": {"gen": _is_int, "summary": lambda v: isinstance(v, dict)},
-}
-_VOTE_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "step": lambda v: _is_int(v) and v >= 1,
-    "samples": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
-    "row": lambda v: isinstance(v, list) and 0 < len(v) <= 4096 and all(map(_is_num, v)),
-}
-_VOTE_OPTIONAL: dict[str, Callable[[Any], bool]] = {
-    "hash": lambda v: isinstance(v, str) and 0 < len(v) <= 256,
-    "val_loss": _is_num,
-}
-
-
-def check_message(msg: dict[str, Any]) -> str | None:
-    """What is wrong with a worker's message (None: nothing): an unknown ``op``, a
-    missing field or one of the wrong type."""
-    op = msg.get("op")
-    spec = _FIELDS.get(op) if isinstance(op, str) else None
-    if spec is None:
-        return f"unknown op {str(op)[:40]!r}"
-    for name, ok in spec.items():
-        if name not in msg or not ok(msg[name]):
-            return f"{op}: field {name!r} missing or invalid"
-    if op == "vote":
-        for vote in msg["votes"]:
-            problem = _check_vote(vote)
-            if problem:
-                return f"vote: {problem}"
-    return None
-
-
-def _check_vote(vote: Any) -> str | None:
-    if not isinstance(vote, dict):
-        return "a vote that is not an object"
-    for name, ok in _VOTE_FIELDS.items():
-        if name not in vote or not ok(vote[name]):
-            return f"field {name!r} missing or invalid"
-    for name, ok in _VOTE_OPTIONAL.items():
-        if name in vote and not ok(vote[name]):
-            return f"field {name!r} invalid"
-    return None
-
-
-@dataclass
-class _Conn:
-    """One worker's connection, as the coordinator sees it."""
-
-    id: int
-    ch: Channel
-    addr: str  # its state server: the address its connection came from, its state port
-    joiner: bool
-    step: int  # the step its state is at, when it said hello
-    last_seen: float
-    outbox: queue.Queue = field(default_factory=queue.Queue)
-    alive: bool = True
-    joined: float = field(default_factory=time.monotonic)
-    writer: threading.Thread | None = None
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if self.alive:
-            self.outbox.put(msg)
-
-
 @dataclass
 class _Change:
     """A membership change waiting for its recovery time (the new generation's first
@@ -204,7 +111,8 @@ class Coordinator:
     step; ``parallel.timeout_s``). ``replay``: a membership log to reproduce,
     for reference runs: records ``{"event": "left" | "joined", "id", "committed"}`` as
     ``events.jsonl`` holds them. A leaver is told to leave once ``committed`` is; a
-    joiner is admitted only then, and no later step commits before it is."""
+    joiner is admitted only then, and no later step commits before it is.
+    ``handshake_s``: how long a connection has to prove the key and say hello."""
 
     def __init__(
         self,
@@ -220,6 +128,7 @@ class Coordinator:
         replay: list[dict[str, int]] | None = None,
         log: Callable[[str], None] | None = None,
         patience_s: float = 120.0,
+        handshake_s: float = HANDSHAKE_S,
     ) -> None:
         self.expected, self.heartbeat_s, self.handler = expected, heartbeat_s, handler
         self.patience_s = patience_s
@@ -228,17 +137,26 @@ class Coordinator:
         # a joiner lost before it entered changed nothing
         self.replay = [dict(r) for r in replay or [] if r.get("member", True)]
         self.log = log or (lambda msg: None)
-        self.listener = listen(host, port, port_range)
-        self.port = self.listener.getsockname()[1]
+        self.lock = threading.RLock()
+        self.finished = threading.Event()  # the run ended: finished, or stopped (error)
+        # who may connect, and each member's reader and writer
+        self.server = Server(
+            self,
+            key,
+            host_addr=host,
+            port=port,
+            port_range=port_range,
+            max_conns=4 * expected + 16,
+            heartbeat_s=heartbeat_s,
+            handshake_s=handshake_s,
+            log=self.log,
+        )
+        self.port = self.server.port
         # the generations' rendezvous: a store of its own, served from this process,
         # bound where the coordinator is
         self.store = serve_store(host, 0, port_range)
         self.store_port = self.store.port
-        self.max_conns = 4 * expected + 16
-        self.open_conns = 0  # sockets accepted and not yet closed, members or not
-        self.refusals: dict[str, list[float]] = {}  # by host: [window start, logged, hidden]
-        self.lock = threading.RLock()
-        self.conns: dict[int, _Conn] = {}
+        self.conns: dict[int, Connection] = {}
         self.members: list[int] = []
         self.quorum_base: list[int] = []  # the last generation that committed a step
         # who holds the state after the last commit: the members that committed it,
@@ -261,47 +179,28 @@ class Coordinator:
         self.stalled = ""
         self.change: _Change | None = None
         self.error: str | None = None  # why the coordinator stopped the run itself
-        self.finished = threading.Event()  # the run ended: finished, or stopped (error)
-        self.closed = threading.Event()
-        self.threads: list[threading.Thread] = []
 
     # -- life cycle -----------------------------------------------------------------
     def start(self) -> Coordinator:
-        for target in (self._accept_loop, self._monitor_loop):
-            self._thread(target)
+        self.server.start()
+        self.server.thread(self._monitor_loop)
         return self
-
-    def _thread(self, target: Callable, *args: Any) -> threading.Thread:
-        t = threading.Thread(target=target, args=args, daemon=True)
-        t.start()
-        self.threads = [x for x in self.threads if x.is_alive()]
-        self.threads.append(t)
-        return t
 
     def close(self, drain_s: float = 5.0) -> None:
         """Stop serving; what is queued for the workers (the last commit, "finish")
         is still sent, for up to ``drain_s``."""
-        self.closed.set()
-        try:
-            self.listener.close()
-        except OSError:
-            pass
+        self.server.stop()
         with self.lock:
             if self.change is not None:  # changes not yet recovered from are still logged
                 for r in self.change.records:
                     self._call(self.handler.on_event, {**r, "recovery_s": None})
                 self.change = None
-            for host, (_, _, hidden) in self.refusals.items():  # the count of the unlogged
-                if hidden:
-                    reason = f"{int(hidden)} more refused connections, not logged one by one"
-                    self._call(
-                        self.handler.on_event,
-                        {"event": "refused", "address": host, "reason": reason, "at": time.time()},
-                    )
+            for record in self.server.unlogged():  # the count of the refusals not logged
+                self._call(self.handler.on_event, record)
             conns = list(self.conns.values())
             for c in conns:
                 if c.alive:
-                    self._close(c, drain=True)
+                    c.close(drain=True)
         deadline = time.monotonic() + drain_s
         for c in conns:
             if c.writer is not None:
@@ -319,7 +218,7 @@ class Coordinator:
                 f"generation {self.gen}: members {self.members}, committed {self.committed}, "
                 f"votes {votes}, joiners {self.joiners}, replay {self.replay[:2]}, "
                 f"stalled {self.stalled or 'no'}, connections {conns}, "
-                f"open sockets {self.open_conns}/{self.max_conns}"
+                f"open sockets {self.server.open_conns}/{self.server.max_conns}"
             )
 
     # -- the run's files: errors there are the coordinator's own ---------------------------
@@ -346,131 +245,14 @@ class Coordinator:
         for c in self.conns.values():
             if c.alive:
                 c.send({"op": "stop", "why": why})
-                self._close(c, drain=True)
+                c.close(drain=True)
         self.finished.set()
 
-    # -- connections ----------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self.closed.is_set():
-            try:
-                sock, peer = self.listener.accept()
-            except OSError as e:
-                if self.closed.is_set() or self.listener.fileno() < 0:
-                    return
-                self.log(f"accept failed ({e}); retrying")  # out of descriptors: passes
-                time.sleep(0.1)
-                continue
-            with self.lock:
-                full = self.open_conns >= self.max_conns
-                if not full:
-                    self.open_conns += 1
-            if full:  # refused before any thread or buffer is spent on it
-                close_socket(sock)
-                self._refused(peer, f"too many connections (at most {self.max_conns})")
-                continue
-            self._thread(self._serve, sock, peer)
+    # -- connections (the Server's Host) ---------------------------------------------
+    def refused(self, record: dict[str, Any]) -> None:
+        self._call(self.handler.on_event, record)
 
-    def _refused(self, peer: Any, reason: str) -> None:
-        """Log a refused peer (``events.jsonl``: ``refused``), at most
-        :data:`REFUSALS_LOGGED` a minute per address; the rest are counted."""
-        host = str(peer[0])
-        now = time.monotonic()
-        with self.lock:
-            window = self.refusals.get(host)
-            if window is None or now - window[0] > 60:
-                hidden = int(window[2]) if window else 0
-                window = self.refusals[host] = [now, 0, 0]
-            else:
-                hidden = 0
-            if window[1] >= REFUSALS_LOGGED:
-                window[2] += 1
-                return
-            window[1] += 1
-            if len(self.refusals) > 4096:  # addresses seen long ago
-                self.refusals = {h: w for h, w in self.refusals.items() if now - w[0] <= 60}
-            record = {"event": "refused", "address": f"{host}:{peer[1]}", "reason": reason}
-            record.update({"at": time.time()}, **({"not_logged_before": hidden} if hidden else {}))
-            self.log(f"refused {record['address']}: {reason}")
-            self._call(self.handler.on_event, record)
-
-    def _serve(self, sock: socket.socket, peer: Any) -> None:
-        conn = None
-        try:
-            conn = self._admit(sock, peer)
-            if conn is None:
-                return
-            while True:
-                msg = conn.ch.recv(MAX_MESSAGE)
-                problem = check_message(msg)
-                if problem is not None:
-                    with self.lock:
-                        if conn.alive and not self.finished.is_set():
-                            self._lose(conn, "protocol", f"a bad message ({problem})")
-                    return
-                conn.last_seen = time.monotonic()
-                self._dispatch(conn, msg)
-        except OSError as e:  # the connection closed or broke, or a frame was bad
-            if conn is not None and not self.finished.is_set():
-                why = "protocol" if isinstance(e, AuthError) else "crash"
-                with self.lock:
-                    if conn.alive:
-                        detail = str(e) or type(e).__name__
-                        self._lose(conn, why, f"its connection closed ({detail})")
-        finally:
-            close_socket(sock)
-            with self.lock:
-                self.open_conns -= 1
-
-    def _admit(self, sock: socket.socket, peer: Any) -> _Conn | None:
-        """The handshake and the hello, both within :data:`HANDSHAKE_S`; a peer that
-        fails either is refused (logged) and None returned."""
-        deadline = time.monotonic() + HANDSHAKE_S
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            ch = Channel.server(sock, self.key, "coordinator", timeout_s=HANDSHAKE_S)
-            ch.settimeout(max(0.01, deadline - time.monotonic()))
-            hello = ch.recv(MAX_MESSAGE)
-        except OSError as e:
-            self._refused(peer, str(e) or type(e).__name__)
-            return None
-        problem = check_message(hello)
-        if problem is None and hello["op"] != "hello":
-            problem = f"{hello['op']} before hello"
-        if problem is not None:
-            self._refused(peer, f"a bad hello ({problem})")
-            try:
-                ch.send({"op": "refused", "why": f"a bad hello ({problem})"})
-            except OSError:
-                pass
-            return None
-        # beyond every silence bound: a worker that stopped reading is lost, never a
-        # writer blocked forever
-        ch.settimeout(4 * self.heartbeat_s + HANDSHAKE_S)
-        with self.lock:
-            if self.finished.is_set():
-                return None
-            return self._hello(ch, hello)
-
-    def _writer(self, conn: _Conn) -> None:
-        while True:
-            msg = conn.outbox.get()
-            if msg is None:
-                close_socket(conn.ch.sock)
-                return
-            try:
-                conn.ch.send(msg)
-            except OSError:
-                close_socket(conn.ch.sock)  # its reader sees it and reports the loss
-                return
-
-    def _close(self, conn: _Conn, drain: bool = False) -> None:
-        """Stop talking to a worker; ``drain``: after what is queued for it is sent."""
-        conn.alive = False
-        conn.outbox.put(None)
-        if not drain:
-            close_socket(conn.ch.sock)
-
-    def _hello(self, ch: Channel, msg: dict[str, Any]) -> _Conn:
+    def hello(self, ch: Channel, msg: dict[str, Any]) -> Connection:
         # before the first generation every worker is an initial member, however
         # it was started (`farflung coordinator` + `--join` on each machine)
         joiner = self.gen >= 0
@@ -482,9 +264,9 @@ class Coordinator:
             wid = next(i for i in range(len(self.conns) + 1) if i not in self.conns)
         # a joiner fetches from the address this connection came from, not one it names
         addr = f"{ch.peer[0]}:{msg['state_port']}"
-        conn = _Conn(wid, ch, addr, joiner, msg["step"], time.monotonic())
+        conn = Connection(wid, ch, addr, joiner, msg["step"], time.monotonic())
         self.conns[wid] = conn
-        conn.writer = self._thread(self._writer, conn)
+        conn.writer = self.server.thread(conn.write)
         conn.send({"op": "welcome", "id": wid, "heartbeat_s": self.heartbeat_s})
         if joiner:
             self.joiners.append(wid)
@@ -511,7 +293,7 @@ class Coordinator:
         self._new_generation(first, donor=None)
         self._replay_due()  # a replayed change before the first commit
 
-    def _dispatch(self, conn: _Conn, msg: dict[str, Any]) -> None:
+    def dispatch(self, conn: Connection, msg: dict[str, Any]) -> None:
         op = msg["op"]
         with self.lock:
             if self.finished.is_set() or not conn.alive:
@@ -535,12 +317,12 @@ class Coordinator:
                 if set(self.members) <= set(self.done):
                     self._finish()
 
-    def _take_votes(self, conn: _Conn, votes: list[dict[str, Any]]) -> None:
+    def _take_votes(self, conn: Connection, votes: list[dict[str, Any]]) -> None:
         """One message per settled stretch (a DiLoCo round): committed together."""
         for vote in votes:
             step = vote["step"]
             if step > self.committed + MAX_AHEAD:
-                self._lose(conn, "protocol", f"a vote for step {step}, far beyond the commits")
+                self.lose(conn, "protocol", f"a vote for step {step}, far beyond the commits")
                 return
             if step > self.committed:  # older ones are committed already
                 self.votes.setdefault(step, {})[conn.id] = vote
@@ -579,7 +361,7 @@ class Coordinator:
                     f"its state hash at step {step} ({votes[i]['hash'][:16]}) differs from "
                     f"the majority's ({str(majority)[:16]})"
                 )
-                self._lose(self.conns[i], "diverged", detail, decide=False)
+                self.lose(self.conns[i], "diverged", detail, decide=False)
             for i in self.members:
                 self.conns[i].send({"op": "commit", "step": step})
             if diverged:
@@ -648,13 +430,15 @@ class Coordinator:
             if leaver is not None and leaver.alive:
                 leaver.send({"op": "leave"})
                 step = self.committed
-                self._lose(leaver, "replay", f"the replayed log has it leave after step {step}")
+                self.lose(leaver, "replay", f"the replayed log has it leave after step {step}")
                 changed = True
         return changed
 
-    def _lose(self, conn: _Conn, why: str, detail: str, decide: bool = True) -> None:
+    def lose(self, conn: Connection, why: str, detail: str, decide: bool = True) -> None:
+        """Lose a member or joiner (``why``: the ``left`` record's); ``decide``: act on
+        it now (a caller losing several decides once, after the last)."""
         silent = time.monotonic() - conn.last_seen
-        self._close(conn, drain=why == "replay")
+        conn.close(drain=why == "replay")
         was_member = conn.id in self.members
         if conn.id in self.joiners:
             self.joiners.remove(conn.id)
@@ -821,7 +605,7 @@ class Coordinator:
 
     def _monitor_loop(self) -> None:
         period = self.heartbeat_s / BEATS_PER_BOUND
-        while not self.closed.wait(period / 2) and not self.finished.is_set():
+        while not self.server.closed.wait(period / 2) and not self.finished.is_set():
             with self.lock:
                 if not self.finished.is_set():
                     self._check_liveness(period)
@@ -839,12 +623,12 @@ class Coordinator:
                 if now - c.last_seen > bound:
                     silent.append(c)
         for c in silent:  # all of this tick's losses, then one decision
-            self._lose(c, "silent", f"no message for {now - c.last_seen:.1f} s", decide=False)
+            self.lose(c, "silent", f"no message for {now - c.last_seen:.1f} s", decide=False)
         late = self._late_to_meet(now)
         for i in late:
             waited = now - self.gen_started
             detail = f"it did not meet generation {self.gen} within {waited:.1f} s"
-            self._lose(self.conns[i], "meeting", detail, decide=False)
+            self.lose(self.conns[i], "meeting", detail, decide=False)
         if silent or late:
             self._reconsider()
         # a failed collective with no loss seen within a beat: the group broke (a

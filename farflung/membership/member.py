@@ -19,7 +19,7 @@ from typing import Any
 from farflung.comm.binding import split_address
 from farflung.comm.channel import AuthError, Channel, WrongKey
 from farflung.comm.errors import Reconfigure
-from farflung.membership.coordinator import BEATS_PER_BOUND, HANDSHAKE_S, MAX_MESSAGE
+from farflung.membership.protocol import BEATS_PER_BOUND, HANDSHAKE_S, MAX_MESSAGE
 
 
 class MembershipLost(RuntimeError):

@@ -34,10 +34,9 @@ from typing import Any, NamedTuple
 from farflung.comm.binding import listen, split_address
 from farflung.comm.channel import AuthError, Channel, close_socket, shutdown_socket, verify
 from farflung.comm.tensor_tree import decode, encode
+from farflung.membership.protocol import HANDSHAKE_S  # the coordinator's deadline too
 
 ROLE = "state"
-HANDSHAKE_S = 5.0
-"""A connection that has not proved the key and sent its request by then is closed."""
 MAX_CONNECTIONS = 8
 """Connections served at once; more are closed on accept (a flood costs nothing)."""
 BUSY_WAIT_S = 2.0
@@ -81,8 +80,10 @@ class StateServer:
         host: str | None = None,
         port_range: tuple[int, int] | None = None,
         timeout_s: float = 60.0,
+        handshake_s: float = HANDSHAKE_S,
     ) -> None:
         self.provide, self.key, self.timeout_s = provide, key, timeout_s
+        self.handshake_s = handshake_s
         self.donor_id: int | None = None
         self.listener = listen(host, 0, port_range)
         self.port: int = self.listener.getsockname()[1]
@@ -109,11 +110,11 @@ class StateServer:
         # one deadline for the handshake and the request together: a peer sending a
         # byte at a time must not hold a slot for longer (shutdown wakes the read; the
         # descriptor is closed here, by the thread that reads it)
-        timer = threading.Timer(HANDSHAKE_S, shutdown_socket, (sock,))
+        timer = threading.Timer(self.handshake_s, shutdown_socket, (sock,))
         timer.start()
         try:
-            ch = Channel.server(sock, self.key, ROLE, timeout_s=HANDSHAKE_S)
-            ch.settimeout(HANDSHAKE_S)
+            ch = Channel.server(sock, self.key, ROLE, timeout_s=self.handshake_s)
+            ch.settimeout(self.handshake_s)
             request = ch.recv(REQUEST_CAP)
             timer.cancel()
             ch.settimeout(self.timeout_s)

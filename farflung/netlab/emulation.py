@@ -18,7 +18,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from farflung.comm.collectives import set_link_model, set_rank_hosts
 from farflung.netlab.link import LinkMatrix, LinkModel
 
 ENV = "FARFLUNG_LINK_FILE"
@@ -65,6 +64,9 @@ def parse_rank_hosts(text: str) -> list[int]:
 def install_link_model_from_env() -> LinkModel | None:
     """Install the link model named by ``FARFLUNG_LINK_FILE`` (if any) for this process,
     and the rank -> host map in ``FARFLUNG_RANK_HOSTS`` (if any)."""
+    # here, not at the top: the launcher writes these variables and must not load torch
+    from farflung.comm.collectives import set_link_model, set_rank_hosts
+
     path = os.environ.get(ENV)
     model = LinkModel(LinkMatrix.from_file(path)) if path else None
     text = os.environ.get(RANK_HOSTS_ENV)

@@ -28,6 +28,7 @@ import torch
 
 from farflung.comm.collectives import Comm
 from farflung.netlab.link import LinkMatrix, format_bandwidth, format_delay
+from farflung.netlab.probe_args import add_probe_args
 
 KIND = "probe"
 
@@ -139,17 +140,6 @@ def describe(matrix: LinkMatrix) -> str:
                     f"  {format_delay(matrix.delay(i, j)):>8}"
                 )
     return "\n".join(lines)
-
-
-def add_probe_args(p: argparse.ArgumentParser) -> None:
-    """The probe's options, shared by this module's entry and ``farflung probe``."""
-    p.add_argument("--out", default="links.json", help="matrix file to write (rank 0)")
-    p.add_argument(
-        "--seconds",
-        type=float,
-        default=0.3,
-        help="aim for transfers of about this long per measurement",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from torch import nn
 from farflung.comm import Comm
 from farflung.config import Config, ConfigError, ParallelConfig, validate
 from farflung.parallel.flat import grads_finite, make_buckets, unflatten_into
+from farflung.parallel.names import check_parallel_config, load_algorithms
 
 REGISTRY: dict[str, type[DataParallel]] = {}
 
@@ -49,23 +50,8 @@ def register(name: str) -> Callable[[type[DataParallel]], type[DataParallel]]:
 
 
 def algorithm_names() -> list[str]:
+    load_algorithms()
     return sorted(REGISTRY)
-
-
-def check_parallel_config(cfg: ParallelConfig) -> None:
-    """Validate what the config layer cannot: the algorithm name and the codec spec."""
-    from farflung.compress import CodecError, make_codec
-
-    if cfg.algorithm not in REGISTRY:
-        raise ConfigError(
-            f"parallel.algorithm = {cfg.algorithm!r} is not allowed; allowed: "
-            f"{', '.join(algorithm_names())}"
-        )
-    if cfg.codec:
-        try:
-            make_codec(cfg.codec)
-        except CodecError as e:
-            raise ConfigError(f"parallel.codec = {cfg.codec!r}: {e}") from None
 
 
 def distribute(
@@ -105,6 +91,7 @@ def make_algorithm(
     cfg: ParallelConfig | None = None,
 ) -> DataParallel:
     """Build the algorithm registered as ``name``."""
+    load_algorithms()  # this module may have been imported without the package's names
     if name not in REGISTRY:
         raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(algorithm_names())}")
     return REGISTRY[name](model, optimizer, comm, cfg or ParallelConfig(algorithm=name))

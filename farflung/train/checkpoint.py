@@ -28,7 +28,6 @@ folder whose manifest names bytes that never reached the disk. A crashed save's
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from farflung.data.shards import sha256_file
 from farflung.data.tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE
 
 MANIFEST = "manifest.json"
@@ -54,14 +54,6 @@ class CheckpointError(RuntimeError):
 OPTIONAL_FILES = (CONFIG_FILE, TEMPLATE_FILE)
 """Shared files a checkpoint holds when the data has them (an imported tokenizer's
 end-of-text token and chat template); listed and checksummed like the rest."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def step_dir(root: Path, step: int) -> Path:

@@ -41,7 +41,14 @@ from farflung.data import batch_ids
 from farflung.membership.coordinator import Coordinator
 from farflung.train import checkpoint as ckpt
 from farflung.train import runfolder
-from farflung.train.contract import COORDINATOR_ENV, EXIT_PEER_LOST, ID_ENV, JOIN_ENV
+from farflung.train.contract import (
+    COORDINATOR_ENV,
+    EXIT_PEER_LOST,
+    ID_ENV,
+    JOIN_ENV,
+    REPORT_ENV,
+)
+from farflung.train.launch import GRACE_S, Placement, bind_env, worker_env
 from farflung.train.metrics import aggregate, read_jsonl, truncate_jsonl
 from farflung.train.progress import Progress
 
@@ -332,7 +339,7 @@ def launch_elastic(
     workers: int,
     cfg: Config,
     out: Path,
-    placement: Any,
+    placement: Placement,
     quiet: bool = False,
     replay: list[dict[str, int]] | None = None,
     resume: bool = False,
@@ -345,15 +352,8 @@ def launch_elastic(
     times each). Returns 0 once every step is committed and the members finished.
     The coordinator binds ``bind`` (default: 127.0.0.1, or the lab's coordinator
     address); the run key is :func:`run_key`'s."""
-    from farflung.train.launch import GRACE_S, bind_env, worker_env
-
     host = placement.coordinator_addr or "127.0.0.1"
     key, key_env = run_key(out, key_file)
-
-    def say(msg: str) -> None:
-        if not quiet:
-            print(f"farflung: {msg}", file=sys.stderr)
-
     coord, address = start_coordinator(
         cfg,
         out,
@@ -376,66 +376,18 @@ def launch_elastic(
     signal.signal(
         signal.SIGUSR1, lambda *_: print(f"farflung: {coord.describe()}", file=sys.stderr)
     )
-    reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
-    procs: dict[int, subprocess.Popen] = {}
-    slots: dict[int, int] = {}  # process key -> placement slot (its namespace)
-    respawns = 0
-    joins_due = sum(r["event"] == "joined" for r in replay or [])
-
-    def start(key: int, slot: int, join: bool) -> None:
-        extra = {
-            **bind_env(placement, slot),  # its state server: on loopback in a local run
-            **({BIND_ENV: bind} if bind else {}),
-            **({PORT_RANGE_ENV: port_range} if port_range else {}),
-            **placement.envs[slot],
-            **key_env,
-            COORDINATOR_ENV: address,
-            "FARFLUNG_NETWORK": placement.description,
-        }
-        extra["FARFLUNG_REPORT_DIR"] = str(reports)
-        extra.update({JOIN_ENV: "1"} if join else {ID_ENV: str(slot)})
-        env = worker_env(slot, workers, free_port(), placement.master_addr, extra)
-        procs[key] = subprocess.Popen(
-            [*placement.prefixes[slot], sys.executable, "-m", "farflung.train", *worker_args],
-            env=env,
-            start_new_session=True,
-        )
-        slots[key] = slot
-
+    local = _LocalWorkers(
+        worker_args, workers, cfg, placement, address, replay, quiet, key_env, bind, port_range
+    )
     try:
         for r in range(workers):
-            start(r, r, join=False)
-        next_key = workers
+            local.start(r, r, join=False)
         while not coord.finished.is_set():
-            for key, p in list(procs.items()):
-                code = p.poll()
-                if code is None:
-                    continue
-                del procs[key]
-                if code == 0:  # it left (a replayed log): its replacement joins when due
-                    if joins_due > 0:
-                        joins_due -= 1
-                        start(next_key, slots[key], join=True)
-                        next_key += 1
-                    continue
-                if code > 0 and code != EXIT_PEER_LOST:  # bad input or a bug: no retry helps
-                    print(
-                        f"farflung: worker process {key} failed (exit {code}); stopping",
-                        file=sys.stderr,
-                    )
-                    return code
-                if cfg.elastic.respawn and respawns < workers * workers:
-                    respawns += 1
-                    say(f"worker process {key} exited with {code}; starting a joiner in its place")
-                    start(next_key, slots[key], join=True)
-                    next_key += 1
-            if not any(p.poll() is None for p in procs.values()):
-                print("farflung: every worker has exited before the run finished", file=sys.stderr)
-                return 1
+            code = local.check()
+            if code is not None:
+                return code
             time.sleep(0.1)
-        deadline = time.monotonic() + GRACE_S
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
-            time.sleep(0.05)
+        local.wait(GRACE_S)
         if coord.error is not None:
             print(f"farflung: the coordinator stopped the run: {coord.error}", file=sys.stderr)
             return 1
@@ -444,7 +396,111 @@ def launch_elastic(
         print("farflung: interrupted; stopping workers", file=sys.stderr, flush=True)
         return 130
     finally:
-        alive = [p for p in procs.values() if p.poll() is None]
+        local.stop()
+        coord.close()
+        shutil.rmtree(local.reports, ignore_errors=True)
+
+
+class _LocalWorkers:
+    """An elastic run's local worker processes: started, watched, and restarted as
+    joiners (a crashed one, or one a replayed log had leave) in the slot (the
+    placement's namespace) of the one they replace."""
+
+    def __init__(
+        self,
+        worker_args: list[str],
+        workers: int,
+        cfg: Config,
+        placement: Placement,
+        address: str,
+        replay: list[dict[str, int]] | None,
+        quiet: bool,
+        key_env: dict[str, str],
+        bind: str | None,
+        port_range: str | None,
+    ) -> None:
+        self.worker_args, self.workers, self.cfg = worker_args, workers, cfg
+        self.placement, self.address, self.quiet = placement, address, quiet
+        self.key_env = key_env  # how they find the run key
+        # where their own listeners bind, as the coordinator's were told
+        self.listen_env = {
+            **({BIND_ENV: bind} if bind else {}),
+            **({PORT_RANGE_ENV: port_range} if port_range else {}),
+        }
+        self.reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.slots: dict[int, int] = {}  # process key -> placement slot (its namespace)
+        self.next_key = self.workers
+        self.respawns = 0
+        self.joins_due = sum(r["event"] == "joined" for r in replay or [])
+
+    def start(self, key: int, slot: int, join: bool) -> None:
+        place = self.placement
+        extra = {
+            **bind_env(place, slot),  # its state server: on loopback in a local run
+            **self.listen_env,
+            **place.envs[slot],
+            **self.key_env,
+            COORDINATOR_ENV: self.address,
+            "FARFLUNG_NETWORK": place.description,
+        }
+        extra[REPORT_ENV] = str(self.reports)
+        extra.update({JOIN_ENV: "1"} if join else {ID_ENV: str(slot)})
+        env = worker_env(slot, self.workers, free_port(), place.master_addr, extra)
+        self.procs[key] = subprocess.Popen(
+            [*place.prefixes[slot], sys.executable, "-m", "farflung.train", *self.worker_args],
+            env=env,
+            start_new_session=True,
+        )
+        self.slots[key] = slot
+
+    def _join(self, slot: int) -> None:
+        self.start(self.next_key, slot, join=True)
+        self.next_key += 1
+
+    def check(self) -> int | None:
+        """One look at the processes, restarting those that may be; the exit code to
+        stop the run with (a worker's bad input or bug, or no worker left), or None."""
+        for key, p in list(self.procs.items()):
+            code = p.poll()
+            if code is None:
+                continue
+            del self.procs[key]
+            if code == 0:  # it left (a replayed log): its replacement joins when due
+                if self.joins_due > 0:
+                    self.joins_due -= 1
+                    self._join(self.slots[key])
+                continue
+            if code > 0 and code != EXIT_PEER_LOST:  # bad input or a bug: no retry helps
+                print(
+                    f"farflung: worker process {key} failed (exit {code}); stopping",
+                    file=sys.stderr,
+                )
+                return code
+            if self.cfg.elastic.respawn and self.respawns < self.workers * self.workers:
+                self.respawns += 1
+                if not self.quiet:
+                    print(
+                        f"farflung: worker process {key} exited with {code}; "
+                        "starting a joiner in its place",
+                        file=sys.stderr,
+                    )
+                self._join(self.slots[key])
+        if not any(p.poll() is None for p in self.procs.values()):
+            print("farflung: every worker has exited before the run finished", file=sys.stderr)
+            return 1
+        return None
+
+    def wait(self, seconds: float) -> None:
+        """Up to ``seconds`` for the workers to exit on their own (the run finished)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM (and SIGCONT, for a frozen one) the live workers, SIGKILL after
+        :data:`~farflung.train.launch.GRACE_S`."""
+        alive = [p for p in self.procs.values() if p.poll() is None]
         for p in alive:
             p.send_signal(signal.SIGTERM)
             p.send_signal(signal.SIGCONT)
@@ -454,5 +510,3 @@ def launch_elastic(
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        coord.close()
-        shutil.rmtree(reports, ignore_errors=True)

@@ -1,10 +1,12 @@
 """One worker of an elastic run (``elastic.enabled = true``).
 
-The loop is :class:`~farflung.train.loop.Worker`'s, with four additions:
+The step, the evaluation and the checkpoint are :class:`~farflung.train.loop.Worker`'s
+(one path for every worker kind); this worker fills its hooks and adds:
 
 - **generations**: the coordinator names the members and their order; each
   generation gets a process group of its own (the old one is abandoned, not torn
-  down: a collective waiting on a dead peer inside it never returns);
+  down at once: a collective waiting on a dead peer inside it does not return before
+  its timeout; :class:`LeftGroups` frees it after that);
 - **snapshots**: before each step that may follow a commit point, the worker keeps a
   copy of everything it would need to redo that step (model, optimizer, algorithm
   state, totals); a new generation rolls every member back to the state after the
@@ -28,12 +30,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import math
-import os
-import signal
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,21 +45,65 @@ from farflung.comm import Comm, DistInfo
 from farflung.comm.collectives import pinned_epoch
 from farflung.comm.errors import PeerLostError, Reconfigure, is_comm_failure
 from farflung.config import Config
-from farflung.data import batch_ids, val_batch_ids
 from farflung.membership.member import Member
 from farflung.membership.state_transfer import Fetched, fetch_state
 from farflung.parallel import NonFiniteStep, make_algorithm
 from farflung.train import checkpoint as ckpt
-from farflung.train.loop import Worker, lr_at
-from farflung.train.metrics import local_row
+from farflung.train.loop import Worker
 
 
-def join_group(member: Member, gen: dict[str, Any], backend: str, timeout_s: float) -> DistInfo:
-    """Initialise the default process group of generation ``gen`` (abandoning the
-    previous one: see the module docstring)."""
+class LeftGroups:
+    """The process groups (and store clients) of the generations this worker process
+    has left, held until no collective can be running in them any more.
+
+    A group is abandoned, not torn down, when its generation ends: a collective of
+    ours waiting on a dead peer inside it never returns before its timeout, and
+    freeing the group (its last reference) joins its threads, so the worker would
+    block there; a peer may likewise still be waiting on us inside it. Every
+    collective in a group is bounded by the group's timeout (``parallel.timeout_s``;
+    meeting, by the heartbeat's), so once ``grace_s`` (more than that) has passed
+    since the group was left, nothing runs in it on either side, and it is freed. The
+    worker process holds one for its life: the first generation is entered before
+    its worker exists."""
+
+    def __init__(self, grace_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace_s, self._clock = grace_s, clock
+        self._held: list[tuple[float, tuple[Any, ...]]] = []
+        self.current: tuple[Any, ...] = ()  # the group and store of the generation we are in
+
+    @classmethod
+    def for_run(cls, cfg: Config) -> LeftGroups:
+        """Held past the longest a collective (or a meeting) of ``cfg``'s run may wait."""
+        return cls(2 * cfg.parallel.timeout_s + 3 * cfg.elastic.heartbeat_s)
+
+    def leave(self) -> None:
+        """The current generation is over: hold its group and store from now."""
+        if self.current:
+            self._held.append((self._clock(), self.current))
+        self.current = ()
+
+    def release(self) -> int:
+        """Free what was left more than ``grace_s`` ago; returns how many groups."""
+        now = self._clock()
+        kept = [(t, objs) for t, objs in self._held if now - t <= self.grace_s]
+        freed = len(self._held) - len(kept)
+        self._held = kept  # the last references: freed here
+        return freed
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+def join_group(
+    member: Member, gen: dict[str, Any], backend: str, timeout_s: float, left: LeftGroups
+) -> DistInfo:
+    """Initialise the default process group of generation ``gen``, abandoning the
+    previous one to ``left`` (see :class:`LeftGroups`)."""
     if dist.is_initialized():
-        _GRAVEYARD.append(dist.group.WORLD)
+        left.current = (dist.group.WORLD, *left.current)
         dist.destroy_process_group()
+    left.leave()
+    left.release()
     store = dist.TCPStore(
         member.coordinator_host,
         gen["store_port"],
@@ -69,7 +112,7 @@ def join_group(member: Member, gen: dict[str, Any], backend: str, timeout_s: flo
         timeout=torch.distributed.constants.default_pg_timeout,
         wait_for_workers=False,
     )
-    _GRAVEYARD.append(store)
+    left.current = (store,)
     members = gen["members"]
     rank = members.index(member.id)
     prefixed = dist.PrefixStore(f"gen{gen['gen']}/", store)
@@ -96,8 +139,6 @@ def join_group(member: Member, gen: dict[str, Any], backend: str, timeout_s: flo
     return DistInfo(rank, len(members), 0, 1, backend, torch.device("cpu"))
 
 
-_GRAVEYARD: list[Any] = []  # abandoned groups and works: their destructors would block
-_FETCHED: dict[int, dict[str, Any]] = {}  # a joiner's verified state by restart step
 STATE_CAP_FACTOR = 16
 """A donor's state may be at most this many times the joiner's own parameter bytes
 (plus :data:`STATE_CAP_SLACK`): model, two AdamW moments, and an algorithm's copies of
@@ -132,9 +173,16 @@ class ElasticWorker(Worker):
     first generation this worker has entered already (``info``)."""
 
     def __init__(
-        self, cfg: Config, out: Path, info: DistInfo, member: Member, gen: dict, key: str
+        self,
+        cfg: Config,
+        out: Path,
+        info: DistInfo,
+        member: Member,
+        gen: dict,
+        key: str,
+        left: LeftGroups,
     ) -> None:
-        self.member, self.gen, self.key = member, gen, key
+        self.member, self.gen, self.key, self.left = member, gen, key, left
         self.epoch = member.gen_epoch[gen["gen"]]  # waits of this generation end with it
         self.snapshots: dict[int, dict[str, Any]] = {}
         # the shared-state hash of each snapshot, taken with it: what the vote of the
@@ -142,7 +190,6 @@ class ElasticWorker(Worker):
         self.snapshot_hashes: dict[int, str] = {}
         self.pending_votes: dict[int, dict[str, Any]] = {}
         self.voted = 0
-        self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""), member.id)
         super().__init__(cfg, out, info, show_progress=False)
         self.is_main = self.replica == 0
         self._hook_algorithm()
@@ -162,10 +209,6 @@ class ElasticWorker(Worker):
             snap = self._load_checkpoint(gen["restart"] - 1)
             self._restore(snap)
             return snap
-        if gen["restart"] in _FETCHED:  # fetched and checked for a generation replaced since
-            snap = _FETCHED[gen["restart"]]
-            self._restore(snap)
-            return snap
         return self._restore_fetched(gen)
 
     def _restore_fetched(self, gen: dict[str, Any]) -> dict[str, Any]:
@@ -181,8 +224,6 @@ class ElasticWorker(Worker):
             raise
         seconds = time.perf_counter() - t0
         self.member.tell({"op": "healed", "bytes": nbytes, "seconds": seconds})
-        _FETCHED.clear()
-        _FETCHED[gen["restart"]] = snap  # checked: reusable if this generation is replaced
         return snap
 
     def _check_fetched(self, gen: dict[str, Any]) -> None:
@@ -207,6 +248,9 @@ class ElasticWorker(Worker):
     def _telemetry_group(self) -> None:
         return None  # rows travel with the votes
 
+    def _fault_id(self) -> int | None:
+        return self.member.id
+
     # -- membership ------------------------------------------------------------------
     def _position(self) -> tuple[int, int]:
         return self.gen["members"].index(self.member.id), len(self.gen["members"])
@@ -217,10 +261,19 @@ class ElasticWorker(Worker):
         self.gen = gen
         self.epoch = self.member.gen_epoch[gen["gen"]]
         restart = gen["restart"]
-        info = join_group(self.member, gen, self.info.backend, self.cfg.parallel.timeout_s)
+        timeout_s = self.cfg.parallel.timeout_s
+        info = join_group(self.member, gen, self.info.backend, timeout_s, self.left)
         self.info = info
         self.replica, self.dp = info.rank, info.world_size
         self.is_main = self.replica == 0
+        snap = self.snapshots.get(restart)
+        if snap is None and gen.get("donor") is None:
+            snap = self._load_checkpoint(restart - 1)
+        if snap is not None:
+            # the algorithm's setup sends the first member's weights to the others: a
+            # worker starting the run afresh in this generation restores nothing after
+            # it and must get the restart state, not what this member trained since
+            self.model.load_state_dict(snap["model"])
         with pinned_epoch(self.epoch):
             self.comm = Comm(meter=self.comm.meter)
             self.algo = make_algorithm(
@@ -232,9 +285,8 @@ class ElasticWorker(Worker):
             )
             self.algo.setup()
         self._hook_algorithm()
-        snap = self.snapshots.get(restart)
         if snap is None:
-            snap = self._restore_for(gen)
+            snap = self._restore_for(gen)  # from the donor
         else:
             self._restore(snap)
         self.snapshots, self.snapshot_hashes = {restart: snap}, {}
@@ -327,22 +379,23 @@ class ElasticWorker(Worker):
                 break
             due = every and step // every > self.saved_step // every
             if self.is_main and due and 0 < step < self.cfg.train.steps:
-                self._save_snapshot(self.snapshots[t])
+                self.save(self.snapshots[t])  # a one-rank checkpoint without the model file
+                self.saved_step = step
             if t <= committed:
                 del self.snapshots[t]
                 self.snapshot_hashes.pop(t, None)
 
-    def _save_snapshot(self, snap: dict[str, Any]) -> None:
-        """A committed state as a one-rank checkpoint any member can resume from."""
-        step = snap["step"]
-        tmp = ckpt.tmp_dir(self.out / "checkpoints", step)
-        ckpt.mark_present(tmp, 0)
-        ckpt.write_rank_state(tmp, 0, snap)
-        self._write_shared(tmp)
-        extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": None, "elastic": True}
-        keep = self.cfg.train.keep_checkpoints
-        ckpt.commit(tmp, step, 1, [0], extra, keep, with_model=False)
-        self.saved_step = step
+    def _checkpoint_rank(self) -> tuple[int, int]:
+        """One rank's checkpoint (the first member writes it): the state any member,
+        in a group of any size, resumes from."""
+        return 0, 1
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        return {"elastic": True}
+
+    def _rank_state(self) -> dict[str, Any]:
+        # the algorithm's checkpoint form: it waits for a sync in flight and keeps it
+        return self._state(self.algo.state_dict())
 
     def _load_checkpoint(self, step: int) -> dict[str, Any]:
         """The snapshot a checkpoint of this run holds for ``step`` (0: the initial
@@ -355,8 +408,9 @@ class ElasticWorker(Worker):
         return ckpt.load_rank_state(valid[step], 0)
 
     # -- the loop ---------------------------------------------------------------------
-    def step_ids(self, step: int) -> np.ndarray:
-        ids = batch_ids(step, self.cfg.train.batch_size, self.n_train, self.cfg.train.seed)
+    def share(self, ids: np.ndarray) -> np.ndarray:
+        """The members split every batch in order, as evenly as it goes: survivors
+        take over a lost member's share."""
         return np.array_split(ids, self.dp)[self.replica]
 
     def run(self) -> dict[str, Any]:
@@ -369,14 +423,7 @@ class ElasticWorker(Worker):
                 if pending is not None:
                     self.enter(pending)
                     pending = None
-                self.mark = time.perf_counter()
-                while self.step < cfg.steps:
-                    self._keep_pace()
-                    self.train_step()
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                        self.evaluate()
-                        self.mark = time.perf_counter()
-                    self._boundary()
+                self.train_steps()
                 if self.voted < self.step:  # the last steps settle only when waited for
                     self.algo.quiesce()
                     self._vote(self.step)
@@ -399,7 +446,7 @@ class ElasticWorker(Worker):
                 self.member.fault(self.gen["gen"], why)
             pending = self.member.next_generation(self.gen["gen"])
 
-    def _keep_pace(self) -> None:
+    def _before_step(self) -> None:
         """Run at most ``elastic.max_lag_steps`` ahead of the last commit (each step
         ahead holds a snapshot)."""
         behind = self.step - self.cfg.elastic.max_lag_steps * self.algo.settle_every
@@ -407,51 +454,16 @@ class ElasticWorker(Worker):
             self.member.wait_committed(behind, self.epoch)
         self._forget_committed()
 
-    def train_step(self) -> None:
-        t = self.step + 1
-        actions = self.faults.pop(t, [])
-        for action in actions:
-            if action != "CORRUPT":
-                inject(action)
+    def _seed_step(self, step: int) -> None:
         # dropout: the same for a redone step, whichever attempt and group size
-        torch.manual_seed(self.cfg.train.seed * 1_000_003 + t * 1009 + self.replica)
-        lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim) * self.algo.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        ids = self.step_ids(self.step)
-        loss = self._forward_backward_share(ids)
-        self.step = t
-        skipped = self._update(math.isfinite(loss))
-        if "CORRUPT" in actions:  # after the update: nothing of it reached the others yet
-            corrupt(self.algo)
-        now = time.perf_counter()
-        wall, self.mark = now - self.mark, now
-        snap = self.comm.meter.snapshot(reset=True)
-        self.totals["tokens"] += self.cfg.train.batch_size * self.cfg.model.context
-        row = local_row(t, lr, self.totals["tokens"], now - self.t_start, loss, wall, snap, skipped)
-        self.pending_votes[t] = {"samples": [int(i) for i in ids], "row": row}
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + step * 1009 + self.replica)
 
-    def _forward_backward_share(self, ids: np.ndarray) -> float:
-        """Mean loss over this member's share, its gradient weighted so that the
-        group's average is the global batch's mean whatever the shares' sizes."""
-        micro = self.cfg.train.micro_batch_size or len(ids)
-        weight = len(ids) * self.dp / self.cfg.train.batch_size
-        parts = [ids[start : start + micro] for start in range(0, len(ids), micro)]
-        tokens = self.token_weights(parts)  # masked targets: weights by counted tokens
-        loss_sum = 0.0
-        for i, part in enumerate(parts):
-            x, y = self.train_set.batch(part)
-            _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
-            if tokens is not None:
-                (loss * tokens[i]).backward()
-                loss_sum += loss.item() * tokens[i] * len(ids)
-                continue
-            scale = len(part) / len(ids)
-            if weight != 1.0:
-                scale *= weight
-            (loss * scale).backward()
-            loss_sum += loss.item() * len(part)
-        return loss_sum / len(ids)
+    def _record(self, row: list[float], ids: np.ndarray) -> None:
+        """Rows travel with the step's vote, with the samples it trained."""
+        self.pending_votes[self.step] = {"samples": [int(i) for i in ids], "row": row}
+
+    def _after_step(self) -> None:
+        self._boundary()
 
     def _boundary(self) -> None:
         """After a step: keep a snapshot for the next, vote the steps now settled."""
@@ -473,21 +485,10 @@ class ElasticWorker(Worker):
     def drain(self) -> None:
         """No telemetry collective: rows travel with the votes."""
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        b = self.cfg.train.batch_size
-        total = torch.zeros(1, dtype=torch.float64, device=self.info.device)
-        with self.algo.eval_parameters() as model:
-            model.eval()
-            for i in range(self.cfg.train.eval_batches):
-                ids = np.array_split(val_batch_ids(i, b, len(self.val_set)), self.dp)[self.replica]
-                total += self._eval_loss_sum(model, ids)
-            model.train()
-        self.comm.all_reduce(total, kind="ctrl")
-        self.last_val = total.item() / self._eval_targets(b)
+    def _record_eval(self, val_loss: float) -> None:
+        """The result travels with the step's vote (the coordinator logs it)."""
         if self.step in self.pending_votes:
-            self.pending_votes[self.step]["val_loss"] = self.last_val
-        return self.last_val
+            self.pending_votes[self.step]["val_loss"] = val_loss
 
     def _finish(self) -> dict[str, Any]:
         """Every step is committed: the final evaluation, the model, and the end."""
@@ -499,78 +500,3 @@ class ElasticWorker(Worker):
         self.member.done(self.gen["gen"], {"summary": summary})
         self.member.wait_committed(10**18, self.epoch, until=lambda: self.member.finished)
         return summary
-
-    def save(self) -> None:
-        """The run's model and this worker's state as a one-rank checkpoint (the first
-        member only: the state every member can resume from)."""
-        root = self.out / "checkpoints"
-        tmp = ckpt.tmp_dir(root, self.step)
-        ckpt.mark_present(tmp, 0)
-        # the algorithm's checkpoint form: it waits for a sync in flight and keeps it
-        ckpt.write_rank_state(tmp, 0, self._state(self.algo.state_dict()))
-        with_model = self._write_model(tmp, [0])
-        self._write_shared(tmp)
-        extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": self.last_val}
-        ckpt.commit(tmp, self.step, 1, [0], extra, self.cfg.train.keep_checkpoints, with_model)
-
-
-FAULTS_ENV = "FARFLUNG_FAULTS"
-"""Fault injection for tests and benchmarks: ``ID:STEP:ACTION[,...]``; worker ``ID``
-does ``ACTION`` to itself as it starts step ``STEP``: a signal name (``SIGKILL``,
-``SIGSTOP``), ``LINKDOWN`` (its network interface goes down, in the network lab) or
-``LINKFLAP<seconds>`` (down, and up again that much later); ``SLEEP<seconds>`` is a
-slow step (a straggler, not a fault); ``CORRUPT`` silently changes one number of its
-state as step ``STEP``'s update ends (:func:`corrupt`): its state hash disagrees with
-the others' from that step on, and the coordinator evicts it."""
-
-
-def parse_faults(spec: str, wid: int | None) -> dict[int, list[str]]:
-    faults: dict[int, list[str]] = {}
-    for item in filter(None, spec.split(",")):
-        who, step, action = item.split(":")
-        if int(who) == wid:
-            faults.setdefault(int(step), []).append(action)
-    return faults
-
-
-def corrupt(algo: Any) -> None:
-    """Add 1.0 to one element of the first tensor of the state ``algo`` keeps equal on
-    every member (the model's first parameter when replicas are identical, the global
-    model of cocktail and DiLoCo), or of the model's first parameter when nothing is
-    shared (gossip): a memory error no collective notices."""
-    target = _first_tensor(algo.shared_state())
-    if target is None:
-        target = next(algo.model.parameters())
-    with torch.no_grad():
-        target.view(-1)[0] += 1.0
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
-    for v in values:
-        found = _first_tensor(v)
-        if found is not None:
-            return found
-    return None
-
-
-def inject(action: str) -> None:
-    """Do ``action`` (see :data:`FAULTS_ENV`) to this process or its link: real faults."""
-    if action.startswith("SIG"):
-        os.kill(os.getpid(), signal.Signals[action])
-        return
-    if action.startswith("SLEEP"):  # a slow step, not a fault: heartbeats go on
-        time.sleep(float(action.removeprefix("SLEEP")))
-        return
-    iface = os.environ.get("GLOO_SOCKET_IFNAME")
-    if not iface:
-        raise RuntimeError(f"fault {action} needs the network lab (GLOO_SOCKET_IFNAME)")
-    subprocess.run(["ip", "link", "set", iface, "down"], check=True)
-    if action.startswith("LINKFLAP"):
-        seconds = float(action.removeprefix("LINKFLAP"))
-        # a process of its own: this one may be gone (evicted) before the link is back
-        subprocess.Popen(
-            ["sh", "-c", f"sleep {seconds}; ip link set {iface} up"], start_new_session=True
-        )

@@ -6,16 +6,15 @@ both describe the job through RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
-import fcntl
 import os
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,14 +22,13 @@ from farflung.comm import DistInfo, init_distributed, shutdown_distributed
 from farflung.comm import watchdog as wd
 from farflung.comm.dist import store_barrier
 from farflung.comm.errors import NonFiniteError, Reconfigure, first_line, is_comm_failure
-from farflung.config import Config, ConfigError, load_config
-from farflung.data import INDEX_FILE, DataError, ShardIndex, prepare
-from farflung.membership.member import MembershipLost
+from farflung.config import Config, ConfigError
+from farflung.data import INDEX_FILE, DataError
+from farflung.membership.member import Member, MembershipLost
 from farflung.model.hf import HFCheckpointError
 from farflung.netlab.emulation import install_link_model_from_env
-from farflung.parallel import algorithm_names, check_parallel_config
 from farflung.train import checkpoint as ckpt
-from farflung.train import init, runfolder
+from farflung.train import runfolder
 from farflung.train.checkpoint import CheckpointError
 from farflung.train.contract import (
     COORDINATOR_ENV,
@@ -43,137 +41,19 @@ from farflung.train.contract import (
     JOIN_ENV,
     write_report,
 )
+from farflung.train.dataprep import ensure_data
+from farflung.train.options import (
+    add_train_args,
+    apply_bind_args,
+    check_out_dir,
+    out_dir,
+    raise_interrupt,
+    resolve_config,
+)
 from farflung.train.progress import print_summary
 
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``farflung train`` and ``python -m farflung.train``."""
-    p.add_argument("config", help="TOML config file (see configs/)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable)",
-    )
-    p.add_argument("--out", help="run folder (default: runs/<config name>)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
-    )
-    p.add_argument("--force", action="store_true", help="delete what --out holds and start afresh")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
-    p.add_argument(
-        "--join",
-        metavar="HOST:PORT",
-        help="enter a running elastic run (elastic.enabled = true) through its coordinator",
-    )
-    p.add_argument(
-        "--key-file",
-        metavar="PATH",
-        help="elastic runs: the run key (mode 0600; or FARFLUNG_KEY_FILE / FARFLUNG_RUN_KEY); "
-        "the local launcher makes one in --out when none is given",
-    )
-    p.add_argument(
-        "--bind",
-        metavar="ADDR",
-        help="elastic runs: the address this host's listeners bind (a --join worker's state "
-        "server; the local launcher's coordinator); default: every interface for --join, "
-        "127.0.0.1 for a local run",
-    )
-    p.add_argument(
-        "--port-range",
-        metavar="LOW-HIGH",
-        help="elastic runs: the ports those listeners may take (for firewall rules)",
-    )
-    p.add_argument(
-        "--placement",
-        metavar="FILE",
-        help="pipeline placement (JSON: rank -> stage, replica, host), as `farflung plan` "
-        "writes it; default: stage-major rank order",
-    )
-
-
-def apply_bind_args(args: argparse.Namespace) -> None:
-    """``--bind`` / ``--port-range`` as FARFLUNG_BIND / FARFLUNG_PORT_RANGE, for this
-    process's listeners and the worker processes it starts (ConfigError when the range
-    is malformed)."""
-    from farflung.comm.binding import BIND_ENV, PORT_RANGE_ENV, parse_port_range
-
-    if getattr(args, "port_range", None):
-        try:
-            parse_port_range(args.port_range)
-        except ValueError as e:
-            raise ConfigError(f"--port-range: {e}") from None
-        os.environ[PORT_RANGE_ENV] = args.port_range
-    if getattr(args, "bind", None):
-        os.environ[BIND_ENV] = args.bind
-
-
-def resolve_config(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config, args.set, choices={"parallel.algorithm": algorithm_names()})
-    check_parallel_config(cfg.parallel)
-    return init.resolve(cfg)  # model.init_from decides the architecture
-
-
-def out_dir(args: argparse.Namespace) -> Path:
-    return Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-
-
-def check_out_dir(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to mix a new run into an old one's files, and ``--force`` on a folder that
-    is not a farflung run (checked before anything is deleted anywhere)."""
-    used = out.is_dir() and any((out / n).exists() for n in ("metrics.jsonl", "checkpoints"))
-    if used and not resume and not force:
-        raise ConfigError(
-            f"{out} already holds a run; pass --resume to continue it, "
-            "--force to replace it, or another --out"
-        )
-    if force and not resume and (out.exists() or out.is_symlink()):
-        runfolder.check_removable(out)
-
-
-def claim_out_dir(out: Path, resume: bool, force: bool) -> None:
-    """What a launcher does with ``--out`` before it starts anything: check it
-    (:func:`check_out_dir`), remove the old run on ``--force`` (only a farflung run
-    gets here), and mark the folder as a farflung run."""
-    check_out_dir(out, resume, force)
-    if force and not resume and out.exists():
-        shutil.rmtree(out)  # a new run starts with clean logs: no step appears twice
-    runfolder.mark_run(out)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``path``; a filesystem without locks gets none."""
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)  # releases the GIL: heartbeats go on
-        except OSError:
-            pass
-        yield
-
-
-def ensure_data(cfg: Config, show_progress: bool = True) -> ShardIndex:
-    """Prepare the configured corpus when its folder holds no index yet. A lock file in
-    the folder makes processes that share it (nodes on a shared filesystem, two runs)
-    prepare it once: the others wait, then find the index."""
-    folder = Path(cfg.data.dir)
-    if not (folder / INDEX_FILE).is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        with _file_lock(folder / ".prepare.lock"):
-            if not (folder / INDEX_FILE).is_file():
-                d = cfg.data
-                prepare(
-                    d.sources,
-                    d.dir,
-                    d.vocab_size,
-                    d.val_fraction,
-                    d.shard_tokens,
-                    seed=cfg.train.seed,
-                    progress=show_progress,
-                    tokenizer=init.data_tokenizer(cfg),
-                )
-    return ShardIndex.load(cfg.data.dir)
+if TYPE_CHECKING:
+    from farflung.train.elastic_worker import ElasticWorker, LeftGroups
 
 
 def prepare_data_on_node(cfg: Config, info: DistInfo, show_progress: bool) -> None:
@@ -327,47 +207,22 @@ def _run(args: argparse.Namespace) -> int:
 def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     """One worker of an elastic run: started by the launcher (the coordinator's
     address in the environment) or by hand with ``--join HOST:PORT``."""
-    from farflung.comm.channel import load_key
-    from farflung.comm.collectives import pinned_epoch, set_epoch_source
-    from farflung.comm.dist import pick_backend
-    from farflung.membership.member import Member
+    from farflung.comm.collectives import set_epoch_source
     from farflung.membership.state_transfer import StateServer
-    from farflung.train.elastic_worker import ElasticWorker, join_group
+    from farflung.train.elastic_worker import LeftGroups
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where it waits
-    address = getattr(args, "join", None) or os.environ.get(COORDINATOR_ENV)
-    if not address:
-        raise ConfigError(
-            "elastic.enabled = true needs a coordinator: run with `farflung train "
-            "--workers N` or join a running one with --join HOST:PORT"
-        )
-    joining = bool(getattr(args, "join", None)) or os.environ.get(JOIN_ENV) == "1"
-    wid = None if joining or ID_ENV not in os.environ else int(os.environ[ID_ENV])
+    address, joining, wid = _elastic_role(args)
     torch.set_num_threads(
         cfg.train.threads
         or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     )
     ensure_data(cfg, show_progress=False)
     runfolder.mark_run(out)
-    step = 0
-    # every initial worker (`--join` ones included: before generation 0 forms they are
-    # initial) tells the coordinator the checkpoint it holds; the run resumes there
-    if args.resume and os.environ.get(JOIN_ENV) != "1":  # not a respawned joiner
-        # before this worker's hello: no member saves before every initial one did this
-        ckpt.remove_stale_tmp(out / "checkpoints")
-        valid, _ = ckpt.verified(out / "checkpoints", rank=0)
-        step = max(valid, default=0)
-    holder: dict[str, ElasticWorker] = {}
-    try:
-        key = load_key(getattr(args, "key_file", None))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if key is None:
-        raise ConfigError(
-            "an elastic worker needs the run key: pass --key-file PATH (the coordinator "
-            "prints where it is) or set FARFLUNG_KEY_FILE or FARFLUNG_RUN_KEY"
-        )
+    step = _held_checkpoint(args, out)
+    key = _run_key(args)
     apply_bind_args(args)  # --bind / --port-range: where the state server listens
+    holder: dict[str, ElasticWorker] = {}
     # joiners fetch this worker's snapshots here, with a ticket the coordinator signed
     server = StateServer(
         lambda step: holder["w"].provide(step) if "w" in holder else None,
@@ -385,23 +240,8 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     )
     server.donor_id = member.id  # the donor a ticket must name
     set_epoch_source(member.current_epoch)
-    backend, gen_no = pick_backend(cfg.parallel.backend), -1
-    while True:  # a generation may be replaced while this worker enters it
-        gen = member.next_generation(gen_no)
-        gen_no = gen["gen"]
-        try:
-            info = join_group(member, gen, backend, cfg.parallel.timeout_s)
-            with pinned_epoch(member.gen_epoch[gen_no]):
-                worker = ElasticWorker(cfg, out, info, member, gen, key)
-            break
-        except Reconfigure:
-            continue
-        except Exception as e:  # a peer or the donor failed while this worker entered
-            if not is_comm_failure(e):
-                raise
-            _say(member.id or 0, f"entering generation {gen_no} failed ({first_line(e)})", True)
-            member.fault(gen_no, first_line(e))
-    holder["w"] = worker
+    left = LeftGroups.for_run(cfg)  # the groups of generations left, for this process's life
+    holder["w"] = worker = _enter(cfg, out, member, key, left)
     worker.run()
     member.close()
     server.close()
@@ -410,9 +250,73 @@ def _run_elastic(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     os._exit(0)  # abandoned process groups' destructors would wait on dead peers
 
 
-def raise_interrupt(signum: int, frame: object) -> None:
-    """Turn SIGTERM into KeyboardInterrupt so clean-up code runs."""
-    raise KeyboardInterrupt
+def _elastic_role(args: argparse.Namespace) -> tuple[str, bool, int | None]:
+    """The coordinator's address, whether this worker joins a running job, and its id
+    (initial workers started by the launcher; None: the coordinator assigns one)."""
+    address = getattr(args, "join", None) or os.environ.get(COORDINATOR_ENV)
+    if not address:
+        raise ConfigError(
+            "elastic.enabled = true needs a coordinator: run with `farflung train "
+            "--workers N` or join a running one with --join HOST:PORT"
+        )
+    joining = bool(getattr(args, "join", None)) or os.environ.get(JOIN_ENV) == "1"
+    wid = None if joining or ID_ENV not in os.environ else int(os.environ[ID_ENV])
+    return address, joining, wid
+
+
+def _held_checkpoint(args: argparse.Namespace, out: Path) -> int:
+    """The newest valid checkpoint this worker holds (0: none, or not resuming).
+
+    Every initial worker (`--join` ones included: before generation 0 forms they are
+    initial) tells the coordinator the checkpoint it holds; the run resumes there."""
+    if not args.resume or os.environ.get(JOIN_ENV) == "1":  # a respawned joiner
+        return 0
+    # before this worker's hello: no member saves before every initial one did this
+    ckpt.remove_stale_tmp(out / "checkpoints")
+    valid, _ = ckpt.verified(out / "checkpoints", rank=0)
+    return max(valid, default=0)
+
+
+def _run_key(args: argparse.Namespace) -> str:
+    """The run key from --key-file, FARFLUNG_KEY_FILE or FARFLUNG_RUN_KEY (ConfigError
+    when it is missing or its file is unsafe)."""
+    from farflung.comm.channel import load_key
+
+    try:
+        key = load_key(getattr(args, "key_file", None))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if key is None:
+        raise ConfigError(
+            "an elastic worker needs the run key: pass --key-file PATH (the coordinator "
+            "prints where it is) or set FARFLUNG_KEY_FILE or FARFLUNG_RUN_KEY"
+        )
+    return key
+
+
+def _enter(cfg: Config, out: Path, member: Member, key: str, left: LeftGroups) -> ElasticWorker:
+    """This worker's first generation, entered: a generation may be replaced while the
+    worker enters it, and a peer or the donor may fail meanwhile (it says so, and
+    waits for the next)."""
+    from farflung.comm.collectives import pinned_epoch
+    from farflung.comm.dist import pick_backend
+    from farflung.train.elastic_worker import ElasticWorker, join_group
+
+    backend, gen_no = pick_backend(cfg.parallel.backend), -1
+    while True:
+        gen = member.next_generation(gen_no)
+        gen_no = gen["gen"]
+        try:
+            info = join_group(member, gen, backend, cfg.parallel.timeout_s, left)
+            with pinned_epoch(member.gen_epoch[gen_no]):
+                return ElasticWorker(cfg, out, info, member, gen, key, left)
+        except Reconfigure:
+            continue
+        except Exception as e:
+            if not is_comm_failure(e):
+                raise
+            _say(member.id or 0, f"entering generation {gen_no} failed ({first_line(e)})", True)
+            member.fault(gen_no, first_line(e))
 
 
 def _say(rank: int, msg: str, always: bool = False) -> None:

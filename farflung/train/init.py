@@ -8,16 +8,19 @@ data must be encoded with."""
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import replace
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from farflung.config import Config, ConfigError, load_config, validate
+from farflung.data.shards import sha256_file
 from farflung.data.tokenizer import TOKENIZER_FILE
-from farflung.model import hf
-from farflung.train import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# farflung.model.hf and farflung.train.checkpoint load torch: they are imported where a
+# source is read, so that a launcher without model.init_from stays torch-free
 
 # the user's own choices, kept when the architecture comes from elsewhere
 _KEEP = ("init_from", "context", "dropout")
@@ -38,6 +41,8 @@ def source(cfg: Config) -> tuple[str, Path] | None:
 def _checkpoint(path: Path) -> Path:
     """The checkpoint ``run:PATH`` names, verified once per process (its files are
     hashed; a big model's take a while)."""
+    from farflung.train import checkpoint as ckpt
+
     if not path.exists():
         raise ckpt.CheckpointError(f"model.init_from: {path} does not exist")
     return ckpt.newest(path)
@@ -50,6 +55,8 @@ def resolve(cfg: Config) -> Config:
         return cfg
     kind, path = src
     if kind == "hf":
+        from farflung.model import hf
+
         model = hf.model_config(hf.read_config(path), cfg.model, str(path / hf.CONFIG_FILE))
     else:
         saved = load_config(_checkpoint(path) / "config.toml").model
@@ -91,16 +98,12 @@ def check_tokenizer(cfg: Config, data_tokenizer_json: Path) -> None:
     theirs = tokenizer_file(cfg)
     if theirs is None or cfg.data.tokenizer:
         return
-    if _sha256(theirs) != _sha256(data_tokenizer_json):
+    if sha256_file(theirs) != sha256_file(data_tokenizer_json):
         raise ConfigError(
             f"the data in {data_tokenizer_json.parent} was encoded with another tokenizer than "
             f"model.init_from's ({theirs}); prepare it with `farflung prepare --tokenizer "
             f"{theirs.parent}` or point data.dir elsewhere"
         )
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_weights(model: nn.Module, cfg: Config) -> None:
@@ -110,6 +113,10 @@ def load_weights(model: nn.Module, cfg: Config) -> None:
         return
     kind, path = src
     if kind == "hf":
+        from farflung.model import hf
+
         hf.load_weights(model, path, cfg.model)
     else:
+        from farflung.train import checkpoint as ckpt
+
         ckpt.load_model_weights(_checkpoint(path), model)

@@ -22,9 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from farflung.comm import free_port
-from farflung.comm.binding import BIND_ENV
-from farflung.comm.dist import is_loopback
+from farflung.comm.binding import BIND_ENV, free_port, is_loopback
 from farflung.train.contract import (
     EXIT_INTERRUPTED,
     EXIT_NONFINITE,

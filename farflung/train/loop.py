@@ -32,7 +32,7 @@ from farflung.data import SampleSet, ShardIndex, TokenStream, batch_ids, rank_sl
 from farflung.model import GPT, param_groups
 from farflung.parallel import NonFiniteStep, make_algorithm
 from farflung.train import checkpoint as ckpt
-from farflung.train import init
+from farflung.train import faults, init
 from farflung.train.metrics import StepRecord, Telemetry, aggregate, local_row, truncate_jsonl
 from farflung.train.progress import Progress
 
@@ -53,9 +53,6 @@ STATE_KEYS = {
     "parallel": ("algorithm", "codec", "error_feedback"),
     "pipeline": ("stages", "layers", "compression"),
 }
-
-FAULT_ENV = "FARFLUNG_FAIL_AT"  # "RANK:STEP": that rank dies at that step (fault-injection tests)
-NAN_ENV = "FARFLUNG_NAN_AT"  # "RANK:STEP[,STEP...]": that rank's loss is NaN at those steps
 
 
 def lr_at(step: int, total: int, o: OptimConfig) -> float:
@@ -120,14 +117,17 @@ class Worker:
             "bytes_recv": 0,
         }
         self.last_val: float | None = None
-        self.fail_at = _parse_fault(os.environ.get(FAULT_ENV), info.rank)
-        self.nan_at = _parse_steps(os.environ.get(NAN_ENV), info.rank)
+        self.faults = faults.Faults.from_env(self._fault_id())
         self.nccl = info.backend == "nccl"
         self.nonfinite_streak = 0
         telemetry_comm = Comm(self.telemetry_group, self.comm.meter)
         self.telemetry = Telemetry(
             telemetry_comm, cfg.train.log_every, self._on_record, info.device
         )
+
+    def _fault_id(self) -> int | None:
+        """Who this worker is in ``FARFLUNG_FAULTS`` (:mod:`farflung.train.faults`)."""
+        return self.info.rank
 
     def _telemetry_group(self) -> dist.ProcessGroup | None:
         return new_group() if self.info.world_size > 1 else None
@@ -150,8 +150,13 @@ class Worker:
         return self.comm
 
     def step_ids(self, step: int) -> np.ndarray:
-        """Sample ids this rank's replica trains on at ``step``."""
-        ids = batch_ids(step, self.cfg.train.batch_size, self.n_train, self.cfg.train.seed)
+        """Sample ids this rank's replica trains on at ``step`` (0-based)."""
+        return self.share(
+            batch_ids(step, self.cfg.train.batch_size, self.n_train, self.cfg.train.seed)
+        )
+
+    def share(self, ids: np.ndarray) -> np.ndarray:
+        """This replica's share of a global batch (training or validation)."""
         return rank_slice(ids, self.replica, self.dp)
 
     # -- the loop ----------------------------------------------------------------
@@ -163,16 +168,7 @@ class Worker:
         self.bar = Progress(cfg.steps, self.step, enabled=self.show_progress)
         finished = False
         try:
-            self.mark = time.perf_counter()
-            while self.step < cfg.steps:
-                self.train_step()
-                last = self.step >= cfg.steps
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
-                    self.evaluate()
-                    self.mark = time.perf_counter()  # no step pays for evaluation
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
-                    self.save()
-                    self.mark = time.perf_counter()
+            self.train_steps()
             self.drain()
             finished = True
         finally:
@@ -184,34 +180,64 @@ class Worker:
         self.totals["elapsed_s"] = time.perf_counter() - self.t_start
         return self.summary(self.step - steps_before)
 
+    def train_steps(self) -> None:
+        """Train up to ``train.steps``, evaluating on the way (every worker kind)."""
+        cfg = self.cfg.train
+        self.mark = time.perf_counter()
+        while self.step < cfg.steps:
+            self._before_step()
+            self.train_step()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evaluate()
+                self.mark = time.perf_counter()  # no step pays for evaluation
+            self._after_step()
+
+    def _before_step(self) -> None:
+        """Hook: what a worker kind does before each step (elastic: keep pace)."""
+
+    def _after_step(self) -> None:
+        """Hook: after each step and its evaluation: a checkpoint when one is due."""
+        every, steps = self.cfg.train.checkpoint_every, self.cfg.train.steps
+        if every and self.step % every == 0 and self.step < steps:
+            self.save()
+            self.mark = time.perf_counter()
+
     def train_step(self) -> None:
-        """One optimizer step; its numbers go to the telemetry buffer. A step's wall
-        time runs from the end of the previous step (or of the evaluation or
-        checkpoint after it) to the end of this one, telemetry included."""
-        if self.fail_at is not None and self.step == self.fail_at:
-            os._exit(17)
+        """One optimizer step, the same for every worker kind: faults due, learning
+        rate, :meth:`forward_backward` on this replica's share, :meth:`update`, and the
+        step's row to :meth:`_record`. A step's wall time runs from the end of the
+        previous step (or of the evaluation or checkpoint after it) to the end of this
+        one, telemetry included."""
+        t = self.step + 1
+        actions = self.faults.take(t)
+        faults.at_start(actions)
+        self._seed_step(t)
         lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim) * self.algo.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self._forward_backward()
-        self.step += 1
-        skipped = self._update(math.isfinite(loss))
+        ids = self.step_ids(self.step)
+        loss = self.forward_backward(ids, poison="NAN" in actions)
+        self.step = t
+        skipped = self.update(math.isfinite(loss))
+        faults.after_update(actions, self.algo)
         now = time.perf_counter()
         wall, self.mark = now - self.mark, now
         snap = self.comm.meter.snapshot(reset=True)
         # counted here, not from the gathered records, which arrive log_every steps late
         self.totals["tokens"] += self.cfg.train.batch_size * self.cfg.model.context
+        elapsed = now - self.t_start
         row = local_row(
-            self.step,
-            lr,
-            self.totals["tokens"],
-            now - self.t_start,
-            loss,
-            wall,
-            snap,
-            skipped,
-            self.has_loss,
+            t, lr, self.totals["tokens"], elapsed, loss, wall, snap, skipped, self.has_loss
         )
+        self._record(row, ids)
+
+    def _seed_step(self, step: int) -> None:
+        """Hook: seed what is random in step ``step`` (dropout). Here nothing: the
+        generator runs on from the start (or from a checkpoint's state)."""
+
+    def _record(self, row: list[float], ids: np.ndarray) -> None:
+        """A step's row (``ids``: the samples it trained): to the progress bar and the
+        telemetry buffer, which gathers every rank's rows."""
         shown = aggregate(torch.tensor([row], dtype=torch.float64))
         if not self.has_loss:  # the newest loss gathered from the last stage
             shown.loss = self.gathered_loss
@@ -220,20 +246,27 @@ class Worker:
             self.algo.quiesce()  # see DataParallel.quiesce
         self.telemetry.add(row)
 
-    def _forward_backward(self) -> float:
-        """This rank's slice of the step's global batch; returns its mean loss."""
-        ids = self.step_ids(self.step)
-        parts = [ids[i * self.micro : (i + 1) * self.micro] for i in range(self.accum)]
-        weights = self.token_weights(parts)
+    def forward_backward(self, ids: np.ndarray, poison: bool = False) -> float:
+        """Forward and backward over sample ``ids`` (this replica's share of the step's
+        global batch) in micro-batches; ``poison``: a NaN loss (fault injection).
+        Gradients are weighted so that the replicas' average is the global batch's
+        mean whatever the shares' sizes; returns the loss weighted alike (the replicas'
+        average of it is the global batch's mean loss)."""
+        micro = self.cfg.train.micro_batch_size or len(ids)
+        parts = [ids[start : start + micro] for start in range(0, len(ids), micro)]
+        weights = self.token_weights(parts)  # masked targets: weights by counted tokens
+        b = self.cfg.train.batch_size
         loss_sum = 0.0
         for i, part in enumerate(parts):
             x, y = self.train_set.batch(part)
             _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
-            if self.step + 1 in self.nan_at:
-                loss = loss * float("nan")  # fault injection: poisons the gradients too
+            if poison:
+                loss = loss * float("nan")  # poisons the gradients too
             if weights is None:
-                (loss / self.accum).backward()
-                loss_sum += loss.item() / self.accum
+                # a divisor: with even shares it is the accumulation count exactly
+                div = b / (len(part) * self.dp)
+                (loss / div).backward()
+                loss_sum += loss.item() / div
             else:
                 (loss * weights[i]).backward()
                 loss_sum += loss.item() * weights[i]
@@ -254,7 +287,7 @@ class Worker:
         of = dict(zip(every.tolist(), counts.tolist(), strict=True))  # parts are from every
         return [sum(of[i] for i in p.tolist()) * self.dp / total for p in parts]
 
-    def _update(self, finite: bool) -> bool:
+    def update(self, finite: bool) -> bool:
         """Sync, clip, step. Returns True when this rank did not apply the step."""
         skipped = None
         try:
@@ -339,19 +372,19 @@ class Worker:
         with self.algo.eval_parameters() as model:
             model.eval()
             for i in range(self.cfg.train.eval_batches):
-                ids = rank_slice(val_batch_ids(i, b, len(self.val_set)), self.replica, self.dp)
+                ids = self.share(val_batch_ids(i, b, len(self.val_set)))
                 total += self._eval_loss_sum(model, ids)
             model.train()
         self.comm.all_reduce(total, kind="ctrl")
         self.last_val = total.item() / self._eval_targets(b)
-        if self.is_main:
-            self._append(
-                "eval.jsonl",
-                json.dumps(
-                    {"step": self.step, "val_loss": self.last_val, "tokens": self.totals["tokens"]}
-                ),
-            )
+        self._record_eval(self.last_val)
         return self.last_val
+
+    def _record_eval(self, val_loss: float) -> None:
+        """Hook: an evaluation's result, to ``eval.jsonl`` (the first rank)."""
+        if self.is_main:
+            line = {"step": self.step, "val_loss": val_loss, "tokens": self.totals["tokens"]}
+            self._append("eval.jsonl", json.dumps(line))
 
     def _eval_loss_sum(self, model: torch.nn.Module, ids: np.ndarray) -> float:
         """Summed loss x samples (x counted targets with masked targets) over
@@ -379,10 +412,35 @@ class Worker:
         return float(max(1, self.val_set.target_counts(every).sum()))
 
     # -- checkpoints -------------------------------------------------------------
-    def save(self) -> None:
-        """Every rank writes its own state under its own ``--out``; one rank per
-        filesystem (the lowest that shares it) writes the model and commits."""
+    def save(self, state: dict[str, Any] | None = None) -> None:
+        """A checkpoint of this step: every rank writes its own state under its own
+        ``--out``; one rank per filesystem (the lowest that shares it) writes the model
+        and commits. ``state``: a state taken earlier (an elastic member's committed
+        snapshot), checkpointed for its own step, without the model file."""
         self.drain()
+        if state is None:
+            self._check_finite()
+        step = self.step if state is None else state["step"]
+        rank, world = self._checkpoint_rank()
+        tmp = ckpt.tmp_dir(self.out / "checkpoints", step)
+        ckpt.mark_present(tmp, rank)
+        self._checkpoint_barrier(world)
+        here = ckpt.ranks_present(tmp)
+        ckpt.write_rank_state(tmp, rank, self._rank_state() if state is None else state)
+        self._checkpoint_barrier(world)  # every rank's state is on disk: the committer reads them
+        if here[0] == rank:
+            with_model = state is None and self._write_model(tmp, here)
+            self._write_shared(tmp)
+            extra = {
+                "algorithm": self.cfg.parallel.algorithm,
+                "val_loss": self.last_val if state is None else None,
+                **self._checkpoint_extra(),
+            }
+            keep = self.cfg.train.keep_checkpoints
+            ckpt.commit(tmp, step, world, here, extra, keep, with_model)
+        self._checkpoint_barrier(world)
+
+    def _check_finite(self) -> None:
         with self.algo.eval_parameters() as model:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise NonFiniteError(
@@ -391,27 +449,18 @@ class Worker:
                     self.step,
                     [self.info.rank],
                 )
-        tmp = ckpt.tmp_dir(self.out / "checkpoints", self.step)
-        ckpt.mark_present(tmp, self.info.rank)
-        self.comm.barrier()
-        here = ckpt.ranks_present(tmp)
-        committer = here[0] == self.info.rank
-        ckpt.write_rank_state(tmp, self.info.rank, self._rank_state())
-        self.comm.barrier()  # every rank's state is on disk: the committer may read them
-        if committer:
-            with_model = self._write_model(tmp, here)
-            self._write_shared(tmp)
-            extra = {"algorithm": self.cfg.parallel.algorithm, "val_loss": self.last_val}
-            ckpt.commit(
-                tmp,
-                self.step,
-                self.info.world_size,
-                here,
-                extra,
-                self.cfg.train.keep_checkpoints,
-                with_model,
-            )
-        self.comm.barrier()
+
+    def _checkpoint_rank(self) -> tuple[int, int]:
+        """Hook: this worker's rank in its checkpoints, and how many ranks write one."""
+        return self.info.rank, self.info.world_size
+
+    def _checkpoint_barrier(self, world: int) -> None:
+        if world > 1:
+            self.comm.barrier()
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        """Hook: what a worker kind adds to a checkpoint's manifest."""
+        return {}
 
     def _write_shared(self, tmp: Path) -> None:
         """The files a checkpoint needs besides the states: the resolved config and the
@@ -564,17 +613,3 @@ class Worker:
     def _append(self, name: str, line: str) -> None:
         with open(self.out / name, "a") as f:
             f.write(line + "\n")
-
-
-def _parse_steps(spec: str | None, rank: int) -> set[int]:
-    if not spec:
-        return set()
-    r, steps = spec.split(":")
-    return {int(v) for v in steps.split(",")} if int(r) == rank else set()
-
-
-def _parse_fault(spec: str | None, rank: int) -> int | None:
-    if not spec:
-        return None
-    r, s = spec.split(":")
-    return int(s) if int(r) == rank else None

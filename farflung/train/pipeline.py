@@ -120,13 +120,13 @@ class PipelineWorker(Worker):
         return BoundaryCodec("quantize", bits=p.bwd_bits, rounding=p.bwd_rounding)
 
     # -- a step ------------------------------------------------------------------------
-    def _forward_backward(self) -> float:
-        mbs = self._micro_batches(self.train_set, self.step_ids(self.step))
+    def forward_backward(self, ids: np.ndarray, poison: bool = False) -> float:
+        """The stage's schedule over this replica's share ``ids``."""
+        mbs = self._micro_batches(self.train_set, ids)
         weights = self.token_weights([mb.ids for mb in mbs])
         if weights is not None:
             for mb, w in zip(mbs, weights, strict=True):
                 mb.scale = mb.share = w
-        poison = self.step + 1 in self.nan_at
         loss = self.runner.train_step(mbs, self.step, poison=poison)
         self._sum_tied_gradients()
         self.peak_live = max(self.peak_live, self.runner.stats.peak_live)
@@ -165,7 +165,7 @@ class PipelineWorker(Worker):
         self.comm.exchange({peer: mine}, {peer: theirs}, kind="pp_tied")
         weight.grad.add_(theirs)
 
-    def _update(self, finite: bool) -> bool:
+    def update(self, finite: bool) -> bool:
         """A stage alone may see non-finite numbers (a NaN in its own backward): the
         whole pipeline replica then skips together, so that the stages' later
         collectives (the clipping norm) match and the replica stays one model."""
@@ -173,7 +173,7 @@ class PipelineWorker(Worker):
             [0.0 if finite and grads_finite(self.model) else 1.0], device=self.info.device
         )
         self.pipe_comm.all_reduce(bad, kind="ctrl")
-        return super()._update(bad.item() == 0)
+        return super().update(bad.item() == 0)
 
     def _clip(self, max_norm: float) -> None:
         """Clip by the whole model's gradient norm: the stages' squared norms summed
