@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from farflung.cli import data, net, plan
 from farflung.config import Config, ConfigError, check_batch, load_config
-from farflung.train.contract import EXIT_USAGE
+from farflung.train.contract import EXIT_INTERRUPTED, EXIT_USAGE
 from farflung.train.options import (
     add_train_args,
     apply_bind_args,
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("farflung: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class Worker:
         self.cfg, self.out, self.info = cfg, Path(out), info
         self.is_main = info.rank == 0
         self.show_progress = show_progress and self.is_main
-        self.local_batch, self.micro, self.accum = check_batch(cfg, info.world_size)
+        self.local_batch, self.micro, _ = check_batch(cfg, info.world_size)
         index = ShardIndex.load(cfg.data.dir)
         # tokenizer.json, then an imported tokenizer's config and chat template
         self.tokenizer_files = index.tokenizer_files()
