@@ -220,13 +220,17 @@ def test_coordinator_killed_then_resume(tiny, tmp_path, undisturbed):  # noqa: F
 
 def test_join_from_the_command_line(tiny, tmp_path):  # noqa: F811
     """`farflung train --join HOST:PORT` enters a running run: it fetches a member's
-    state, and its state hash agrees with the others' at every commit after."""
+    state, and its state hash agrees with the others' at every commit after. (The run
+    waits for the joiner, a process that takes seconds to start, instead of ending
+    first: a replayed join after step 3 holds the commits until one is admitted.)"""
     out = tmp_path / "joined"
+    hold = tmp_path / "hold.jsonl"
+    hold.write_text(json.dumps({"event": "joined", "id": 2, "committed": 3}) + "\n")
     cmd = [sys.executable, "-m", "farflung.cli.main", "train", str(tiny / "tiny.toml")]
     # no fault to detect here: a longer heartbeat only gives a loaded host's joiner
     # more time to meet (a meeting is bounded by three heartbeats)
     sets = ["elastic.enabled=true", "elastic.heartbeat_s=5", "train.batch_size=12"]
-    sets += ["train.steps=40", "train.checkpoint_every=0", "train.eval_every=0"]
+    sets += ["train.steps=8", "train.checkpoint_every=0", "train.eval_every=0"]
     sets_args = [a for s in sets for a in ("--set", s)]
     log_path = tmp_path / "launcher.log"
 
@@ -235,13 +239,12 @@ def test_join_from_the_command_line(tiny, tmp_path):  # noqa: F811
 
     with reaped(out, tmp_path / "joiner"), open(log_path, "w") as log:
         launcher = subprocess.Popen(
-            [*cmd, "--workers", "2", "--out", str(out), "--quiet", *sets_args],
+            [*cmd, "--workers", "2", "--out", str(out), "--quiet", *sets_args]
+            + ["--replay", str(hold)],
             stderr=log,
-            # the joiner comes mid-run (its start-up takes over 10 s on a loaded 2-core host)
-            env={**os.environ, "FARFLUNG_FAULTS": "0:4:SLEEP25"},
         )
         deadline = time.monotonic() + 120
-        while len(read_jsonl(out / "metrics.jsonl")) < 3:
+        while not (out / "coordinator.json").is_file():
             assert launcher.poll() is None and time.monotonic() < deadline, said()
             time.sleep(0.05)
         address = json.loads((out / "coordinator.json").read_text())["address"]
@@ -255,9 +258,12 @@ def test_join_from_the_command_line(tiny, tmp_path):  # noqa: F811
         assert launcher.wait(timeout=120) == 0, said()
         joined = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "joined"]
         assert len(joined) == 1 and joined[0]["members"] == [0, 1, 2]
-        assert joined[0]["state_bytes"] > 0
+        assert joined[0]["committed"] == 3 and joined[0]["state_bytes"] > 0
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["steps"] == 40 and summary["elastic"]["hash_disagreements"] == 0
+        assert summary["steps"] == 8 and summary["elastic"]["hash_disagreements"] == 0
+        # the joiner trained every step after it came, with its share of the batch
+        members = [rec["members"] for rec in read_jsonl(out / "samples.jsonl")]
+        assert members == [[0, 1]] * 3 + [[0, 1, 2]] * 5
         cfg = load_config(out / "config.toml")
         n = len(SampleSet(TokenStream(ShardIndex.load(cfg.data.dir), "train"), cfg.model.context))
         assert check_samples(out / "samples.jsonl", cfg, n) == []

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -134,26 +135,42 @@ def assert_named_after_the_timeout(took: float, err: str, via_heartbeat: bool = 
     assert t - 2 <= took <= t + 30, f"ended {took:.1f} s after the fault (timeout {t} s)"
 
 
-def test_frozen_worker_is_named_cocktail(tiny):  # noqa: F811
-    took, err = freeze_and_wait(tiny, tiny / "frozen_cocktail", "parallel.algorithm=cocktail")
-    assert_named_after_the_timeout(took, err)
-    assert "worker rank 0 exited with code 1" not in err
-
-
-def test_frozen_worker_is_named_without_collectives_diloco(tiny):  # noqa: F811
+# name: the run's settings, and whether the heartbeat (not a collective) names rank 1
+FROZEN = {
+    "cocktail": (("parallel.algorithm=cocktail",), True),
     # with 1000 local steps no outer sync runs: only the heartbeat can see the freeze
-    took, err = freeze_and_wait(
-        tiny, tiny / "frozen_diloco", "parallel.algorithm=diloco", "parallel.local_steps=1000"
-    )
-    assert_named_after_the_timeout(took, err)
-
-
-def test_frozen_pipeline_stage_is_named(tiny):  # noqa: F811
+    "diloco": (("parallel.algorithm=diloco", "parallel.local_steps=1000"), True),
     # rank 1 holds the last stage: rank 0 waits on its gradients, point to point
-    took, err = freeze_and_wait(
-        tiny, tiny / "frozen_stage", "pipeline.stages=2", "pipeline.compression=aqsgd"
+    "stage": (("pipeline.stages=2", "pipeline.compression=aqsgd"), False),
+}
+
+
+@pytest.fixture(scope="module")
+def frozen(tiny, request) -> dict[str, Future]:  # noqa: F811
+    """The freeze runs the selected tests read, all started at once: each spends most
+    of its time waiting out the timeout, which they can do side by side."""
+    wanted = sorted(
+        {
+            item.callspec.params["name"]
+            for item in request.session.items
+            if item.module is request.module
+            and "frozen" in item.fixturenames
+            and hasattr(item, "callspec")
+        }
     )
-    assert_named_after_the_timeout(took, err, via_heartbeat=False)
+    with ThreadPoolExecutor(max(1, len(wanted))) as pool:
+        yield {
+            name: pool.submit(freeze_and_wait, tiny, tiny / f"frozen_{name}", *FROZEN[name][0])
+            for name in wanted
+        }
+
+
+@pytest.mark.parametrize("name", sorted(FROZEN))
+def test_a_frozen_worker_is_named(frozen, name):
+    took, err = frozen[name].result()
+    assert_named_after_the_timeout(took, err, via_heartbeat=FROZEN[name][1])
+    # the frozen rank is blamed, not the survivor that stopped because of it
+    assert "worker rank 0 exited with code 1" not in err
 
 
 # ---------------------------------------------------------------- a cut link

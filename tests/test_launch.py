@@ -86,7 +86,7 @@ def test_torchrun_runs_the_same_worker(tiny, run_a):  # noqa: F811
 def test_torchrun_worker_names_a_frozen_peer(tiny):  # noqa: F811
     """Under torchrun (whose agent hosts the store) the worker's own line names the
     frozen rank within the timeout; torchrun's shutdown afterwards is its own."""
-    timeout_s = 10
+    timeout_s = 5  # as tests/test_faults.py's FAULT_TIMEOUT_S (why 5 is safe: there)
     out = tiny / "torchrun_frozen"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",

@@ -1,6 +1,8 @@
 """``farflung train`` (the launcher) starts its workers without loading torch (about
 2 CPU-seconds a launch): its config checks use the torch-free table of algorithm
-names, and the table is the registry's one source of names."""
+names, and the table is the registry's one source of names. ``farflung report``
+reads and plots runs without it too (metrics records are torch-free; gathering them
+during training is farflung.train.telemetry's)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from procs import end_run
 
 from farflung.train.metrics import read_jsonl
 
-# `farflung train ARGS` in this interpreter: the modules loaded by the time it returns
+# `farflung ARGS` in this interpreter: the modules loaded by the time it returns
 # (its workers are processes of their own, which do load torch)
 LAUNCHER = """
 import json, sys
@@ -41,6 +43,20 @@ def test_a_real_launch_loads_no_torch(tiny: Path, tmp_path: Path) -> None:
     assert found["code"] == 0, r.stderr
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
     assert not found["torch"], "the launcher loaded torch"
+
+
+def test_a_report_loads_no_torch(run_a: Path, tmp_path: Path) -> None:
+    png = tmp_path / "report.png"
+    r = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, "report", str(run_a), "--out", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout.splitlines()[-1])
+    assert found["code"] == 0 and png.stat().st_size > 0
+    assert not found["torch"], "farflung report loaded torch"
 
 
 def test_the_name_table_is_the_registry() -> None:

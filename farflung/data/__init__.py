@@ -21,6 +21,7 @@ Curating a corpus first (signals, rules, dedup) is :mod:`farflung.curate`'s job.
 
 from farflung.data.corpus import BUNDLED, Document, bundled_documents, iter_documents
 from farflung.data.errors import DataError
+from farflung.data.loader import IGNORE_INDEX, SampleSet, batch_ids, rank_slice, val_batch_ids
 from farflung.data.shards import (
     FORMAT,
     INDEX_FILE,
@@ -42,19 +43,6 @@ from farflung.data.tokenizer import (
     tokenizer_files,
     train_tokenizer,
 )
-
-# The loader needs torch (2 s to import); the pipeline's worker processes import this
-# package but never the loader, so its names are resolved on first use only.
-_LAZY = {"IGNORE_INDEX", "SampleSet", "batch_ids", "rank_slice", "val_batch_ids"}
-
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        from farflung.data import loader
-
-        return getattr(loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "BUNDLED",

@@ -10,12 +10,15 @@ checkpoint state beyond the step number.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from farflung.data.errors import DataError
 from farflung.data.shards import TokenStream
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 """Target id of tokens that are not trained on (PyTorch cross_entropy's ``ignore_index``)."""
@@ -69,6 +72,8 @@ class SampleSet:
     def batch(self, ids: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs ``x`` and targets ``y``, both LongTensor ``[len(ids), context]``; ``y``
         is :data:`IGNORE_INDEX` where the loss mask says the target is not trained on."""
+        import torch  # here: launchers check sample ids without loading torch (seconds)
+
         ids = _as_ids(ids)
         rows = np.empty((len(ids), self.context + 1), dtype=np.int64)
         for row, i in enumerate(ids):

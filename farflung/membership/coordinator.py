@@ -420,10 +420,10 @@ class Coordinator:
         while self.replay and self.replay[0]["committed"] == self.committed:
             entry = self.replay[0]
             if entry["event"] == "joined":
-                if not any(self.conns[i].alive for i in self.joiners):
-                    break  # wait for it: commits are held meanwhile
-                self._reconsider()  # admits it: the log's next change is this join
-                self.replay.pop(0)
+                gen = self.gen
+                self._reconsider()  # admits a joiner whose burst has settled, if any
+                if self.gen == gen:
+                    break  # none yet: commits are held until a tick admits one
                 return True
             self.replay.pop(0)
             leaver = self.conns.get(entry["id"])
@@ -502,10 +502,15 @@ class Coordinator:
                 f"{len(live) + len(ready)} live workers, fewer than elastic.min_workers = "
                 f"{self.min_workers}; waiting for joiners"
             )
-        if self.replay and ready and lost == []:
+        if self.replay and ready:
             nxt = self.replay[0]
-            if nxt["event"] != "joined" or nxt["committed"] != self.committed:
+            due = nxt["event"] == "joined" and nxt["committed"] == self.committed
+            if lost == [] and not due:
                 return  # a replayed join enters where the log has it, not before
+            if due:  # off the log only now that it is admitted: a joiner still
+                # settling when its commit came holds the commits after it until a
+                # tick admits it
+                self.replay.pop(0)
         self.joiners = [i for i in self.joiners if i not in ready]
         for i in ready:
             self._pending_records().append(

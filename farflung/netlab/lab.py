@@ -127,11 +127,16 @@ def _down_all() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    _down_all()
     prev = _PREV_SIGTERM
     if callable(prev):
+        # the program's own handler (the CLI's raises KeyboardInterrupt): it unwinds,
+        # stopping what runs in the lab before the lab's `with` (or exit) takes it
+        # down. Taking it down first would cut live workers' links, and a worker
+        # blocked on a vanished link only ends at SIGKILL, seconds later.
         prev(signum, frame)
-    elif prev != signal.SIG_IGN:
+        return
+    _down_all()
+    if prev != signal.SIG_IGN:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 

@@ -33,14 +33,16 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_model, save_model
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from farflung.data.shards import sha256_file
 from farflung.data.tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported by the functions that read or write tensors: the elastic launcher
+# lists and verifies checkpoints without loading it (seconds per launch)
 
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("step", "world_size", "files")
@@ -131,10 +133,14 @@ def ranks_present(tmp: Path) -> list[int]:
 
 
 def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
+    import torch
+
     torch.save(state, tmp / f"rank{rank}.pt")
 
 
 def write_model(tmp: Path, model: nn.Module) -> None:
+    from safetensors.torch import save_model
+
     save_model(model, str(tmp / "model.safetensors"))
 
 
@@ -245,6 +251,8 @@ def newest(path: Path) -> Path:
 
 
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:
+    from safetensors.torch import load_model
+
     try:
         missing, unexpected = load_model(model, str(Path(ckpt) / "model.safetensors"))
     except Exception as e:  # safetensors raises several types for bad files
@@ -260,6 +268,8 @@ def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
     path = Path(ckpt) / f"rank{rank}.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (checkpoint written by another world size?)")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors of many kinds

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from farflung.comm import free_port
 from farflung.comm.binding import BIND_ENV, PORT_RANGE_ENV, parse_port_range
@@ -97,8 +96,7 @@ class RunLog:
         if self.last_step_time is not None:  # start-up is not a stall
             self.longest_stall_s = max(self.longest_stall_s, now - self.last_step_time)
         self.last_step_time = now
-        rows = torch.tensor([votes[i]["row"] for i in members], dtype=torch.float64)
-        rec = aggregate(rows)
+        rec = aggregate([votes[i]["row"] for i in members])
         rec.tokens = step * self.cfg.train.batch_size * self.cfg.model.context
         self._append("metrics.jsonl", rec.to_json())
         self._append(

@@ -33,8 +33,9 @@ from farflung.model import GPT, param_groups
 from farflung.parallel import NonFiniteStep, make_algorithm
 from farflung.train import checkpoint as ckpt
 from farflung.train import faults, init
-from farflung.train.metrics import StepRecord, Telemetry, aggregate, local_row, truncate_jsonl
+from farflung.train.metrics import StepRecord, aggregate, local_row, truncate_jsonl
 from farflung.train.progress import Progress
+from farflung.train.telemetry import Telemetry
 
 # config keys that shape the saved state: a resume must keep them
 STATE_KEYS = {
@@ -238,7 +239,7 @@ class Worker:
     def _record(self, row: list[float], ids: np.ndarray) -> None:
         """A step's row (``ids``: the samples it trained): to the progress bar and the
         telemetry buffer, which gathers every rank's rows."""
-        shown = aggregate(torch.tensor([row], dtype=torch.float64))
+        shown = aggregate([row])
         if not self.has_loss:  # the newest loss gathered from the last stage
             shown.loss = self.gathered_loss
         self.bar.update(shown, self.step)

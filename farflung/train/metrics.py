@@ -1,26 +1,21 @@
-"""Per-step telemetry off the critical path, and ``metrics.jsonl``.
-
-Every rank keeps its own numbers for each step (loss, seconds, bytes by kind). Every
-``train.log_every`` steps they are gathered in one asynchronous all-gather on a process
-group of their own (metered as ``ctrl`` traffic), which is collected only
-``log_every`` steps later: by then it has long arrived, so no step waits on a slow
-link for telemetry and ranks of local-step methods are not re-synchronised by it. At
-evaluations, checkpoints and the end the loop drains what is left (those are sync
-points anyway). Rank 0 writes one aggregated record per step: loss averaged over
-ranks, bytes summed, seconds the maximum over ranks."""
+"""What ``metrics.jsonl`` holds: one record per optimizer step, aggregated over ranks
+(loss averaged over the ranks that computed one, bytes summed, seconds the maximum),
+from the rows every rank keeps for each step. Gathering those rows during training is
+:mod:`farflung.train.telemetry`'s; this module loads no torch, so launchers and
+reports read and write records without it."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from farflung.comm import Comm, Handle, MeterSnapshot
+if TYPE_CHECKING:
+    from farflung.comm import MeterSnapshot
 
 KINDS = ("dp", "pp_fwd", "pp_bwd", "pp_tied", "init", "ctrl")
 _FIELDS = (
@@ -86,76 +81,32 @@ def local_row(
     return [float(v) for v in row]
 
 
-def aggregate(rows: torch.Tensor) -> StepRecord:
-    """One step's record from every rank's row (``rows``: ranks x fields)."""
-    col = {name: rows[:, i] for i, name in enumerate(_FIELDS)}
+def aggregate(rows: Any) -> StepRecord:
+    """One step's record from every rank's row (``rows``: ranks x fields, anything
+    numpy reads as float64)."""
+    table = np.asarray(rows, dtype=np.float64)
+    col = {name: table[:, i] for i, name in enumerate(_FIELDS)}
     return StepRecord(
-        step=int(col["step"][0].item()),
+        step=int(col["step"][0]),
         loss=_mean_loss(col["loss"], col["has_loss"]),
-        lr=col["lr"][0].item(),
-        tokens=int(col["tokens"][0].item()),
-        elapsed_s=col["elapsed"].max().item(),
-        wall_s=col["wall"].max().item(),
-        compute_s=col["compute"].max().item(),
-        comm_s=col["comm"].max().item(),
-        codec_s=col["codec"].max().item(),
-        bytes_sent=int(col["sent"].sum().item()),
-        bytes_recv=int(col["recv"].sum().item()),
-        bytes_by_kind={k: int(col[f"sent_{k}"].sum().item()) for k in KINDS},
-        skipped_ranks=int(col["skipped"].sum().item()),
+        lr=float(col["lr"][0]),
+        tokens=int(col["tokens"][0]),
+        elapsed_s=float(col["elapsed"].max()),
+        wall_s=float(col["wall"].max()),
+        compute_s=float(col["compute"].max()),
+        comm_s=float(col["comm"].max()),
+        codec_s=float(col["codec"].max()),
+        bytes_sent=int(col["sent"].sum()),
+        bytes_recv=int(col["recv"].sum()),
+        bytes_by_kind={k: int(col[f"sent_{k}"].sum()) for k in KINDS},
+        skipped_ranks=int(col["skipped"].sum()),
     )
 
 
-def _mean_loss(loss: torch.Tensor, has: torch.Tensor) -> float:
+def _mean_loss(loss: np.ndarray, has: np.ndarray) -> float:
     """Mean over the ranks that computed a loss (a NaN among them stays NaN)."""
     picked = loss[has > 0]
-    return picked.mean().item() if len(picked) else math.nan
-
-
-class Telemetry:
-    """Buffers this rank's rows and gathers them in the background.
-
-    ``comm`` is a Comm over a process group used for nothing else (its collectives are
-    launched asynchronously and may still be in flight while training runs);
-    ``on_record`` receives each aggregated record, on every rank, in step order."""
-
-    def __init__(
-        self, comm: Comm, every: int, on_record: Callable[[StepRecord], None], device: Any
-    ) -> None:
-        self.comm, self.every, self.on_record, self.device = comm, every, on_record, device
-        self.rows: list[list[float]] = []
-        self.pending: tuple[Handle, torch.Tensor] | None = None
-
-    def add(self, row: list[float]) -> None:
-        """Buffer one step's row; every ``every`` rows, collect the previous gather and
-        launch the next one."""
-        self.rows.append(row)
-        if len(self.rows) >= self.every:
-            self._collect()
-            self._launch()
-
-    def drain(self) -> None:
-        """Everything buffered and in flight, written now (a sync point: all ranks)."""
-        self._collect()
-        if self.rows:
-            self._launch()
-            self._collect()
-
-    def _launch(self) -> None:
-        mine = torch.tensor(self.rows, dtype=torch.float64, device=self.device)
-        self.rows = []
-        out = torch.empty((self.comm.size, *mine.shape), dtype=mine.dtype, device=self.device)
-        self.pending = (self.comm.all_gather_async(out, mine, kind="ctrl"), out)
-
-    def _collect(self) -> None:
-        if self.pending is None:
-            return
-        handle, out = self.pending
-        self.pending = None
-        handle.wait()
-        gathered = out.cpu()  # ranks x steps x fields
-        for i in range(gathered.shape[1]):
-            self.on_record(aggregate(gathered[:, i, :]))
+    return float(picked.mean()) if len(picked) else math.nan
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
