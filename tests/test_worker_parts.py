@@ -1,16 +1,20 @@
 """Parts of the workers tested alone: the one fault-injection format (every worker
-kind) and the owner of an elastic worker's abandoned process groups."""
+kind), the owner of an elastic worker's abandoned process groups, and how the elastic
+launcher tells a stopped worker (never exits by itself) from one that exited."""
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
+import time
 import weakref
 
 import pytest
 
+from farflung.train.elastic_run import _is_stopped
 from farflung.train.elastic_worker import LeftGroups
 from farflung.train.faults import EXIT_CODE, FAULTS_ENV, Faults, parse_faults
 
@@ -69,3 +73,24 @@ def test_left_groups_are_held_for_the_grace_then_freed():
     assert left.release() == 1 and len(left) == 0
     gc.collect()
     assert refs[2]() is None
+
+
+def test_a_stopped_worker_is_seen_and_an_exited_one_keeps_its_code():
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert not _is_stopped(sleeper)
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not _is_stopped(sleeper):  # the stop is reported once the kernel has it
+            assert time.monotonic() < deadline, "a SIGSTOPped child was never seen stopped"
+            time.sleep(0.01)
+        assert sleeper.poll() is None  # stopped, not gone
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    quitter = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    deadline = time.monotonic() + 30
+    while not _is_stopped(quitter) and quitter.returncode is None:  # reaped here
+        assert time.monotonic() < deadline, "the child never exited"
+        time.sleep(0.01)
+    assert quitter.poll() == 3  # the code survives the reaping

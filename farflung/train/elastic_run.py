@@ -399,6 +399,21 @@ def launch_elastic(
         shutil.rmtree(local.reports, ignore_errors=True)
 
 
+def _is_stopped(p: subprocess.Popen) -> bool:
+    """Whether the child ``p`` is stopped (job control), from its parent; one that
+    exited meanwhile is reaped here and its code kept where ``poll`` finds it."""
+    try:
+        pid, status = os.waitpid(p.pid, os.WNOHANG | os.WUNTRACED)
+    except ChildProcessError:  # reaped already
+        return False
+    if pid == 0:
+        return False
+    if os.WIFSTOPPED(status):
+        return True
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return False
+
+
 class _LocalWorkers:
     """An elastic run's local worker processes: started, watched, and restarted as
     joiners (a crashed one, or one a replayed log had leave) in the slot (the
@@ -490,9 +505,16 @@ class _LocalWorkers:
         return None
 
     def wait(self, seconds: float) -> None:
-        """Up to ``seconds`` for the workers to exit on their own (the run finished)."""
+        """Up to ``seconds`` for the workers to exit on their own (the run finished).
+        A stopped one (SIGSTOP, a frozen member the run went on without) never will:
+        it is not waited for; :meth:`stop` ends it."""
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
+        stopped: set[int] = set()  # a stop is reported once
+        while time.monotonic() < deadline:
+            running = [p for p in self.procs.values() if p.poll() is None]
+            stopped |= {p.pid for p in running if p.pid not in stopped and _is_stopped(p)}
+            if all(p.pid in stopped for p in running if p.poll() is None):
+                return
             time.sleep(0.05)
 
     def stop(self) -> None:
