@@ -37,6 +37,7 @@ from farflung.comm.binding import BIND_ENV, PORT_RANGE_ENV, parse_port_range
 from farflung.comm.channel import KEY_ENV, KEY_FILE_ENV, load_key, write_key_file
 from farflung.config import Config, ConfigError, config_to_toml
 from farflung.data import batch_ids
+from farflung.data.shards import write_json
 from farflung.membership.coordinator import Coordinator
 from farflung.train import checkpoint as ckpt
 from farflung.train import runfolder
@@ -322,7 +323,8 @@ def start_coordinator(
         )
     coord.start()
     address = f"{advertise}:{coord.port}"
-    (out / "coordinator.json").write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    # atomically: joiners and tests poll for it and read it as soon as it exists
+    write_json(out / "coordinator.json", {"address": address, "pid": os.getpid()})
     if not quiet:
         print(
             f"farflung: elastic run on {bind} (port {coord.port}, store {coord.store_port}); "

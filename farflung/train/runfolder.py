@@ -33,6 +33,7 @@ RUN_FILES = frozenset(
         "events.jsonl",  # elastic: membership changes
         "samples.jsonl",  # elastic: the samples each committed step trained
         "coordinator.json",  # elastic: the coordinator's address
+        "coordinator.json.tmp",  # its atomic write, should the launcher die mid-way
         "links.json",  # --netlab / --link-model: the emulated links
         "delays.json",
         "aqsgd",  # pipeline: AQ-SGD's stored activations
