@@ -5,6 +5,7 @@ Every test kills what it started in a ``finally`` block, whatever the outcome.""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -385,40 +386,54 @@ def test_nonfinite_has_its_own_exit_code_and_is_said_once(monkeypatch, tmp_path,
 
 def test_slow_first_preparation_does_not_time_out_peers(tiny, tmp_path):  # noqa: F811
     """Under torchrun each worker gets the data itself: LOCAL_RANK 0 prepares it while
-    rank 1 waits far longer than parallel.timeout_s, and training still runs."""
+    rank 1 waits far longer than parallel.timeout_s, and training still runs. The
+    corpus is sized from one small probe (preparation time grows about linearly with
+    it: 0.85, 1.7 and 3.9 s for 150, 300 and 600 documents here), and the run's own
+    preparation is timed from outside, from its data folder to its index."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     words = [f"w{i}{chr(97 + i % 26)}" for i in range(3000)]
+
+    def write_docs(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            text = " ".join(words[(i * 7919 + j * 104729) % len(words)] for j in range(2000))
+            (corpus / f"d{i}.txt").write_text(text + "\n")
+
     config = (tiny / "tiny.toml").read_text().replace(str(tiny / "data"), str(tmp_path / "data"))
     config = config.replace("[data]\n", f'[data]\nsources = ["{corpus}"]\nvocab_size = 300\n')
     timeout_s = 1.0  # the smallest allowed
     (tmp_path / "slow.toml").write_text(config + f"\n[parallel]\ntimeout_s = {timeout_s}\n")
     d = load_config(tmp_path / "slow.toml").data
-    docs = 0
-    for attempt in range(5):  # grow the corpus until its preparation is slow enough here
-        for i in range(docs, 150 * 2**attempt):
-            text = " ".join(words[(i * 7919 + j * 104729) % len(words)] for j in range(2000))
-            (corpus / f"d{i}.txt").write_text(text + "\n")
-        docs = 150 * 2**attempt
-        t0 = time.monotonic()  # the same preparation, elsewhere
-        probe = tmp_path / f"probe{attempt}"
-        prepare(d.sources, probe, d.vocab_size, d.val_fraction, d.shard_tokens, progress=False)
-        prep_s = time.monotonic() - t0
-        if prep_s > 3 * timeout_s:
-            break
-    assert prep_s > 3 * timeout_s, f"the corpus prepares too fast ({prep_s:.1f} s) to test"
+    write_docs(0, 150)
+    t0 = time.monotonic()  # the same preparation, elsewhere
+    prepare(d.sources, tmp_path / "probe", d.vocab_size, d.val_fraction, d.shard_tokens,
+            progress=False)  # fmt: skip
+    per_doc_s = (time.monotonic() - t0) / 150
+    write_docs(150, max(150, math.ceil(6 * timeout_s / per_doc_s)))  # about 6 s to prepare
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
            "--rdzv-endpoint=127.0.0.1:0", "-m", "farflung.train",
            str(tmp_path / "slow.toml"), "--out", str(tmp_path / "run"), "--quiet",
            "--set", "train.steps=4"]  # fmt: skip
+    data = tmp_path / "data"
     run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = indexed = None  # when rank 0 made the data folder, and wrote its index
     try:
+        deadline = time.monotonic() + 240
+        while run.poll() is None and indexed is None:
+            assert time.monotonic() < deadline, "the preparation never ended"
+            if started is None and data.is_dir():
+                started = time.monotonic()
+            if (data / "index.json").is_file():
+                indexed = time.monotonic()
+            time.sleep(0.02)
         _, err = run.communicate(timeout=240)
     finally:
         end_run(tmp_path / "run", run)
     assert run.returncode == 0, err[-3000:]
-    assert (tmp_path / "data" / "index.json").is_file()
+    assert started is not None and indexed is not None
+    # rank 1 waited at least this long: a run that prepared too fast tests nothing
+    assert indexed - started > 3 * timeout_s, f"prepared in {indexed - started:.1f} s"
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 4
 
 
