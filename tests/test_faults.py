@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from distributed import run_distributed
 from procs import end_run
+from tiny_runs import selected
 
 from farflung.comm.errors import NonFiniteError, is_comm_failure
 from farflung.comm.watchdog import EXIT_PEER_LOST, StoreInfo, Watchdog
@@ -150,15 +151,7 @@ FROZEN = {
 def frozen(tiny, request) -> dict[str, Future]:  # noqa: F811
     """The freeze runs the selected tests read, all started at once: each spends most
     of its time waiting out the timeout, which they can do side by side."""
-    wanted = sorted(
-        {
-            item.callspec.params["name"]
-            for item in request.session.items
-            if item.module is request.module
-            and "frozen" in item.fixturenames
-            and hasattr(item, "callspec")
-        }
-    )
+    wanted = selected(request, "frozen", "name")
     with ThreadPoolExecutor(max(1, len(wanted))) as pool:
         yield {
             name: pool.submit(freeze_and_wait, tiny, tiny / f"frozen_{name}", *FROZEN[name][0])

@@ -26,7 +26,7 @@ import pytest
 
 # the tiny corpus and CLI helpers are shared with the CLI tests; importing the fixture
 # into this module's namespace is how pytest shares a fixture without a conftest entry
-from tiny_runs import train_tiny
+from tiny_runs import selected, train_tiny
 
 from farflung.train.metrics import read_jsonl
 
@@ -89,13 +89,7 @@ def _cut_and_resume(tiny: Path, name: str) -> Procs:  # noqa: F811
 @pytest.fixture(scope="module")
 def runs(tiny, request) -> dict[str, tuple[Future, Future]]:  # noqa: F811
     """Per algorithm: the uninterrupted run, and the cut run with its resume."""
-    wanted = sorted(
-        {
-            item.callspec.params["name"]
-            for item in request.session.items
-            if item.module is request.module and hasattr(item, "callspec")
-        }
-    )
+    wanted = selected(request, "runs", "name")
     with ThreadPoolExecutor(3) as pool:
         yield {
             name: (

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from procs import end_run
 
 from farflung.data import prepare
@@ -85,3 +86,17 @@ keep_checkpoints = 2
 threads = 1
 """)
     return root
+
+
+def selected(request: pytest.FixtureRequest, fixture: str, param: str) -> list[str]:
+    """The values of ``param`` in the selected tests of the requesting module that use
+    ``fixture``: what a module-scoped pool of runs has to start (and nothing more)."""
+    return sorted(
+        {
+            item.callspec.params[param]
+            for item in request.session.items
+            if item.module is request.module
+            and fixture in item.fixturenames
+            and param in getattr(getattr(item, "callspec", None), "params", {})
+        }
+    )

@@ -48,7 +48,7 @@ from farflung.train.contract import (
     JOIN_ENV,
     REPORT_ENV,
 )
-from farflung.train.launch import GRACE_S, Placement, bind_env, worker_env
+from farflung.train.launch import GRACE_S, Placement, bind_env, stop_processes, worker_env
 from farflung.train.metrics import aggregate, read_jsonl, truncate_jsonl
 from farflung.train.progress import Progress
 
@@ -513,22 +513,12 @@ class _LocalWorkers:
         deadline = time.monotonic() + seconds
         stopped: set[int] = set()  # a stop is reported once
         while time.monotonic() < deadline:
-            running = [p for p in self.procs.values() if p.poll() is None]
-            stopped |= {p.pid for p in running if p.pid not in stopped and _is_stopped(p)}
-            if all(p.pid in stopped for p in running if p.poll() is None):
+            running = [p for p in self.procs.values() if p.poll() is None and p.pid not in stopped]
+            stopped |= {p.pid for p in running if _is_stopped(p)}
+            if all(p.pid in stopped or p.returncode is not None for p in running):
                 return
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """SIGTERM (and SIGCONT, for a frozen one) the live workers, SIGKILL after
-        :data:`~farflung.train.launch.GRACE_S`."""
-        alive = [p for p in self.procs.values() if p.poll() is None]
-        for p in alive:
-            p.send_signal(signal.SIGTERM)
-            p.send_signal(signal.SIGCONT)
-        for p in alive:
-            try:
-                p.wait(timeout=GRACE_S)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        """End the live workers (SIGTERM, then SIGKILL after a grace)."""
+        stop_processes(list(self.procs.values()))

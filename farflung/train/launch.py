@@ -123,10 +123,10 @@ def launch_local(
         return _watch(procs, reports)
     except KeyboardInterrupt:
         print("farflung: interrupted; stopping workers", file=sys.stderr, flush=True)
-        _stop(procs, signal.SIGTERM)
+        stop_processes(procs)
         return EXIT_INTERRUPTED
     finally:
-        _stop(procs, signal.SIGTERM)  # nothing is left behind, whatever happened
+        stop_processes(procs)  # nothing is left behind, whatever happened
         shutil.rmtree(reports, ignore_errors=True)
 
 
@@ -153,7 +153,7 @@ def _on_failure(procs: list[subprocess.Popen], reports: Path) -> int:
     stopping = f"; stopping ranks {alive}" if alive else ""
     why = explain(rank, failed[rank], found)
     print(f"farflung: {why}{stopping}", file=sys.stderr, flush=True)
-    _stop(procs, signal.SIGTERM)
+    stop_processes(procs)
     code = failed[rank]
     return code if code > 0 else 1
 
@@ -219,7 +219,9 @@ def explain(rank: int, code: int, reports: dict[int, dict]) -> str:
     return why
 
 
-def _stop(procs: list[subprocess.Popen], sig: int) -> None:
+def stop_processes(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+    """``sig`` (and SIGCONT, for a stopped one) to the live ``procs``, SIGKILL to
+    those still alive :data:`GRACE_S` later."""
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
         p.send_signal(sig)
