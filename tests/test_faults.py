@@ -71,13 +71,15 @@ def wait_until_training(cli: subprocess.Popen, out: Path) -> None:
 
 
 def worker_pids(cli: subprocess.Popen) -> dict[int, int]:
-    """The CLI's worker processes by RANK (read from their environment)."""
+    """The CLI's worker processes by RANK, from the name a worker gives its process
+    (a forked worker's environment block is its template's; the template, while it
+    is still exiting, is a child too)."""
     out = subprocess.run(["pgrep", "-P", str(cli.pid)], capture_output=True, text=True).stdout
     pids = {}
     for pid in map(int, out.split()):
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        rank = next(int(e[5:]) for e in env if e.startswith(b"RANK="))
-        pids[rank] = pid
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        if name.startswith("farflung-rank"):
+            pids[int(name.removeprefix("farflung-rank"))] = pid
     assert sorted(pids) == [0, 1], pids
     return pids
 

@@ -44,10 +44,7 @@ def test_ctrl_c_stops_every_worker(tiny):  # noqa: F811
     while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert (out / "metrics.jsonl").exists(), "training never started"
-    children = subprocess.run(
-        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-    ).stdout.split()
-    assert len(children) == 2
+    children = worker_pids(proc).values()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130

@@ -33,6 +33,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)  # a bad config file fails before these imports (torch)
     from farflung.train.dataprep import ensure_data
+    from farflung.train.forkserver import may_fork
     from farflung.train.launch import launch_local
     from farflung.train.network import network
 
@@ -47,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     apply_bind_args(args)  # checked here; a --join worker inherits them
     check_batch(cfg, args.workers)
+    may_fork()  # FARFLUNG_WORKER_START is checked before anything is claimed
     stage_map = load_placement(args, cfg)  # before anything is prepared or launched
     out = out_dir(args)
     claim_out_dir(out, args.resume, args.force)  # --force: only on a farflung run

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import torch.distributed
+
+
+def say(line: str) -> None:
+    """``line`` on stderr in one write: processes that share the stream (a launcher's
+    workers) never split each other's lines (``print`` writes the text and the
+    newline apart)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class NonFiniteError(RuntimeError):

@@ -44,6 +44,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from farflung.comm.errors import say
+
 __all__ = [
     "EXIT_PEER_LOST",
     "Lost",
@@ -337,12 +339,12 @@ class Watchdog:
 
     def _fire(self, lost: Lost) -> None:
         self.lost = lost
-        print(f"farflung: rank {self.rank}: {lost.message}; stopping", file=sys.stderr, flush=True)
+        say(f"farflung: rank {self.rank}: {lost.message}; stopping")
         if self.on_lost is not None:
             try:
                 self.on_lost(lost)
             except Exception as e:  # the exit matters more than the report
-                print(f"farflung: rank {self.rank}: could not report: {e}", file=sys.stderr)
+                say(f"farflung: rank {self.rank}: could not report: {e}")
         sys.stdout.flush()
         sys.stderr.flush()
         if lost.via == "protocol":

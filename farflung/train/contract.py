@@ -7,8 +7,10 @@ heavy: the command line reads its exit codes before torch is loaded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 # Exit codes, most telling first (the local launcher explains a failed run by the
@@ -42,3 +44,23 @@ def write_report(rank: int, kind: str, code: int, message: str, **extra: object)
         tmp.replace(path)  # the launcher never reads half a report
     except OSError:
         pass  # the launcher falls back to the exit code
+
+
+def process_name(rank: int) -> str:
+    """What a worker calls its process (``ps -o comm``, ``top``, ``pgrep``): the rank
+    it was started as. A forked worker's ``/proc/PID/environ`` shows its template's
+    environment (see farflung.train.forkserver), so tools find a rank by this name."""
+    return f"farflung-rank{rank}"[:15]  # the kernel keeps 15 bytes
+
+
+def name_this_process(rank: int) -> None:
+    """Give this process :func:`process_name` (Linux; elsewhere nothing happens)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, process_name(rank).encode(), 0, 0, 0)
+
+
+_PR_SET_NAME = 15

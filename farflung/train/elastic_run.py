@@ -23,7 +23,6 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,16 @@ from farflung.train.contract import (
     JOIN_ENV,
     REPORT_ENV,
 )
-from farflung.train.launch import GRACE_S, Placement, bind_env, stop_processes, worker_env
+from farflung.train.forkserver import Worker, WorkerStarter
+from farflung.train.launch import (
+    GRACE_S,
+    Placement,
+    base_env,
+    bind_env,
+    preload_for,
+    stop_processes,
+    worker_env,
+)
 from farflung.train.metrics import aggregate, read_jsonl, truncate_jsonl
 from farflung.train.progress import Progress
 
@@ -401,7 +409,7 @@ def launch_elastic(
         shutil.rmtree(local.reports, ignore_errors=True)
 
 
-def _is_stopped(p: subprocess.Popen) -> bool:
+def _is_stopped(p: Worker) -> bool:
     """Whether the child ``p`` is stopped (job control), from its parent; one that
     exited meanwhile is reaped here and its code kept where ``poll`` finds it."""
     try:
@@ -443,7 +451,14 @@ class _LocalWorkers:
             **({PORT_RANGE_ENV: port_range} if port_range else {}),
         }
         self.reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
-        self.procs: dict[int, subprocess.Popen] = {}
+        # kept for the whole run: a joiner in a crashed worker's place starts at once
+        self.starter = WorkerStarter(
+            "farflung.train",
+            worker_args,
+            {**base_env(), **key_env},
+            preload_for("farflung.train"),
+        )
+        self.procs: dict[int, Worker] = {}
         self.slots: dict[int, int] = {}  # process key -> placement slot (its namespace)
         self.next_key = self.workers
         self.respawns = 0
@@ -462,11 +477,7 @@ class _LocalWorkers:
         extra[REPORT_ENV] = str(self.reports)
         extra.update({JOIN_ENV: "1"} if join else {ID_ENV: str(slot)})
         env = worker_env(slot, self.workers, free_port(), place.master_addr, extra)
-        self.procs[key] = subprocess.Popen(
-            [*place.prefixes[slot], sys.executable, "-m", "farflung.train", *self.worker_args],
-            env=env,
-            start_new_session=True,
-        )
+        self.procs[key] = self.starter.start(env, place.prefixes[slot])
         self.slots[key] = slot
 
     def _join(self, slot: int) -> None:
@@ -521,4 +532,5 @@ class _LocalWorkers:
 
     def stop(self) -> None:
         """End the live workers (SIGTERM, then SIGKILL after a grace)."""
+        self.starter.close()
         stop_processes(list(self.procs.values()))

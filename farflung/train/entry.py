@@ -21,7 +21,7 @@ import torch
 from farflung.comm import DistInfo, init_distributed, shutdown_distributed
 from farflung.comm import watchdog as wd
 from farflung.comm.dist import store_barrier
-from farflung.comm.errors import NonFiniteError, Reconfigure, first_line, is_comm_failure
+from farflung.comm.errors import NonFiniteError, Reconfigure, first_line, is_comm_failure, say
 from farflung.config import Config, ConfigError
 from farflung.data import INDEX_FILE, DataError
 from farflung.membership.member import Member, MembershipLost
@@ -39,6 +39,7 @@ from farflung.train.contract import (
     EXIT_USAGE,
     ID_ENV,
     JOIN_ENV,
+    name_this_process,
     write_report,
 )
 from farflung.train.dataprep import ensure_data
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(p)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, raise_interrupt)
-    code = _guarded(args, int(os.environ.get("RANK", "0")))
+    rank = int(os.environ.get("RANK", "0"))
+    name_this_process(rank)
+    code = _guarded(args, rank)
     if code == 0:
         shutdown_distributed()
         return 0
@@ -321,4 +324,4 @@ def _enter(cfg: Config, out: Path, member: Member, key: str, left: LeftGroups) -
 
 def _say(rank: int, msg: str, always: bool = False) -> None:
     if rank == 0 or always:
-        print(f"farflung: {msg}", file=sys.stderr, flush=True)
+        say(f"farflung: {msg}")

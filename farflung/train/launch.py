@@ -30,6 +30,7 @@ from farflung.train.contract import (
     EXIT_USAGE,
     REPORT_ENV,
 )
+from farflung.train.forkserver import Worker, WorkerStarter, shared_env
 
 GRACE_S = 10.0  # after SIGTERM (and SIGCONT), before SIGKILL
 SETTLE_S = 1.0  # after a failure, for the others to exit (and report) on their own
@@ -63,7 +64,7 @@ def worker_env(
     master_addr: str = "127.0.0.1",
     extra: dict[str, str] | None = None,
 ) -> dict:
-    env = dict(os.environ)
+    env = base_env()
     env.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -71,10 +72,14 @@ def worker_env(
         LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR=master_addr,
         MASTER_PORT=str(port),
-        PYTHONUNBUFFERED="1",
     )
     env.update(extra or {})
     return env
+
+
+def base_env() -> dict[str, str]:
+    """What every local worker's environment starts from."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def bind_env(place: Placement, rank: int) -> dict[str, str]:
@@ -108,29 +113,45 @@ def launch_local(
     place = placement or Placement.plain(workers)
     port = free_port()
     reports = Path(tempfile.mkdtemp(prefix="farflung-reports-"))
-    procs: list[subprocess.Popen] = []
+    envs = []
+    for r in range(workers):
+        extra = {**bind_env(place, r), **place.envs[r], "FARFLUNG_NETWORK": place.description}
+        extra[REPORT_ENV] = str(reports)
+        envs.append(worker_env(r, workers, port, place.master_addr, extra))
+    starter = WorkerStarter(module, worker_args, shared_env(envs), preload_for(module))
+    procs: list[Worker] = []
     try:
         for r in range(workers):
-            extra = {**bind_env(place, r), **place.envs[r], "FARFLUNG_NETWORK": place.description}
-            extra[REPORT_ENV] = str(reports)
-            procs.append(
-                subprocess.Popen(
-                    [*place.prefixes[r], sys.executable, "-m", module, *worker_args],
-                    env=worker_env(r, workers, port, place.master_addr, extra),
-                    start_new_session=True,  # our own Ctrl+C handling, not the tty's
-                )
-            )
+            procs.append(starter.start(envs[r], place.prefixes[r]))
+        starter.close()
         return _watch(procs, reports)
     except KeyboardInterrupt:
         print("farflung: interrupted; stopping workers", file=sys.stderr, flush=True)
         stop_processes(procs)
         return EXIT_INTERRUPTED
     finally:
+        starter.close()
         stop_processes(procs)  # nothing is left behind, whatever happened
         shutil.rmtree(reports, ignore_errors=True)
 
 
-def _watch(procs: list[subprocess.Popen], reports: Path) -> int:
+# what a training worker imports beyond its entry: torch's optimizers import
+# torch._dynamo at their first step (see farflung.train.forkserver)
+WORKER_PRELOAD = (
+    "farflung.train.entry",
+    "farflung.train.loop",
+    "farflung.train.pipeline",
+    "farflung.train.elastic_worker",
+    "torch._dynamo",
+)
+
+
+def preload_for(module: str) -> tuple[str, ...]:
+    """The modules a worker template for ``module`` imports before it forks."""
+    return WORKER_PRELOAD if module == "farflung.train" else (module,)
+
+
+def _watch(procs: list[Worker], reports: Path) -> int:
     while True:
         codes = [p.poll() for p in procs]
         if any(c not in (None, 0) for c in codes):
@@ -140,7 +161,7 @@ def _watch(procs: list[subprocess.Popen], reports: Path) -> int:
         time.sleep(0.1)
 
 
-def _on_failure(procs: list[subprocess.Popen], reports: Path) -> int:
+def _on_failure(procs: list[Worker], reports: Path) -> int:
     """Say why the run failed (the most telling failure), stop the others, return
     the failed worker's code."""
     deadline = time.monotonic() + SETTLE_S  # peers failing the same way exit by themselves
@@ -219,7 +240,7 @@ def explain(rank: int, code: int, reports: dict[int, dict]) -> str:
     return why
 
 
-def stop_processes(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+def stop_processes(procs: list[Worker], sig: int = signal.SIGTERM) -> None:
     """``sig`` (and SIGCONT, for a stopped one) to the live ``procs``, SIGKILL to
     those still alive :data:`GRACE_S` later."""
     alive = [p for p in procs if p.poll() is None]
