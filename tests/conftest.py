@@ -1,3 +1,4 @@
+import fcntl
 import sys
 from pathlib import Path
 
@@ -5,6 +6,36 @@ import pytest
 
 # tests import their helpers (tests/distributed.py) as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+# `make test` runs the suite in two processes (pytest-xdist, `--dist loadfile`: a
+# module goes whole to one of them, so its module-scoped runs and pools are made
+# once). The modules that build network labs hold one lock while they run, so that no
+# lab's namespaces, shaping or "nothing left behind" checks meet another's.
+LAB_MODULES = {
+    "test_elastic_netlab",
+    "test_faults",
+    "test_netlab",
+    "test_netlab_bytes",
+    "test_netlab_torchrun",
+    "test_netlab_train",
+    "test_placement",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_lab_at_a_time(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    if request.module.__name__ not in LAB_MODULES:
+        yield
+        return
+    # the parent of this process's temporary root is shared by the session's processes
+    lock = tmp_path_factory.getbasetemp().parent / "farflung-network-lab.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session", autouse=True)

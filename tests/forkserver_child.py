@@ -15,7 +15,6 @@ def main() -> int:
     rank = os.environ["RANK"]
     facts = {
         "pid": os.getpid(),
-        "ppid": os.getppid(),
         "sid": os.getsid(0),
         "argv": sys.argv[1:],
         "env": dict(os.environ),

@@ -3,7 +3,8 @@
 Pairs are measured in rounds of a round-robin tournament, so every round's pairs are
 disjoint and run at the same time. For a pair (a, b):
 
-* latency: small ping-pongs; one-way delay = median round trip / 2;
+* latency: small ping-pongs; one-way delay = fastest round trip / 2 (a busy host only
+  ever adds to a round trip, so the fastest is the closest to the link's own);
 * bandwidth a→b: a sends messages of growing size (doubling) and b acknowledges each;
   once a transfer takes long enough to dwarf the round trip, its rate
   ``8·size / (elapsed − round trip)`` is the estimate. Then the same from b to a.
@@ -20,7 +21,6 @@ Worker entry (also under torchrun across machines)::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -73,7 +73,7 @@ class _Pair:
                 self.recv(self.tiny)
                 self.send(self.tiny)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return min(times)
 
     def stream(self, sender: bool, rtt: float, target_s: float, max_bytes: int) -> float:
         """Bits/s from the sender to the receiver. Sizes double until a transfer takes

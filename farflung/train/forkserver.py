@@ -71,6 +71,8 @@ class Forked:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:  # reaped elsewhere (a waitpid on its pid)
+                if self.returncode is None and not _exists(self.pid):
+                    self.returncode = 1  # gone, and its code with it: never wait forever
                 return self.returncode
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
@@ -181,6 +183,16 @@ class WorkerStarter:
             os.close(req_r)
             os.close(rep_w)
         self._requests, self._replies = req_w, rep_r
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def may_fork() -> bool:
