@@ -255,3 +255,67 @@ def test_generate_sampling_with_generator_and_top_k():
         for t in range(1, 11)
     ]
     assert any(outside)
+
+
+# ---- activation checkpointing: the same gradients, from blocks that really recompute
+
+
+def _forward_counts(model: torch.nn.Module) -> list[int]:
+    """A live list: how many times each block's forward has started (a recompute
+    stops once it has what the backward needs, so it may never finish)."""
+    counts = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def _step(model: GPT, seed: int = 5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    idx, targets = batch()
+    torch.manual_seed(seed)  # the dropout masks
+    _, loss = model(idx, targets)
+    loss.backward()
+    return loss.detach(), grads_of(model)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "spec, runs", [("blocks", [2, 2, 2, 2]), ("every:2", [2, 1, 2, 1]), ("every:3", [2, 1, 1, 2])]
+)
+def test_recomputed_blocks_give_the_same_gradients(arch, spec, runs):
+    plain = make_model(arch=arch, dropout=0.1)
+    recomputed = GPT(tiny_cfg(arch=arch, dropout=0.1, activation_checkpointing=spec))
+    recomputed.load_state_dict(plain.state_dict())
+    counts = _forward_counts(recomputed)
+    want_loss, want = _step(plain)
+    got_loss, got = _step(recomputed)
+    assert counts == runs  # the checkpointed blocks ran again in the backward
+    assert torch.equal(got_loss, want_loss)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(got[n], want[n]) for n in want), [
+        n for n in want if not torch.equal(got[n], want[n])
+    ]
+    with torch.no_grad():  # nothing to recompute for: one forward each
+        recomputed(batch()[0])
+    assert [c - r for c, r in zip(counts, runs, strict=True)] == [1, 1, 1, 1]
+
+
+def test_a_stage_recomputes_by_the_models_block_index():
+    model = make_model(activation_checkpointing="every:2")
+    stage = GPTStage(model, 1, 4)  # blocks 1-3: block 2 is the one recomputed
+    counts = _forward_counts(model)
+    hidden = torch.randn(3, 16, 32, requires_grad=True)
+    logits, _ = stage(hidden)  # the last stage: (logits, loss)
+    logits.sum().backward()
+    assert counts == [0, 1, 2, 1]
+
+
+@pytest.mark.parametrize("bad", ["every:0", "every:", "every:x", "some", ""])
+def test_an_unknown_recompute_setting_names_the_key_and_the_choices(bad):
+    from farflung.config import Config, ConfigError, validate
+
+    cfg = Config()
+    cfg.model.activation_checkpointing = bad
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert "model.activation_checkpointing" in str(e.value)
+    assert "'none', 'blocks' or 'every:K'" in str(e.value)

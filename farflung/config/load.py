@@ -111,6 +111,11 @@ def validate(cfg: Config, choices: Mapping[str, Iterable[str]] | None = None) ->
 
 
 def _validate_model(m: ModelConfig) -> None:
+    if m.recompute_every() is None:
+        raise ConfigError(
+            f"model.activation_checkpointing = {m.activation_checkpointing!r}; allowed: "
+            "'none', 'blocks' or 'every:K' (K >= 1)"
+        )
     if m.d_model % m.n_head:
         raise ConfigError(f"model.n_head = {m.n_head} must divide model.d_model = {m.d_model}")
     if m.n_kv_head and m.n_head % m.n_kv_head:

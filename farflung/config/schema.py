@@ -36,6 +36,11 @@ class ModelConfig:
     """Vocabulary size; 0 takes it from the prepared data's tokenizer."""
     dropout: float = 0.0
     """Dropout probability in attention and MLP; 0 makes runs deterministic."""
+    activation_checkpointing: str = "none"
+    """Recompute blocks' activations in the backward instead of keeping them from the
+    forward: ``none``, ``blocks`` (every block) or ``every:K`` (blocks 0, K, 2K, ...
+    of the whole model, inside pipeline stages too). Costs one more forward of those
+    blocks; the gradients are the same (dropout masks included)."""
     mlp_ratio: int = 4
     """Hidden width of the MLP as a multiple of ``d_model`` (when ``ffn_hidden`` is 0)."""
     ffn_hidden: int = 0
@@ -61,6 +66,16 @@ class ModelConfig:
     ``pp_tied``); false gives the head its own weight (no such traffic)."""
 
     CHOICES = {"arch": ("gpt2", "llama"), "activation": ("", "gelu", "gelu_tanh")}
+
+    def recompute_every(self) -> int | None:
+        """Every how many blocks one is recomputed (0: none; 1: all), from
+        ``activation_checkpointing``; None where that value is not allowed."""
+        spec = self.activation_checkpointing
+        if spec in ("none", "blocks"):
+            return 0 if spec == "none" else 1
+        k = spec.removeprefix("every:")
+        return int(k) if k != spec and k.isdigit() and int(k) >= 1 else None
+
     BOUNDS = {
         "ffn_hidden": (0, None),
         "n_kv_head": (0, None),

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from farflung.config import ModelConfig
 from farflung.data.loader import IGNORE_INDEX
@@ -103,6 +104,20 @@ def _check_length(t: int, limit: int) -> None:
         raise ValueError(f"sequence length {t} exceeds the model's context of {limit} positions")
 
 
+def run_blocks(blocks: nn.ModuleList, x: Tensor, every: int, first: int = 0) -> Tensor:
+    """``x`` through ``blocks`` (block ``first + i`` of the model is ``blocks[i]``);
+    with ``every`` > 0, blocks whose index is a multiple of it keep no activations for
+    the backward and are run again there (torch's non-reentrant checkpoint, which
+    replays the dropout masks). Without gradients nothing is recomputed."""
+    recompute = every > 0 and torch.is_grad_enabled()
+    for i, block in enumerate(blocks, first):
+        if recompute and i % every == 0:
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
 def _embed(
     wte: nn.Embedding, wpe: nn.Embedding | None, drop: nn.Module, idx: Tensor, limit: int
 ) -> Tensor:
@@ -152,6 +167,7 @@ class GPT(nn.Module):
             )
         self.cfg = cfg
         self.max_positions = max_positions(cfg)
+        self.recompute_every = cfg.recompute_every() or 0
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.arch == "llama":
@@ -190,8 +206,7 @@ class GPT(nn.Module):
         Raises ``ValueError`` when T exceeds the model's positions (:func:`max_positions`).
         """
         x = _embed(self.wte, self.wpe, self.drop, idx, self.max_positions)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, self.recompute_every)
         return _head(self.ln_f, self.head, x, targets)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -240,6 +255,7 @@ class GPTStage(nn.Module):
         self.d_model = model.cfg.d_model
         self.max_positions = model.max_positions
         self.blocks = nn.ModuleList(model.blocks[start:end])
+        self.recompute_every = model.recompute_every
         first, last = start == 0, end == n_layer
         self.wte = model.wte if first else None
         self.wpe = model.wpe if first else None
@@ -276,8 +292,7 @@ class GPTStage(nn.Module):
             _check_length(x.shape[1], self.max_positions)
         if targets is not None and not self.is_last:
             raise ValueError("only the last stage takes targets")
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, self.recompute_every, first=self.start)
         if self.is_last:
             return _head(self.ln_f, self.head, x, targets)
         return x

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # source is read, so that a launcher without model.init_from stays torch-free
 
 # the user's own choices, kept when the architecture comes from elsewhere
-_KEEP = ("init_from", "context", "dropout")
+_KEEP = ("init_from", "context", "dropout", "activation_checkpointing")
 
 
 def source(cfg: Config) -> tuple[str, Path] | None:
