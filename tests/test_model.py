@@ -319,3 +319,8 @@ def test_an_unknown_recompute_setting_names_the_key_and_the_choices(bad):
         validate(cfg)
     assert "model.activation_checkpointing" in str(e.value)
     assert "'none', 'blocks' or 'every:K'" in str(e.value)
+
+
+def test_a_model_built_from_an_unvalidated_config_refuses_an_unknown_recompute():
+    with pytest.raises(ValueError, match="activation_checkpointing = 'blcoks'"):
+        make_model(activation_checkpointing="blcoks")

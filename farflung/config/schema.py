@@ -67,15 +67,6 @@ class ModelConfig:
 
     CHOICES = {"arch": ("gpt2", "llama"), "activation": ("", "gelu", "gelu_tanh")}
 
-    def recompute_every(self) -> int | None:
-        """Every how many blocks one is recomputed (0: none; 1: all), from
-        ``activation_checkpointing``; None where that value is not allowed."""
-        spec = self.activation_checkpointing
-        if spec in ("none", "blocks"):
-            return 0 if spec == "none" else 1
-        k = spec.removeprefix("every:")
-        return int(k) if k != spec and k.isdigit() and int(k) >= 1 else None
-
     BOUNDS = {
         "ffn_hidden": (0, None),
         "n_kv_head": (0, None),
@@ -90,6 +81,15 @@ class ModelConfig:
         "dropout": (0.0, 0.95),
         "mlp_ratio": (1, None),
     }
+
+    def recompute_every(self) -> int | None:
+        """Every how many blocks one is recomputed (0: none; 1: all), from
+        ``activation_checkpointing``; None where that value is not allowed."""
+        spec = self.activation_checkpointing
+        if spec in ("none", "blocks"):
+            return 0 if spec == "none" else 1
+        k = spec.removeprefix("every:")
+        return int(k) if k != spec and k.isdigit() and int(k) >= 1 else None
 
 
 @dataclass

@@ -167,7 +167,13 @@ class GPT(nn.Module):
             )
         self.cfg = cfg
         self.max_positions = max_positions(cfg)
-        self.recompute_every = cfg.recompute_every() or 0
+        every = cfg.recompute_every()
+        if every is None:  # a config validated by farflung.config never gets here
+            raise ValueError(
+                f"ModelConfig.activation_checkpointing = {cfg.activation_checkpointing!r}; "
+                "allowed: 'none', 'blocks' or 'every:K' (K >= 1)"
+            )
+        self.recompute_every = every
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.arch == "llama":

@@ -22,6 +22,8 @@ EXIT_FAILED = 1  # a crash (Python's own exit code for an uncaught exception)
 EXIT_PEER_LOST = 3  # a peer or its link stopped responding (comm.watchdog exits with it)
 EXIT_INTERRUPTED = 130  # SIGTERM or Ctrl+C
 
+_PR_SET_NAME = 15  # prctl: this thread's (the main thread's: the process's) name
+
 REPORT_ENV = "FARFLUNG_REPORT_DIR"
 """Set by the local launcher: a private folder where a failing worker leaves
 ``rank<R>.json`` ({"rank", "kind", "code", "message", ...}) before it exits."""
@@ -61,6 +63,3 @@ def name_this_process(rank: int) -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_NAME, process_name(rank).encode(), 0, 0, 0)
-
-
-_PR_SET_NAME = 15
