@@ -384,7 +384,10 @@ def test_both_directions_at_once_keep_the_rate(shaping):
         assert r.complete, r
     best = max(results, key=lambda tries: min(r.bits_per_s for r in tries))
     assert min(r.bits_per_s for r in best) >= 0.85 * rate, best
-    assert ack_packets > 500 and ack_bytes < 128 * ack_packets
+    # host 0 received 2 x nbytes; even stretch ACKs (one per 64 KiB, as GRO and delayed
+    # ACKs make on a loaded host; 497 were counted once) number over nbytes / 32 KiB,
+    # where ACKs that bypass this class count none
+    assert ack_packets > 2 * nbytes // 65536 and ack_bytes < 128 * ack_packets
 
 
 _BOTH_WAYS = textwrap.dedent(
