@@ -95,14 +95,19 @@ def check_run(run: Path) -> list[dict]:
     return read_jsonl(run / "events.jsonl")
 
 
-def settled_before(algorithm: str, step: int) -> int:
-    """The last step every member voted before worker 1's fault at the start of
-    ``step``: what the coordinator has committed when it loses it."""
+def settled_before(algorithm: str, step: int) -> tuple[int, int]:
+    """What the coordinator may have committed when it loses worker 1 to a fault at
+    the start of ``step``: the last step worker 1 voted, or the settled stretch before
+    it. Each member votes on its own after its update, so a loaded host may not have
+    delivered another member's vote of that stretch yet when worker 1's connection
+    closes; the earlier stretch had every vote in, since worker 1 got past the
+    collective that follows it."""
     if algorithm == "cocktail":  # overlapped: a step settles after the next one
-        return step - 2
+        return step - 3, step - 2
     if algorithm == "diloco":  # at the ends of rounds of parallel.local_steps = 4
-        return (step - 1) // 4 * 4
-    return step - 1
+        last = (step - 1) // 4 * 4
+        return last - 4, last
+    return step - 2, step - 1
 
 
 @pytest.mark.parametrize(
@@ -134,7 +139,7 @@ def test_fault_then_replay_is_bit_identical(tiny, tmp_path, algorithm, sig, sets
         why = "crash" if sig == "SIGKILL" else "silent"
         assert [(e["id"], e["why"]) for e in left] == [(1, why)], said
         committed = left[0]["committed"]
-        assert committed == settled_before(algorithm, step), said
+        assert committed in settled_before(algorithm, step), f"{said}: committed {committed}"
         # the steps in flight were redone by the survivors, not committed without
         # the lost share: every step after the commit was trained by members 0 and 2
         members = [rec["members"] for rec in read_jsonl(faulted / "samples.jsonl")]
