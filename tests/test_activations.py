@@ -47,7 +47,7 @@ def expected_nbytes(mode: str, shape: tuple[int, int, int], bits: int, n_fresh: 
     b, t, d = shape
     if mode == "none":
         return 4 * b * t * d
-    if mode == "fp16":
+    if mode in ("fp16", "bf16"):
         return 2 * b * t * d
     k = b if mode == "quantize" else b - n_fresh
     fresh_bytes = 0 if mode == "quantize" else 2 * n_fresh * t * d
@@ -125,6 +125,18 @@ def test_fp16_equals_half_cast() -> None:
     codec = BoundaryCodec("fp16")
     out = codec.decode(codec.encode(x), (3, 5, 7))
     assert torch.equal(out, x.half().float())
+
+
+def test_bf16_is_the_bfloat16_bytes() -> None:
+    x = randn((3, 5, 7)) * 100
+    x[1, 2, 3] = 1e30  # beyond fp16, within bf16's range
+    codec = BoundaryCodec("bf16")
+    payload = codec.encode(x)
+    assert payload.numel() == 2 * x.numel() == codec.payload_nbytes((3, 5, 7))
+    assert torch.equal(payload.view(torch.bfloat16).view(3, 5, 7), x.bfloat16())
+    out = codec.decode(payload, (3, 5, 7))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert torch.equal(out, x.bfloat16().float())
 
 
 def test_fp16_accepts_other_input_dtypes() -> None:

@@ -115,7 +115,7 @@ def settled_before(algorithm: str, step: int) -> tuple[int, int]:
     [
         ("allreduce", "SIGKILL", ()),
         ("cocktail", "SIGSTOP", ()),
-        ("diloco", "SIGKILL", ("parallel.local_steps=4",)),
+        ("diloco", "SIGKILL", ("parallel.local_steps=4", "train.precision=fp16")),
     ],
 )
 def test_fault_then_replay_is_bit_identical(tiny, tmp_path, algorithm, sig, sets):  # noqa: F811

@@ -186,3 +186,28 @@ def test_errors_name_what_is_wrong(tmp_path):
         _import(tmp_path)
     with pytest.raises(hf.HFCheckpointError, match="config.json: not found"):
         _import(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_export_round_trips(imported, tmp_path, dtype):
+    """``export-hf --dtype``: the stored weights are the fp32 masters rounded; transformers
+    loads them, and their logits are the masters-rounded model's; imported again (as
+    ``model.init_from`` does) they come back as those rounded values, in fp32."""
+    arch, _, _, model = imported
+    hf.save(model, model.cfg, tmp_path, dtype=dtype)
+    want = hf.EXPORT_DTYPES[dtype]
+    stored = load_file(str(tmp_path / hf.WEIGHTS_FILE))
+    assert {t.dtype for t in stored.values()} == {want}
+    assert json.loads((tmp_path / hf.CONFIG_FILE).read_text())["dtype"] == str(want)[6:]
+    rounded = GPT(model.cfg).eval()
+    rounded.load_state_dict({k: v.to(want).float() for k, v in model.state_dict().items()})
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(rounded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert _max_diff(rounded, back, _tokens()) <= TOL
+    again = _import(tmp_path)
+    for name, t in again.state_dict().items():
+        assert t.dtype == torch.float32
+        assert torch.equal(t, rounded.state_dict()[name]), name

@@ -70,6 +70,8 @@ AQSGD = PP2 + sets(
     # have a buffer row), what the resume test restarts from
     "train.checkpoint_every=2",
     "train.keep_checkpoints=10",
+    # and in bf16: the resume below is exact under autocast too
+    "train.precision=bf16",
 )
 CUT_ENV = {"FARFLUNG_FAULTS": "1:4:EXIT"}  # rank 1 exits after step 3, before step 4
 # a placement that is not stage-major: rank 0 holds the last stage

@@ -8,7 +8,9 @@ What makes this hard is the state that lives outside the model: cocktail's globa
 model, its in-flight sync (with shared moments) and its server error buffers; diloco's
 global model and
 outer momentum between outer steps (``local_steps=3``, so the step-4 checkpoint lies
-inside an outer round); gossip's public copies of itself and its neighbour.
+inside an outer round); gossip's public copies of itself and its neighbour. cocktail
+runs in fp16 with an overflow at step 2 (the loss scale the checkpoint holds is
+halved), diloco in bf16, gossip in fp32.
 
 The runs are independent of each other except a resume of its own cut run, and each
 spends most of its time starting processes, so the module starts them all at once in
@@ -31,15 +33,23 @@ from tiny_runs import selected, train_tiny
 from farflung.train.metrics import read_jsonl
 
 STEPS, EVERY, FAIL_STEP = 10, 4, 6
+OVERFLOW = "0:2:HUGE"  # rank 0's fp16 gradients overflow at step 2 (fp32, bf16: no effect)
 
 ALGORITHMS = {
     # defaults: overlap on, so the step-4 checkpoint holds an in-flight sync result;
     # no warm-up, so the server error buffers are non-zero when it is written; moments
     # shared every 2 steps, so that result carries them and the checkpoint holds the
     # moments they were taken from
-    "cocktail": ("--set", "parallel.moment_sync_every=2"),
+    "cocktail": ("--set", "parallel.moment_sync_every=2", "--set", "train.precision=fp16"),
     # outer steps at 3, 6, 9: the checkpoint at 4 falls between two of them
-    "diloco": ("--set", "parallel.local_steps=3", "--set", "parallel.codec=cocktail"),
+    "diloco": (
+        "--set",
+        "parallel.local_steps=3",
+        "--set",
+        "parallel.codec=cocktail",
+        "--set",
+        "train.precision=bf16",
+    ),
     # a lossy codec, so the public copies x̂ differ from the models they track
     "gossip": (
         "--set",
@@ -80,7 +90,7 @@ Procs = tuple[subprocess.CompletedProcess, subprocess.CompletedProcess, int]
 def _cut_and_resume(tiny: Path, name: str) -> Procs:  # noqa: F811
     """The run killed at ``FAIL_STEP``, the last step it logged, and its resume."""
     cut = tiny / f"{name}_cut"
-    env = {"FARFLUNG_FAULTS": f"1:{FAIL_STEP + 1}:EXIT"}
+    env = {"FARFLUNG_FAULTS": f"{OVERFLOW},1:{FAIL_STEP + 1}:EXIT"}
     killed = train_tiny(tiny, cut, *_args(name), env=env)
     logged = max(_losses_by_step(cut), default=0)
     return killed, train_tiny(tiny, cut, *_args(name), "--resume"), logged
@@ -93,7 +103,13 @@ def runs(tiny, request) -> dict[str, tuple[Future, Future]]:  # noqa: F811
     with ThreadPoolExecutor(3) as pool:
         yield {
             name: (
-                pool.submit(train_tiny, tiny, tiny / f"{name}_whole", *_args(name)),
+                pool.submit(
+                    train_tiny,
+                    tiny,
+                    tiny / f"{name}_whole",
+                    *_args(name),
+                    env={"FARFLUNG_FAULTS": OVERFLOW},
+                ),
                 pool.submit(_cut_and_resume, tiny, name),
             )
             for name in wanted
@@ -122,3 +138,8 @@ def test_resume_from_checkpoint_files_is_exact(tiny, runs, name):  # noqa: F811
     diffs = {s: (got[s], expected[s]) for s in expected if got[s] != expected[s]}
     assert not diffs, f"{name}: per-step losses differ after resume: {diffs}"
     assert _final_val(cut) == _final_val(whole)
+    # fp16's loss scale came back with the checkpoint: halved once, good steps counted on
+    scale = json.loads((whole / "summary.json").read_text())["loss_scale"]
+    assert summary["loss_scale"] == scale
+    if "train.precision=fp16" in ALGORITHMS[name]:
+        assert scale == {"scale": 2.0**15, "good_steps": STEPS - 2, "overflows": 1}

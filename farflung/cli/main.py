@@ -201,7 +201,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from farflung.train.export import export_hf
 
-    found = export_hf(args.run, args.out, force=args.force)
+    found = export_hf(args.run, args.out, force=args.force, dtype=args.dtype)
     print(f"exported {found} to {args.out} (Hugging Face format: config.json, model.safetensors)")
     return 0
 
@@ -334,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder (its newest valid checkpoint) or a checkpoint")
     e.add_argument("out", help="folder to write")
     e.add_argument("--force", action="store_true", help="replace a model already in OUT")
+    e.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="what the weights are stored as (the run's fp32 masters, rounded; default fp32)",
+    )
     e.set_defaults(func=cmd_export_hf)
 
     d = sub.add_parser(

@@ -226,10 +226,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 120.0) -> DistInf
     backend = pick_backend(backend)
     global _timeout
     _timeout = timedelta(seconds=timeout_s)
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    device = rank_device(backend, local_rank)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -241,6 +238,16 @@ def init_distributed(backend: str = "auto", timeout_s: float = 120.0) -> DistInf
             store=_rendezvous_store(rank, timedelta(seconds=timeout_s)),
         )
     return DistInfo(rank, world, local_rank, local_world, backend, device)
+
+
+def rank_device(backend: str, local_rank: int) -> torch.device:
+    """The device a rank computes on: ``cuda:LOCAL_RANK`` under NCCL (made the current
+    device), the CPU under gloo."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 def _rendezvous_store(rank: int, timeout: timedelta) -> dist.Store | None:

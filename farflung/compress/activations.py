@@ -12,6 +12,8 @@ Modes of :class:`BoundaryCodec` and their payloads (1-D ``uint8``, exact wire si
 
 * ``none``: the raw float32 bytes.
 * ``fp16``: the float16 bytes (values beyond 65504 become inf).
+* ``bf16``: the bfloat16 bytes (fp32's range, 8 bits of mantissa): what a bf16 run
+  computes in, sent as it is.
 * ``quantize``: ``Q(x)`` -- ``x`` transposed to ``[B, d, T]`` and handed to
   :class:`~farflung.compress.quantize.QuantizeValues` with ``bucket = T``, so each
   (sample, channel) gets its own fp16 max-abs scale: ``B*d`` fp16 scales, then the
@@ -46,7 +48,7 @@ from farflung.compress.codec import CodecContext, CodecError
 from farflung.compress.quantize import ROUNDINGS, QuantizeValues
 from farflung.compress.values import as_bytes, bytes_as
 
-MODES = ("none", "fp16", "quantize", "aqsgd")
+MODES = ("none", "fp16", "bf16", "quantize", "aqsgd")
 _FP16_MAX = 65504.0
 
 Shape3 = tuple[int, int, int]
@@ -240,7 +242,7 @@ class BoundaryCodec:
         b, t, d = _check_shape(shape)
         if self.mode == "none":
             return 4 * b * t * d
-        if self.mode == "fp16":
+        if self.mode in ("fp16", "bf16"):
             return 2 * b * t * d
         if self.mode == "quantize":
             return self._block_nbytes(b, t, d)
@@ -273,6 +275,8 @@ class BoundaryCodec:
             return as_bytes(x.clone())
         if self.mode == "fp16":
             return as_bytes(x.half())
+        if self.mode == "bf16":
+            return as_bytes(x.bfloat16())
         if self.mode == "quantize":
             return self._pack_block(x, ctx)
         return self._encode_aqsgd(x, ids, fresh, ctx)
@@ -324,6 +328,8 @@ class BoundaryCodec:
             return bytes_as(payload, torch.float32).clone().view(shape)
         if self.mode == "fp16":
             return bytes_as(payload, torch.float16).float().view(shape)
+        if self.mode == "bf16":
+            return bytes_as(payload, torch.bfloat16).float().view(shape)
         if self.mode == "quantize":
             return self._unpack_block(payload, shape)
         return self._decode_aqsgd(payload, shape, ids, fresh_np)

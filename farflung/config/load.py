@@ -105,6 +105,12 @@ def validate(cfg: Config, choices: Mapping[str, Iterable[str]] | None = None) ->
             "elastic.enabled = true works with data parallelism only; allowed: "
             "pipeline.stages = 1 (or elastic.enabled = false)"
         )
+    if cfg.train.precision == "fp16" and cfg.parallel.algorithm == "compressed":
+        raise ConfigError(
+            "train.precision = 'fp16' does not work with parallel.algorithm = 'compressed' "
+            "yet (its codecs cannot carry an overflow to every rank); allowed: bf16 or "
+            "fp32 with it, or fp16 with allreduce, cocktail, diloco or gossip"
+        )
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty; allowed: 'bundled' and/or file paths")
     _validate_pipeline(cfg)
@@ -273,6 +279,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # a choice such as optim.fused = true
+            return "true" if value else "false"
         raise ConfigError(f"{key} = {value!r} must be a string")
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
 

@@ -149,8 +149,13 @@ class OptimConfig:
     """AdamW second-moment decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: str = "auto"
+    """torch's AdamW implementation: ``true`` the fused kernel (one kernel for every
+    parameter; CUDA and CPU), ``false`` the per-parameter loop, ``auto`` fused on a CUDA
+    device and torch's own default (foreach) elsewhere. All three compute the same
+    update up to rounding; a TOML boolean is taken as its name."""
 
-    CHOICES = {}
+    CHOICES = {"fused": ("auto", "true", "false")}
     BOUNDS = {
         "lr": (0.0, None),
         "min_lr": (0.0, None),
@@ -200,7 +205,14 @@ class TrainConfig:
     """With ``on_nonfinite = "skip"``: stop anyway after this many steps in a row with
     non-finite numbers (the run has diverged; lower the learning rate)."""
 
-    CHOICES = {"on_nonfinite": ("skip", "stop")}
+    precision: str = "auto"
+    """What the forward and backward compute in: ``fp32``; ``bf16`` or ``fp16``
+    (``torch.autocast``: weights, gradients and optimizer state stay fp32 masters;
+    fp16 adds a dynamic loss scale, and an overflowing step lowers the scale and is
+    skipped on every rank alike without counting as non-finite); ``auto`` is bf16 on a
+    CUDA device that supports it and fp32 elsewhere. May change at ``--resume``."""
+
+    CHOICES = {"on_nonfinite": ("skip", "stop"), "precision": ("auto", "fp32", "bf16", "fp16")}
     BOUNDS = {
         "steps": (1, None),
         "batch_size": (1, None),

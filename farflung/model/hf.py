@@ -172,14 +172,22 @@ def _llama_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-def hf_config(cfg: ModelConfig, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""What an export may store its weights as, by ``--dtype`` name."""
+
+
+def hf_config(
+    cfg: ModelConfig, bos_id: int | None, eos_id: int | None, dtype: str = "fp32"
+) -> dict[str, Any]:
     """The ``config.json`` of ``cfg`` for transformers' ``from_pretrained``."""
+    name = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
     common = {
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
-        "dtype": "float32",
+        "dtype": name,
+        "torch_dtype": name,  # what transformers before 4.56 reads
     }
     if cfg.arch == "llama":
         return {
@@ -330,14 +338,19 @@ def save(
     out: str | Path,
     bos_id: int | None = None,
     eos_id: int | None = None,
+    dtype: str = "fp32",
 ) -> None:
-    """Write ``config.json`` and ``model.safetensors`` for transformers' from_pretrained."""
+    """Write ``config.json`` and ``model.safetensors`` for transformers' from_pretrained,
+    the weights as ``dtype`` (``fp32``, ``bf16`` or ``fp16``: rounded to nearest)."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}; allowed: {', '.join(EXPORT_DTYPES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    tensors = {theirs: _stored(state[ours], t) for ours, theirs, t in name_map(cfg)}
+    as_dtype = EXPORT_DTYPES[dtype]
+    tensors = {theirs: _stored(state[ours], t).to(as_dtype) for ours, theirs, t in name_map(cfg)}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = hf_config(cfg, bos_id, eos_id)
+    config = hf_config(cfg, bos_id, eos_id, dtype)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -17,6 +17,8 @@ class AllReduce(DataParallel):
     element per rank, set by that rank when its loss or gradients were not finite: the
     sum tells every rank the same thing, and who."""
 
+    averages_gradients = True
+
     def setup(self) -> None:
         super().setup()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -43,7 +45,8 @@ class AllReduce(DataParallel):
                 else:
                     dst.copy_(p.grad.reshape(-1))
                 offset += k
-            finite = finite and bool(torch.isfinite(flat[:offset]).all())
+            if not self.tolerate_overflow:
+                finite = finite and bool(torch.isfinite(flat[:offset]).all())
             if i == len(self.buckets) - 1:
                 flags = flat[offset:]
                 flags.zero_()

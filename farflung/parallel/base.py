@@ -121,10 +121,19 @@ class DataParallel:
     """False when ranks hold different model weights between syncs (local-step
     methods); checkpoints then keep every rank's weights."""
 
+    averages_gradients: ClassVar[bool] = False
+    """True when ``sync_gradients`` leaves every rank the same averaged gradients (the
+    optimizer then takes the same step everywhere); False for local-step methods."""
+
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm, cfg: ParallelConfig
     ) -> None:
         self.model, self.optimizer, self.comm, self.cfg = model, optimizer, comm, cfg
+        # set by a loss-scaled (fp16) loop: a gradient-averaging algorithm averages
+        # non-finite gradients from a finite loss as they are, so that every rank finds
+        # the overflow in the same average and skips alike; a non-finite loss still
+        # raises NonFiniteStep
+        self.tolerate_overflow = False
         self.steps_taken = 0  # counted by step(), for users' own loops
         self.skipped_since_sync = False
 

@@ -22,6 +22,7 @@ class Compressed(DataParallel):
     The first ``parallel.warmup_steps`` steps use a plain fp32 all-reduce."""
 
     default_codec = "quantize:bits=4"
+    averages_gradients = True
 
     def setup(self) -> None:
         super().setup()

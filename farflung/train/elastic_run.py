@@ -204,6 +204,8 @@ class RunLog:
             "params": first.get("params"),
             "backend": "gloo",
             "network": self.network,
+            "precision": first.get("precision"),
+            "peak_bytes_per_rank": [_peak(done[i].get("summary", {})) for i in sorted(done)],
             "elastic": {
                 "membership_changes": sum(e["event"] in ("left", "joined") for e in events),
                 "refused": sum(e["event"] == "refused" for e in events),
@@ -534,3 +536,9 @@ class _LocalWorkers:
         """End the live workers (SIGTERM, then SIGKILL after a grace)."""
         self.starter.close()
         stop_processes(list(self.procs.values()))
+
+
+def _peak(summary: Any) -> int:
+    """A member's reported peak memory (0 when it sent none or nonsense)."""
+    v = summary.get("peak_bytes") if isinstance(summary, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0

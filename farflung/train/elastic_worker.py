@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -43,12 +44,14 @@ import torch.distributed as dist
 
 from farflung.comm import Comm, DistInfo
 from farflung.comm.collectives import pinned_epoch
+from farflung.comm.dist import rank_device
 from farflung.comm.errors import PeerLostError, Reconfigure, is_comm_failure
 from farflung.config import Config
 from farflung.membership.member import Member
 from farflung.membership.state_transfer import Fetched, fetch_state
 from farflung.parallel import NonFiniteStep, make_algorithm
 from farflung.train import checkpoint as ckpt
+from farflung.train.kernels import load_optimizer, peak_bytes
 from farflung.train.loop import Worker
 
 
@@ -136,7 +139,8 @@ def join_group(
         timeout=timedelta(seconds=3 * member.heartbeat_s),
     )
     dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
-    return DistInfo(rank, len(members), 0, 1, backend, torch.device("cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistInfo(rank, len(members), 0, 1, backend, rank_device(backend, local_rank))
 
 
 STATE_CAP_FACTOR = 16
@@ -354,6 +358,7 @@ class ElasticWorker(Worker):
                 "algorithm": algorithm,
                 "totals": self.totals,
                 "group_size": self.dp,
+                "scaler": self.scaler.state_dict(),
             }
         )
 
@@ -363,7 +368,8 @@ class ElasticWorker(Worker):
         # add to them
         self.optimizer.zero_grad(set_to_none=True)
         self.model.load_state_dict(snap["model"])
-        self.optimizer.load_state_dict(snap["optimizer"])
+        load_optimizer(self.optimizer, snap["optimizer"])
+        self.scaler.load_state_dict(snap.get("scaler"))
         self.algo.load_elastic_state(snap["algorithm"], snap["group_size"] == self.dp)
         self.step = snap["step"]
         self.totals = snap["totals"]
@@ -496,7 +502,13 @@ class ElasticWorker(Worker):
         if self.is_main:
             self.save()
         self.totals["elapsed_s"] = time.perf_counter() - self.t_start
-        summary = {"final_val_loss": val, "params": self.params, "wall_s": self.totals["elapsed_s"]}
+        summary = {
+            "final_val_loss": val,
+            "params": self.params,
+            "wall_s": self.totals["elapsed_s"],
+            "precision": self.precision,
+            "peak_bytes": peak_bytes(self.info.device),
+        }
         self.member.done(self.gen["gen"], {"summary": summary})
         self.member.wait_committed(10**18, self.epoch, until=lambda: self.member.finished)
         return summary

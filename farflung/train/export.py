@@ -37,9 +37,9 @@ MODEL_FILES = (
 that an export replaces; a stale one would be read with the new model."""
 
 
-def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Write the newest valid checkpoint of ``run`` (or that checkpoint) to ``out``;
-    returns the checkpoint used."""
+def export_hf(run: str | Path, out: str | Path, force: bool = False, dtype: str = "fp32") -> Path:
+    """Write the newest valid checkpoint of ``run`` (or that checkpoint) to ``out``, its
+    weights as ``dtype`` (``fp32``, ``bf16``, ``fp16``); returns the checkpoint used."""
     found = ckpt.newest(Path(run))
     out = Path(out)
     old = old_model_files(out)
@@ -60,7 +60,7 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
     tok = Tokenizer.load(found / TOKENIZER_FILE)
     for path in old:  # only now: a failed export above leaves the old model whole
         path.unlink()
-    hf.save(model, cfg, out, bos_id=tok.eot_id, eos_id=tok.eot_id)
+    hf.save(model, cfg, out, bos_id=tok.eot_id, eos_id=tok.eot_id, dtype=dtype)
     for name in (TOKENIZER_FILE, *ckpt.OPTIONAL_FILES):  # an imported one's own settings
         if (found / name).is_file():
             shutil.copyfile(found / name, out / name)

@@ -9,7 +9,9 @@ pipeline worker, the worker id of an elastic one) does ``ACTION`` to itself at s
   crash would); ``LINKDOWN`` (its network interface goes down, in the network lab)
   or ``LINKFLAP<seconds>`` (down, and up again that much later); ``SLEEP<seconds>``
   (a slow step: a straggler, not a fault);
-- in the step: ``NAN`` (its loss, and so its gradients, are NaN);
+- in the step: ``NAN`` (its loss, and so its gradients, are NaN); ``HUGE`` (its loss
+  is multiplied by :data:`HUGE_FACTOR`: finite, but under fp16 its scaled gradients
+  overflow, a loss-scale event rather than a fault);
 - as the step's update ends: ``CORRUPT`` (one number of the state the algorithm keeps
   equal on every member silently changes, :func:`corrupt`: a memory error no
   collective notices; the elastic coordinator evicts the member whose hash differs).
@@ -30,7 +32,13 @@ FAULTS_ENV = "FARFLUNG_FAULTS"
 EXIT_CODE = 17
 """What ``EXIT`` exits with (neither a farflung exit code nor a signal's)."""
 
-_ACTION = re.compile(r"SIG[A-Z]+|EXIT|NAN|CORRUPT|LINKDOWN|(LINKFLAP|SLEEP)\d+(\.\d+)?")
+HUGE_FACTOR = 1e10
+"""What ``HUGE`` multiplies the loss by."""
+
+IN_STEP = {"NAN": float("nan"), "HUGE": HUGE_FACTOR}
+"""The in-step actions and what each multiplies the loss by."""
+
+_ACTION = re.compile(r"SIG[A-Z]+|EXIT|NAN|HUGE|CORRUPT|LINKDOWN|(LINKFLAP|SLEEP)\d+(\.\d+)?")
 
 
 class Faults:
@@ -53,8 +61,16 @@ class Faults:
 def at_start(actions: list[str]) -> None:
     """Do what is due as the step starts."""
     for action in actions:
-        if action not in ("NAN", "CORRUPT"):
+        if action not in (*IN_STEP, "CORRUPT"):
             inject(action)
+
+
+def loss_factor(actions: list[str]) -> float:
+    """What this step's loss is multiplied by (1.0: no in-step fault)."""
+    factor = 1.0
+    for action in actions:
+        factor *= IN_STEP.get(action, 1.0)
+    return factor
 
 
 def after_update(actions: list[str], algo: Any) -> None:
@@ -73,7 +89,7 @@ def parse_faults(spec: str, who: int | None) -> dict[int, list[str]]:
         if not well_formed or not _ACTION.fullmatch(parts[2]):
             raise ValueError(
                 f"{FAULTS_ENV}: {item!r} is not WHO:STEP:ACTION (ACTION: SIGKILL, SIGSTOP, "
-                "EXIT, NAN, CORRUPT, LINKDOWN, LINKFLAP<s>, SLEEP<s>)"
+                "EXIT, NAN, HUGE, CORRUPT, LINKDOWN, LINKFLAP<s>, SLEEP<s>)"
             )
         if int(parts[0]) == who:
             faults.setdefault(int(parts[1]), []).append(parts[2])

@@ -31,9 +31,12 @@ from farflung.config import (
 from farflung.data import SampleSet, ShardIndex, TokenStream, batch_ids, rank_slice, val_batch_ids
 from farflung.model import GPT, param_groups
 from farflung.parallel import NonFiniteStep, make_algorithm
+from farflung.parallel.flat import grads_finite
 from farflung.train import checkpoint as ckpt
 from farflung.train import faults, init
+from farflung.train.kernels import load_optimizer, make_optimizer, peak_bytes
 from farflung.train.metrics import StepRecord, aggregate, local_row, truncate_jsonl
+from farflung.train.precision import LossScaler, autocast, resolve_precision
 from farflung.train.progress import Progress
 from farflung.train.telemetry import Telemetry
 
@@ -97,12 +100,14 @@ class Worker:
         # before any algorithm builds groups of its own: a world group is entered by
         # every rank in the same order
         self.telemetry_group = self._telemetry_group()
+        # the forward and backward's dtype; weights and optimizer state stay fp32
+        self.precision = resolve_precision(cfg.train.precision, info.device)
+        self.compute = autocast(self.precision, info.device)
+        self.scaler = LossScaler(self.precision == "fp16")
         torch.manual_seed(cfg.train.seed)
         self.model = self._build_model()
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2)
-        )
+        self.optimizer = make_optimizer(param_groups(self.model, o.weight_decay), o, info.device)
         self.algo = make_algorithm(
             cfg.parallel.algorithm, self.model, self.optimizer, self._dp_comm(), cfg.parallel
         )
@@ -118,6 +123,7 @@ class Worker:
             "bytes_recv": 0,
         }
         self.last_val: float | None = None
+        self.peaks: list[int] = []  # every rank's peak memory, gathered at the end
         self.faults = faults.Faults.from_env(self._fault_id())
         self.nccl = info.backend == "nccl"
         self.nonfinite_streak = 0
@@ -179,7 +185,15 @@ class Worker:
         self.evaluate()
         self.save()
         self.totals["elapsed_s"] = time.perf_counter() - self.t_start
+        self.peaks = self._gather_peaks()
         return self.summary(self.step - steps_before)
+
+    def _gather_peaks(self) -> list[int]:
+        """Every rank's peak memory so far, in rank order (a collective)."""
+        mine = peak_bytes(self.info.device)
+        if self.telemetry_group is None:
+            return [mine]
+        return [int(v) for v in all_gather_json(mine, self.telemetry_group)]
 
     def train_steps(self) -> None:
         """Train up to ``train.steps``, evaluating on the way (every worker kind)."""
@@ -217,7 +231,7 @@ class Worker:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         ids = self.step_ids(self.step)
-        loss = self.forward_backward(ids, poison="NAN" in actions)
+        loss = self.forward_backward(ids, poison=faults.loss_factor(actions))
         self.step = t
         skipped = self.update(math.isfinite(loss))
         faults.after_update(actions, self.algo)
@@ -247,9 +261,10 @@ class Worker:
             self.algo.quiesce()  # see DataParallel.quiesce
         self.telemetry.add(row)
 
-    def forward_backward(self, ids: np.ndarray, poison: bool = False) -> float:
+    def forward_backward(self, ids: np.ndarray, poison: float = 1.0) -> float:
         """Forward and backward over sample ``ids`` (this replica's share of the step's
-        global batch) in micro-batches; ``poison``: a NaN loss (fault injection).
+        global batch) in micro-batches; ``poison``: what the loss is multiplied by
+        (fault injection: NaN, or a huge factor).
         Gradients are weighted so that the replicas' average is the global batch's
         mean whatever the shares' sizes; returns the loss weighted alike (the replicas'
         average of it is the global batch's mean loss)."""
@@ -260,16 +275,17 @@ class Worker:
         loss_sum = 0.0
         for i, part in enumerate(parts):
             x, y = self.train_set.batch(part)
-            _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
-            if poison:
-                loss = loss * float("nan")  # poisons the gradients too
+            with self.compute():
+                _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
+            if poison != 1.0:  # NaN != 1.0 too
+                loss = loss * poison  # poisons the gradients too
             if weights is None:
                 # a divisor: with even shares it is the accumulation count exactly
                 div = b / (len(part) * self.dp)
-                (loss / div).backward()
+                self.scaler.scale(loss / div).backward()
                 loss_sum += loss.item() / div
             else:
-                (loss * weights[i]).backward()
+                self.scaler.scale(loss * weights[i]).backward()
                 loss_sum += loss.item() * weights[i]
         return loss_sum
 
@@ -290,14 +306,17 @@ class Worker:
 
     def update(self, finite: bool) -> bool:
         """Sync, clip, step. Returns True when this rank did not apply the step."""
-        skipped = None
+        skipped, overflow = None, False
+        self.scaler.unscale(self.model.parameters())
         try:
-            self.algo.sync_gradients(finite)
-            if self.cfg.optim.grad_clip > 0:
-                self._clip(self.cfg.optim.grad_clip)
-            self.optimizer.step()
+            overflow = self._sync_gradients(finite)
+            if not overflow:
+                if self.cfg.optim.grad_clip > 0:
+                    self._clip(self.cfg.optim.grad_clip)
+                self.optimizer.step()
         except NonFiniteStep as e:
             skipped = e  # no update from this step: nothing non-finite reaches the weights
+        self.scaler.update(overflow)
         self.optimizer.zero_grad(set_to_none=True)
         reported = None
         try:
@@ -309,7 +328,25 @@ class Worker:
                 self._nonfinite(e)
         if skipped is None and reported is None:
             self.nonfinite_streak = 0
-        return skipped is not None
+        return skipped is not None or overflow
+
+    def _sync_gradients(self, finite: bool) -> bool:
+        """The algorithm's gradient sync; True when an fp16 step overflowed instead
+        (its gradients are not finite, its loss is): a loss-scale event, not a fault.
+        A gradient-averaging algorithm carries the overflow in the average, so every
+        rank finds it in the same numbers and skips alike; a local-step method skips
+        this rank's own step. Once the scale is down to 1 an overflow is a fault."""
+        self.algo.tolerate_overflow = self.scaler.may_skip
+        if not self.scaler.may_skip:
+            self.algo.sync_gradients(finite)
+            return False
+        if self.algo.averages_gradients:
+            self.algo.sync_gradients(finite)
+            return not grads_finite(self.model)
+        if finite and not grads_finite(self.model):
+            return True
+        self.algo.sync_gradients(finite)
+        return False
 
     def _clip(self, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -374,7 +411,8 @@ class Worker:
             model.eval()
             for i in range(self.cfg.train.eval_batches):
                 ids = self.share(val_batch_ids(i, b, len(self.val_set)))
-                total += self._eval_loss_sum(model, ids)
+                with self.compute():
+                    total += self._eval_loss_sum(model, ids)
             model.train()
         self.comm.all_reduce(total, kind="ctrl")
         self.last_val = total.item() / self._eval_targets(b)
@@ -484,6 +522,7 @@ class Worker:
             "algorithm": self.algo.state_dict(),
             "rng": torch.get_rng_state(),
             "totals": dict(self.totals),
+            "scaler": self.scaler.state_dict(),
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -506,7 +545,8 @@ class Worker:
         self._check_resumable(path)
         state = ckpt.load_rank_state(path, self.info.rank)
         self._load_model(path, state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(self.optimizer, state["optimizer"])
+        self.scaler.load_state_dict(state.get("scaler"))
         self.algo.load_state_dict(state["algorithm"])
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -602,6 +642,9 @@ class Worker:
             "params": self.params,
             "backend": self.info.backend,
             "network": os.environ.get("FARFLUNG_NETWORK", "unshaped"),
+            "precision": self.precision,
+            "loss_scale": self.scaler.state_dict() if self.scaler.enabled else None,
+            "peak_bytes_per_rank": self.peaks,
         }
         summary.update(self._summary_extra())
         if self.is_main:

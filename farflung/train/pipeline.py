@@ -96,14 +96,22 @@ class PipelineWorker(Worker):
             shape,
             self.info.device,
             seed=self.cfg.train.seed,
+            compute=self.compute,
         )
 
     def _links(self, offset: int) -> tuple[Comm, Comm]:
         """Comms for activations and for gradients across one boundary."""
         return tuple(Comm(self.mesh.links[(offset, d)], self.comm.meter) for d in ("fwd", "bwd"))
 
+    def _raw_mode(self) -> str:
+        """``pipeline.compression = "none"``'s codec: the bytes of the compute dtype
+        (fp32, or bf16/fp16 under mixed precision)."""
+        return {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}[self.precision]
+
     def _fwd_codec(self, side: str, peer: int) -> BoundaryCodec:
         p = self.cfg.pipeline
+        if p.compression == "none":
+            return BoundaryCodec(self._raw_mode())
         if p.compression != "aqsgd":
             return BoundaryCodec(p.compression, bits=p.fwd_bits)
         name = f"rank{self.info.rank}-{side}-rank{peer}"
@@ -115,18 +123,21 @@ class PipelineWorker(Worker):
 
     def _bwd_codec(self) -> BoundaryCodec:
         p = self.cfg.pipeline
-        if p.compression in ("none", "fp16"):
+        if p.compression == "none":
+            return BoundaryCodec(self._raw_mode())
+        if p.compression == "fp16":
             return BoundaryCodec(p.compression)
         return BoundaryCodec("quantize", bits=p.bwd_bits, rounding=p.bwd_rounding)
 
     # -- a step ------------------------------------------------------------------------
-    def forward_backward(self, ids: np.ndarray, poison: bool = False) -> float:
+    def forward_backward(self, ids: np.ndarray, poison: float = 1.0) -> float:
         """The stage's schedule over this replica's share ``ids``."""
         mbs = self._micro_batches(self.train_set, ids)
         weights = self.token_weights([mb.ids for mb in mbs])
         if weights is not None:
             for mb, w in zip(mbs, weights, strict=True):
                 mb.scale = mb.share = w
+        self.runner.loss_scale = self.scaler.factor
         loss = self.runner.train_step(mbs, self.step, poison=poison)
         self._sum_tied_gradients()
         self.peak_live = max(self.peak_live, self.runner.stats.peak_live)
@@ -168,12 +179,24 @@ class PipelineWorker(Worker):
     def update(self, finite: bool) -> bool:
         """A stage alone may see non-finite numbers (a NaN in its own backward): the
         whole pipeline replica then skips together, so that the stages' later
-        collectives (the clipping norm) match and the replica stays one model."""
-        bad = torch.tensor(
-            [0.0 if finite and grads_finite(self.model) else 1.0], device=self.info.device
-        )
-        self.pipe_comm.all_reduce(bad, kind="ctrl")
-        return super().update(bad.item() == 0)
+        collectives (the clipping norm) match and the replica stays one model.
+
+        Under fp16 the verdict has two counts, faults and overflows (non-finite
+        gradients from finite losses): an overflow anywhere in the replica makes every
+        stage's gradients non-finite, so that each stage's data-parallel sync and the
+        loss scale decide as they do for one process (:meth:`Worker.update`)."""
+        grads_ok = grads_finite(self.model)
+        if self.scaler.may_skip:
+            verdict = [float(not finite), float(finite and not grads_ok)]
+        else:
+            verdict = [float(not (finite and grads_ok))]
+        counts = torch.tensor(verdict, device=self.info.device)
+        self.pipe_comm.all_reduce(counts, kind="ctrl")
+        faults, *overflows = counts.tolist()
+        if overflows and overflows[0] and not faults:
+            first = next(p.grad for p in self.model.parameters() if p.grad is not None)
+            first.view(-1)[0] = float("inf")
+        return super().update(faults == 0)
 
     def _clip(self, max_norm: float) -> None:
         """Clip by the whole model's gradient norm: the stages' squared norms summed
@@ -193,7 +216,8 @@ class PipelineWorker(Worker):
 
     # -- evaluation ------------------------------------------------------------------
     def _eval_loss_sum(self, model: torch.nn.Module, ids: np.ndarray) -> float:
-        codec = BoundaryCodec("none" if self.cfg.pipeline.compression == "none" else "fp16")
+        raw = self.cfg.pipeline.compression == "none"
+        codec = BoundaryCodec(self._raw_mode() if raw else "fp16")
         mbs = self._micro_batches(self.val_set, ids)
         if self.val_set.has_mask:
             for mb in mbs:

@@ -62,12 +62,20 @@ def summary_table(summaries: dict[str, dict[str, Any]]) -> Table:
         ("final val loss", lambda s: f"{s['final_val_loss']:.4f}"),
         ("tokens/s", lambda s: f"{s['tokens_per_s']:,.0f}"),
         ("wall time", lambda s: f"{s['wall_s']:.1f} s"),
+        ("precision", lambda s: s.get("precision", "fp32")),
+        ("peak memory / rank", _peak),
         ("sent (all ranks)", lambda s: human_bytes(s["bytes_sent_total"])),
         ("sent / step / rank", lambda s: human_bytes(s["bytes_sent_per_step_per_rank"])),
     ]
     for label, fmt in rows:
         table.add_row(label, *(fmt(s) for s in summaries.values()))
     return table
+
+
+def _peak(s: dict[str, Any]) -> str:
+    """The largest rank's peak memory (``-`` when the run did not record it)."""
+    peaks = s.get("peak_bytes_per_rank") or []
+    return human_bytes(max(peaks)) if peaks else "-"
 
 
 def _pipeline(s: dict[str, Any]) -> str:

@@ -22,9 +22,11 @@ step number, so the last stage reads the targets of the same samples itself.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,7 +100,7 @@ class _Step:
     step: int
     fresh_in: list
     fresh_out: list
-    poison: bool
+    poison: float
     posted: dict = field(default_factory=dict)
     saved: dict = field(default_factory=dict)
     sends: list = field(default_factory=list)
@@ -124,10 +126,13 @@ class StageRunner:
         shape: tuple[int, int, int],
         device: torch.device,
         seed: int = 0,
+        compute: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.module, self.comm, self.stage, self.stages = module, comm, stage, stages
         self.prev, self.next, self.schedule = prev, next, schedule
         self.shape, self.device, self.seed = shape, device, seed
+        self.compute = compute  # the context each forward runs in (autocast)
+        self.loss_scale = 1.0  # what the last stage multiplies its losses by (fp16)
         self.stats = StepStats()
 
     @property
@@ -139,11 +144,11 @@ class StageRunner:
         return self.next is None
 
     # -- training ------------------------------------------------------------------
-    def train_step(self, mbs: Sequence[MicroBatch], step: int, poison: bool = False) -> float:
+    def train_step(self, mbs: Sequence[MicroBatch], step: int, poison: float = 1.0) -> float:
         """Forward and backward of every micro-batch; gradients accumulate in the
         module (each micro-batch's loss weighted 1/M). Returns the mean loss on the
-        last stage, 0.0 elsewhere. ``poison`` (fault injection) makes this stage's
-        outputs NaN."""
+        last stage, 0.0 elsewhere. ``poison`` (fault injection) multiplies this stage's
+        outputs (the loss on the last stage) by it: NaN, or a huge factor."""
         actions = make_schedule(self.schedule, self.stage, self.stages, len(mbs))
         st = _Step(
             mbs,
@@ -170,8 +175,8 @@ class StageRunner:
 
     def _forward_action(self, st: _Step, mb: int) -> None:
         inp, out = self._forward(st.mbs[mb], st.posted.pop(("F", mb), None), st.fresh_in[mb])
-        if st.poison:
-            out = out * float("nan")
+        if st.poison != 1.0:  # NaN != 1.0 too
+            out = out * st.poison
         st.saved[mb] = (inp, out)
         if not self.is_last:
             payload = self._encode(self.next.send, out, st.mbs[mb], st.fresh_out[mb])
@@ -229,14 +234,16 @@ class StageRunner:
             inp = self.prev.recv.decode(buf, self.shape, mb.ids, fresh).to(self.device)
             self.comm.meter.add_work("codec", time.perf_counter() - t0)
             x = inp.requires_grad_(True)
-        if self.is_last:
-            _, loss = self.module(x, mb.y.to(self.device))
-            return inp, loss
-        return inp, self.module(x)
+        with self.compute():
+            if self.is_last:
+                _, loss = self.module(x, mb.y.to(self.device))
+                return inp, loss
+            return inp, self.module(x)
 
     def _backward(self, out: Tensor, got, mb: MicroBatch, micro_batches: int) -> None:
         if self.is_last:
-            (out / micro_batches if mb.scale is None else out * mb.scale).backward()
+            loss = out / micro_batches if mb.scale is None else out * mb.scale
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
             return
         handle, buf = got
         self._wait(handle, "receiving from")
