@@ -1,11 +1,14 @@
 """Benchmark farflung's codecs on one core.
 
 For each codec on a float32 tensor of normal values: compression ratio against fp32,
-bits per element, encode+decode throughput in MB/s of fp32 input (median of a few
-repetitions) and relative error ||x - x_hat|| / ||x||. A table goes to stderr and one
-JSON line to stdout::
+bits per element, encode+decode throughput in MB/s (and GB/s) of fp32 input (median of
+a few repetitions), relative error ||x - x_hat|| / ||x||, and the throughput's ratio to
+a same-size ``copy_`` on the same device and threads, timed the same way in the same
+run (``copy_ratio``): the memory-bandwidth limit a codec that reads its input once
+would meet. A table goes to stderr and one JSON line to stdout::
 
-    python benchmarks/codecs.py [--numel 10000000] [--reps 5] [--threads 1] [--device cuda]
+    python benchmarks/codecs.py [--numel 10000000[,100000000]] [--reps 5] [--threads 1]
+                                [--device cuda]
 
 ``--device cuda`` runs the same codecs on a GPU (timings synchronise the device).
 """
@@ -41,6 +44,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def copy_seconds(x: torch.Tensor, reps: int) -> float:
+    """Median time of ``reps`` ``copy_`` of ``x`` into a same-size buffer (one warm-up)."""
+    dst = torch.empty_like(x)
+    times = []
+    for step in range(reps + 1):
+        _sync(x.device)
+        start = time.perf_counter()
+        dst.copy_(x)
+        _sync(x.device)
+        if step:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure(spec: str, x: torch.Tensor, reps: int) -> dict[str, float | str]:
     """Time ``reps`` encode+decode round trips (after one warm-up) of ``x``."""
     codec = make_codec(spec)
@@ -57,51 +74,72 @@ def measure(spec: str, x: torch.Tensor, reps: int) -> dict[str, float | str]:
         if step:
             times.append(elapsed)
     nbytes = payload.numel()
+    seconds = statistics.median(times)
     return {
         "codec": codec.spec,
+        "numel": n,
         "ratio": round(4 * n / nbytes, 3),
         "bits_per_elem": round(8 * nbytes / n, 4),
-        "mb_per_s": round(4 * n / 1e6 / statistics.median(times), 1),
+        "mb_per_s": round(4 * n / 1e6 / seconds, 1),
+        "gb_per_s": round(4 * n / 1e9 / seconds, 4),
+        "seconds": seconds,
         "rel_error": round(float((x - decoded).norm() / x.norm()), 5),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--numel", type=int, default=10_000_000)
+    parser.add_argument(
+        "--numel", default="10000000", help="elements, or several comma-separated sizes"
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)).to(args.device)
-    results = [measure(spec, x, args.reps) for spec in SPECS]
-
-    print(
-        f"codecs on {args.numel:,} float32 values on {args.device}, {args.threads} thread(s), "
-        f"median of {args.reps}",
-        file=sys.stderr,
-    )
-    print(f"{'codec':<72} {'ratio':>8} {'bits/el':>8} {'MB/s':>8} {'rel err':>8}", file=sys.stderr)
-    for r in results:
-        print(
-            f"{r['codec']:<72} {r['ratio']:>8.1f} {r['bits_per_elem']:>8.3f} "
-            f"{r['mb_per_s']:>8.0f} {r['rel_error']:>8.4f}",
-            file=sys.stderr,
-        )
+    sizes = [int(v) for v in args.numel.split(",")]
+    results, copies = [], {}
+    for n in sizes:
+        x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(args.device)
+        copy_s = copy_seconds(x, args.reps)
+        copies[str(n)] = {"seconds": copy_s, "gb_per_s": round(4 * n / 1e9 / copy_s, 3)}
+        for spec in SPECS:
+            r = measure(spec, x, args.reps)
+            r["copy_ratio"] = round(copy_s / r["seconds"], 5)
+            results.append(r)
+        del x
+    _table(results, copies, args)
     print(
         json.dumps(
             {
                 "benchmark": "codecs",
-                "numel": args.numel,
+                "numel": sizes[0] if len(sizes) == 1 else sizes,
                 "device": args.device,
                 "threads": args.threads,
+                "reps": args.reps,
+                "copy": copies,
                 "results": results,
             }
         )
     )
     return 0
+
+
+def _table(results: list[dict], copies: dict[str, dict], args: argparse.Namespace) -> None:
+    print(
+        f"codecs on {args.device}, {args.threads} thread(s), median of {args.reps}; "
+        + ", ".join(f"copy_ of {int(n):,}: {c['gb_per_s']} GB/s" for n, c in copies.items()),
+        file=sys.stderr,
+    )
+    head = f"{'codec':<64} {'numel':>11} {'ratio':>7} {'bits/el':>8} {'MB/s':>7} {'x copy':>7}"
+    print(head + f" {'rel err':>8}", file=sys.stderr)
+    for r in results:
+        print(
+            f"{r['codec']:<64} {r['numel']:>11,} {r['ratio']:>7.1f} {r['bits_per_elem']:>8.3f} "
+            f"{r['mb_per_s']:>7.0f} {r['copy_ratio']:>7.4f} {r['rel_error']:>8.4f}",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":
