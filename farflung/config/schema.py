@@ -205,6 +205,11 @@ class TrainConfig:
     """With ``on_nonfinite = "skip"``: stop anyway after this many steps in a row with
     non-finite numbers (the run has diverged; lower the learning rate)."""
 
+    compile: bool = False
+    """``torch.compile`` each worker's model (or pipeline stage) forward, and so its
+    backward. A model or platform that cannot compile says so once and runs
+    uncompiled. The first steps pay for compiling (seconds to minutes). May change at
+    ``--resume``."""
     precision: str = "auto"
     """What the forward and backward compute in: ``fp32``; ``bf16`` or ``fp16``
     (``torch.autocast``: weights, gradients and optimizer state stay fp32 masters;

@@ -34,7 +34,13 @@ from farflung.parallel import NonFiniteStep, make_algorithm
 from farflung.parallel.flat import grads_finite
 from farflung.train import checkpoint as ckpt
 from farflung.train import faults, init
-from farflung.train.kernels import load_optimizer, make_optimizer, peak_bytes
+from farflung.train.kernels import (
+    compile_model,
+    load_optimizer,
+    make_optimizer,
+    peak_bytes,
+    to_device,
+)
 from farflung.train.metrics import StepRecord, aggregate, local_row, truncate_jsonl
 from farflung.train.precision import LossScaler, autocast, resolve_precision
 from farflung.train.progress import Progress
@@ -106,6 +112,8 @@ class Worker:
         self.scaler = LossScaler(self.precision == "fp16")
         torch.manual_seed(cfg.train.seed)
         self.model = self._build_model()
+        if cfg.train.compile:
+            compile_model(self.model)
         o = cfg.optim
         self.optimizer = make_optimizer(param_groups(self.model, o.weight_decay), o, info.device)
         self.algo = make_algorithm(
@@ -276,7 +284,7 @@ class Worker:
         for i, part in enumerate(parts):
             x, y = self.train_set.batch(part)
             with self.compute():
-                _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
+                _, loss = self.model(to_device(x, self.info.device), to_device(y, self.info.device))
             if poison != 1.0:  # NaN != 1.0 too
                 loss = loss * poison  # poisons the gradients too
             if weights is None:
@@ -432,7 +440,7 @@ class Worker:
         for j in range(0, len(ids), self.micro):
             part = ids[j : j + self.micro]
             x, y = self.val_set.batch(part)
-            _, loss = model(x.to(self.info.device), y.to(self.info.device))
+            _, loss = model(to_device(x, self.info.device), to_device(y, self.info.device))
             total += loss.item() * self._eval_weight(part)
         return total
 

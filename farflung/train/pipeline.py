@@ -31,6 +31,7 @@ from farflung.parallel.pipeline.mesh import Mesh, build_stage, stage_layers
 from farflung.parallel.pipeline.runtime import Boundary, MicroBatch, StageRunner
 from farflung.plan.placement import StageMap
 from farflung.train import checkpoint as ckpt
+from farflung.train.kernels import to_device
 from farflung.train.loop import Worker
 
 
@@ -150,7 +151,9 @@ class PipelineWorker(Worker):
         for j in range(0, len(ids), self.micro):
             chunk = ids[j : j + self.micro]
             x, y = samples.batch(chunk) if first or self.has_loss else (None, None)
-            out.append(MicroBatch(chunk, x if first else None, y if self.has_loss else None))
+            x = to_device(x, self.info.device) if first else None
+            y = to_device(y, self.info.device) if self.has_loss else None
+            out.append(MicroBatch(chunk, x, y))
         return out
 
     def _tied_peer(self) -> tuple[int, torch.Tensor] | None:
