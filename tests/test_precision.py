@@ -308,3 +308,55 @@ def test_a_forward_that_cannot_compile_says_so_once_and_runs_eager():
     assert "running uncompiled" in got["said"]
     assert not got["still_wrapped"]
     assert got["loss"] == 0.0 and got["grads"] == 0.0  # eager, bit for bit
+
+
+def _alone(rank: int, world: int) -> dict:
+    """allreduce in a world of one: what it raises for a NaN loss, for non-finite
+    gradients, and for an overflow a loss-scaled loop tolerates."""
+    from farflung.comm import Comm
+    from farflung.config import ParallelConfig
+    from farflung.parallel import NonFiniteStep, make_algorithm
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    algo = make_algorithm("allreduce", model, opt, Comm(), ParallelConfig())
+    algo.setup()
+    model(torch.ones(1, 3)).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    seen = {}
+    algo.sync_gradients(True)
+    after = [p.grad for p in model.parameters()]
+    seen["finite"] = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    for case, finite, tolerate in (("nan_loss", False, False), ("inf_grad", True, False)):
+        model.weight.grad[0, 0] = float("inf") if case == "inf_grad" else 1.0
+        algo.tolerate_overflow = tolerate
+        try:
+            algo.sync_gradients(finite)
+            seen[case] = "applied"
+        except NonFiniteStep as e:
+            seen[case] = e.ranks
+    algo.tolerate_overflow = True
+    algo.sync_gradients(True)  # the overflow stays in the gradients for the loop to find
+    seen["overflow_kept"] = bool(torch.isinf(model.weight.grad[0, 0]))
+    return seen
+
+
+def test_allreduce_alone_keeps_gradients_and_still_refuses_non_finite():
+    (got,) = run_distributed(_alone, 1)
+    assert got == {"finite": True, "nan_loss": [0], "inf_grad": [0], "overflow_kept": True}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_isfinite(dtype):
+    from farflung.parallel.flat import all_finite
+
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(60):
+        tensors = [torch.randn(n, generator=gen).to(dtype) for n in (0, 1, 7, 300)]
+        if trial % 4:  # three in four hold a non-finite value somewhere
+            t = tensors[1 + trial % 3]
+            where = int(torch.randint(0, t.numel(), (1,), generator=gen))
+            t[where] = (float("nan"), float("inf"), float("-inf"))[trial % 3]
+        want = all(bool(torch.isfinite(t).all()) for t in tensors)
+        assert all_finite(tensors) == want, (trial, dtype)
+    assert all_finite([]) and all_finite([torch.empty(0)])

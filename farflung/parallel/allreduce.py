@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from farflung.parallel.base import DataParallel, NonFiniteStep, register
-from farflung.parallel.flat import make_buckets
+from farflung.parallel.flat import all_finite, grads_finite, make_buckets
 
 
 @register("allreduce")
@@ -34,6 +34,10 @@ class AllReduce(DataParallel):
         ]
 
     def sync_gradients(self, finite: bool = True) -> None:
+        if self.comm.size == 1:  # the average of one: no copies into buckets and back
+            if not (finite and (self.tolerate_overflow or grads_finite(self.model))):
+                raise NonFiniteStep(self.global_ranks([0]), dropped=True)
+            return
         handles, n = [], self.comm.size
         for i, (bucket, flat) in enumerate(zip(self.buckets, self.flats, strict=True)):
             offset = 0
@@ -46,7 +50,7 @@ class AllReduce(DataParallel):
                     dst.copy_(p.grad.reshape(-1))
                 offset += k
             if not self.tolerate_overflow:
-                finite = finite and bool(torch.isfinite(flat[:offset]).all())
+                finite = finite and all_finite([flat[:offset]])
             if i == len(self.buckets) - 1:
                 flags = flat[offset:]
                 flags.zero_()

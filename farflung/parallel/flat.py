@@ -36,12 +36,17 @@ def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
             offset += t.numel()
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or Inf: each one's max and min (both propagate a
+    NaN, and an Inf is one of them), one sync. Several times faster than
+    ``isfinite(t).all()``, which writes a bool tensor as large as ``t`` first."""
+    ends = [e for t in tensors if t.numel() for e in (t.amax(), t.amin())]
+    return not ends or bool(torch.isfinite(torch.stack(ends)).all())
+
+
 def grads_finite(model: nn.Module) -> bool:
-    """True when no gradient holds NaN or Inf (one reduction per tensor, one sync)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    """True when no gradient holds NaN or Inf."""
+    return all_finite([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
