@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in filter(None, args.models.split(",")):  # --models "": the demo only
             for mode in args.modes.split(","):
                 ours = farflung_row(name, mode, args, Path(tmp) / f"{name}_{mode}")
                 ref = reference_row(name, mode, args)
