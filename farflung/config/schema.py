@@ -152,8 +152,8 @@ class OptimConfig:
     fused: str = "auto"
     """torch's AdamW implementation: ``true`` the fused kernel (one kernel for every
     parameter; CUDA and CPU), ``false`` the per-parameter loop, ``auto`` fused on a CUDA
-    device and torch's own default (foreach) elsewhere. All three compute the same
-    update up to rounding; a TOML boolean is taken as its name."""
+    device and torch's own default elsewhere (the per-parameter loop on a CPU). All
+    three compute the same update up to rounding; a TOML boolean is taken as its name."""
 
     CHOICES = {"fused": ("auto", "true", "false")}
     BOUNDS = {

@@ -195,8 +195,8 @@ class PipelineWorker(Worker):
             verdict = [float(not (finite and grads_ok))]
         counts = torch.tensor(verdict, device=self.info.device)
         self.pipe_comm.all_reduce(counts, kind="ctrl")
-        faults, *overflows = counts.tolist()
-        if overflows and overflows[0] and not faults:
+        faults, overflows = (counts.tolist() + [0.0])[:2]
+        if overflows and not faults:
             first = next(p.grad for p in self.model.parameters() if p.grad is not None)
             first.view(-1)[0] = float("inf")
         return super().update(faults == 0)
