@@ -11,7 +11,9 @@ Reported per row: tokens/s of both (the median step after the warm-up steps), th
 ratio, peak memory (CUDA ``max_memory_allocated``, or peak RSS on a CPU) and the
 static part (16 bytes per parameter: fp32 weights, gradients, two AdamW moments);
 and, with ``--demo-steps``, bf16's final validation loss on ``configs/demo.toml``
-over fp32's. One JSON line on stdout::
+over fp32's. farflung's recompute row also chunks the loss (``model.loss_chunk = 256``);
+``recompute`` holds, per model, how much that row lowers the peak above the static part
+against bf16's and its step-time cost. One JSON line on stdout::
 
     python benchmarks/scale.py [--models gpt2-124m,llama-350m] [--context 1024]
         [--micro-batch 1] [--steps 6] [--modes fp32,bf16,bf16+recompute,bf16+compile]
@@ -41,6 +43,7 @@ MODELS = {
         "n_layer": 24,
         "n_head": 16,
         "n_kv_head": 4,
+        "ffn_hidden": 2816,  # 8/3 x 1024 rounded up to 256, as Llama sizes its MLP
         "d_model": 1024,
         "vocab": 32000,
     },
@@ -48,7 +51,11 @@ MODELS = {
 MODES = {
     "fp32": [],
     "bf16": ["train.precision=bf16"],
-    "bf16+recompute": ["train.precision=bf16", "model.activation_checkpointing=blocks"],
+    "bf16+recompute": [
+        "train.precision=bf16",
+        "model.activation_checkpointing=blocks",
+        "model.loss_chunk=256",  # the head's logits, 256 tokens at a time
+    ],
     "bf16+compile": ["train.precision=bf16", "train.compile=true"],
 }
 WARMUP = 2  # steps not timed: the first allocations, and compiling
@@ -150,6 +157,27 @@ def demo_loss_ratio(steps: int, root: Path) -> float:
     return losses["bf16"] / losses["fp32"]
 
 
+def recompute_savings(results: list[dict]) -> list[dict]:
+    """Per model with both rows: how much recompute (and the chunked loss) lowers the
+    peak above the static part (bf16's over bf16 + recompute's) and what it costs in
+    step time (bf16's tokens/s over recompute's)."""
+    rows = {(r["model"], r["mode"]): r for r in results}
+    out = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        keep, redo = rows.get((model, "bf16")), rows.get((model, "bf16+recompute"))
+        if keep is None or redo is None:
+            continue
+        above = [r["peak_bytes"] - r["static_bytes"] for r in (keep, redo)]
+        out.append(
+            {
+                "model": model,
+                "above_static_ratio": round(above[0] / above[1], 3),
+                "step_time_ratio": round(keep["tokens_per_s"] / redo["tokens_per_s"], 3),
+            }
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -189,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 results.append(row)
         ratio = demo_loss_ratio(args.demo_steps, Path(tmp)) if args.demo_steps else None
+    savings = recompute_savings(results)
     print(
         json.dumps(
             {
@@ -201,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 "results": results,
                 "bf16_val_loss_ratio": ratio,
                 "demo_steps": args.demo_steps,
+                "recompute": savings,
             }
         )
     )

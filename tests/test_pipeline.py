@@ -482,6 +482,9 @@ def test_aqsgd_resume_mid_epoch_is_exact(codecs):
     for rank in (0, 1):
         wa, wb = resumed.rank_state(rank)["model"], whole.rank_state(rank)["model"]
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        # the committer's generator too: writing model.safetensors draws nothing from it
+        ra, rb = resumed.rank_state(rank)["rng"], whole.rank_state(rank)["rng"]
+        assert torch.equal(ra, rb), rank
 
 
 # ---------------------------------------------------------------- 5. bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,36 @@ def test_plan_memory_overflow(tiny: Path, tmp_path: Path) -> None:
     code, _, stderr = plan(*args, "--stages", "2", "--dp", "2", "--out", "x.json")
     assert code == 2 and "memory_gb" in stderr and "GB" in stderr
     assert not (tmp_path / "p.json").exists()
+
+
+def test_plan_memory_counts_activations(tmp_path: Path) -> None:
+    """Long sequences of a narrow model: a device that holds the weights and AdamW but
+    not every block's activations takes the layout only with recompute."""
+    from farflung.config import load_config
+    from farflung.plan.memory import layout_memory
+
+    conf = tmp_path / "long.toml"
+    long = {"context = 16": "context = 512", "= 8": "= 64", "= 32": "= 256", "= 300": "= 64"}
+    text = TINY
+    for a, b in long.items():
+        text = text.replace(a, b)
+    conf.write_text(text)
+    cfg = load_config(conf)
+    keep = max(r.total for r in layout_memory(cfg, 2, 2))
+    redo = replace(cfg, model=replace(cfg.model, activation_checkpointing="blocks"))
+    assert max(r.total for r in layout_memory(redo, 2, 2)) < keep / 2
+    devs = tmp_path / "devices.json"
+    gb = keep / 2 / 1e9
+    devs.write_text(
+        json.dumps({"devices": [{"name": f"d{i}", "speed": 1, "memory_gb": gb} for i in range(4)]})
+    )
+    args = [str(conf), "--scenario", "regional", "--devices", str(devs), "--budget-s", "0.2"]
+    args += ["--stages", "2", "--dp", "2"]
+    code, _, stderr = plan(*args, "--out", str(tmp_path / "a.json"))
+    assert code == 2 and "activations" in stderr and "'none'" in stderr, stderr
+    on = ["--set", "model.activation_checkpointing=blocks"]
+    code, _, stderr = plan(*args, *on, "--out", str(tmp_path / "b.json"))
+    assert code == 0, stderr
 
 
 def test_plan_bad_shape(tiny: Path, tmp_path: Path) -> None:

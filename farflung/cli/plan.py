@@ -7,8 +7,10 @@ host). Compute per pipeline position is ``stage_flops / (tflops x 1e12 x``
 :data:`EFFICIENCY` ``)`` on the fastest device, the others slowed by their speed
 ratio. The shape is ``--stages/--dp`` or, without them, the cheapest planned shape
 among the pipeline depths that divide the devices, fit ``model.n_layer``, the batch
-and the memory (parameters x 16 bytes: fp32 weights, gradients and Adam's two
-moments; activations are not counted).
+and the memory: each stage's predicted peak (:mod:`farflung.plan.memory`: 16 bytes per
+parameter for fp32 weights, gradients and AdamW, the data-parallel algorithm's state,
+autocast's weight copies and the activations of the micro-batches in flight, with or
+without recompute) must fit the smallest device's ``memory_gb``.
 
 Outputs: a placement file for ``farflung train --placement`` (rank = stage x dp +
 replica, in the planned pipeline order) with the ``predicted`` step seconds and the
@@ -36,7 +38,6 @@ if TYPE_CHECKING:  # both import numpy: the parser is built without them
 
 EFFICIENCY = 0.4
 """Fraction of peak FLOPS a device reaches on training (model FLOPs utilisation)."""
-BYTES_PER_PARAM = 16  # fp32 weights + gradients + Adam's two moments
 DEFAULT_VOCAB = 4096
 N_RANDOM = 20
 
@@ -203,15 +204,7 @@ def make_shape(
         work = workload(scfg, pp, dp, codec, sync_every)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    need_gb = max(work.stage_params) * BYTES_PER_PARAM / 1e9
-    mems = [d.memory_gb for d in devices if d.memory_gb is not None]
-    if mems and need_gb > min(mems):
-        small = min(devices, key=lambda d: d.memory_gb or math.inf)
-        raise ConfigError(
-            f"{pp} stages: the largest stage needs {need_gb:.3g} GB (parameters x "
-            f"{BYTES_PER_PARAM} bytes) but device {small.name!r} has memory_gb = "
-            f"{small.memory_gb:g}"
-        )
+    check_memory(scfg, devices, pp, dp)
     tflops = np.array([d.tflops for d in devices])
     fastest = tflops.max() * 1e12 * EFFICIENCY
     delay, bw = link_arrays
@@ -231,6 +224,34 @@ def make_shape(
         c_tied=work.c_tied,
     )
     return Shape(pp, dp, scfg, work, problem)
+
+
+def check_memory(cfg: Config, devices: list[Device], pp: int, dp: int) -> None:
+    """A ConfigError when a stage's predicted peak exceeds the smallest device's
+    ``memory_gb``, naming the parts of the prediction."""
+    from farflung.plan.memory import layout_memory
+
+    mems = [d.memory_gb for d in devices if d.memory_gb is not None]
+    if not mems:
+        return
+    ranks = layout_memory(cfg, pp, dp, device="cuda")
+    worst = max(range(pp), key=lambda s: ranks[s].total)
+    need = ranks[worst]
+    if need.total / 1e9 <= min(mems):
+        return
+    small = min(devices, key=lambda d: d.memory_gb or math.inf)
+    parts = ", ".join(
+        f"{k} {v / 1e9:.3g}"
+        for k, v in need.as_dict().items()
+        if k in ("static", "state", "casts", "activations", "transient") and v
+    )
+    raise ConfigError(
+        f"{pp} stages x {dp} replicas: stage {worst} needs {need.total / 1e9:.3g} GB "
+        f"({parts} GB; model.activation_checkpointing = "
+        f"{cfg.model.activation_checkpointing!r}, train.precision = "
+        f"{cfg.train.precision!r}) but device {small.name!r} has memory_gb = "
+        f"{small.memory_gb:g}"
+    )
 
 
 def overlaps(cfg: Config) -> bool:
@@ -301,9 +322,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     problem = shape.problem
     log(f"shape: {shape.pp} stage(s) x {shape.dp} replica(s); searching ({args.budget_s:g} s)")
     plan, rows = compare(problem, args)
+    from farflung.plan.memory import layout_memory
+
+    memory = [r.as_dict() for r in layout_memory(shape.cfg, shape.pp, shape.dp, device="cuda")]
+    log(
+        "predicted peak memory per rank, by stage: "
+        + ", ".join(f"{m['total'] / 1e9:.3g} GB" for m in memory)
+    )
     out = Path(args.out)
     links_out = out.with_name(out.stem + ".links.json")
-    write_placement(out, plan, rows, devices, shape, links_out)
+    write_placement(out, plan, rows, devices, shape, links_out, memory)
     link.to_file(links_out)
     log(f"wrote {out} and {links_out}")
     print_table(rows, devices, shape)
@@ -341,10 +369,17 @@ def compare(problem: Any, args: argparse.Namespace) -> tuple[Any, dict]:
 
 
 def write_placement(
-    out: Path, plan: Any, rows: dict, devices: list[Device], shape: Shape, links: Path
+    out: Path,
+    plan: Any,
+    rows: dict,
+    devices: list[Device],
+    shape: Shape,
+    links: Path,
+    memory: list[dict],
 ) -> None:
     """The placement file: rank = stage x dp + replica in the planned pipeline order,
-    with the predictions beside it (``farflung train`` ignores them)."""
+    with the predictions beside it (``farflung train`` ignores them): step seconds, and
+    each stage's peak memory per rank by part (``memory_bytes``)."""
     from farflung.plan.placement import Slot, StageMap
 
     slots = [
@@ -362,6 +397,7 @@ def write_placement(
         "baselines": {
             name: _baseline(figs, groups, devices) for name, (figs, *_, groups) in rows.items()
         },
+        "memory_bytes": memory,
         "links": str(links),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

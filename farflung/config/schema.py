@@ -41,6 +41,12 @@ class ModelConfig:
     forward: ``none``, ``blocks`` (every block) or ``every:K`` (blocks 0, K, 2K, ...
     of the whole model, inside pipeline stages too). Costs one more forward of those
     blocks; the gradients are the same (dropout masks included)."""
+    loss_chunk: int = 0
+    """Training only: the final norm, the head and the cross-entropy run over this many
+    tokens at a time, each chunk recomputed in the backward, so that logits for this
+    many tokens (not the whole micro-batch: tokens x vocabulary x ~14 bytes in bf16)
+    live at once; 0 computes them all at once. The loss and gradients equal the
+    unchunked ones up to float rounding (sums in another order)."""
     mlp_ratio: int = 4
     """Hidden width of the MLP as a multiple of ``d_model`` (when ``ffn_hidden`` is 0)."""
     ffn_hidden: int = 0
@@ -80,6 +86,7 @@ class ModelConfig:
         "vocab_size": (0, None),
         "dropout": (0.0, 0.95),
         "mlp_ratio": (1, None),
+        "loss_chunk": (0, None),
     }
 
     def recompute_every(self) -> int | None:

@@ -140,13 +140,26 @@ def token_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _head(
-    ln_f: nn.Module, head: nn.Linear, x: Tensor, targets: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """Hidden states -> (logits [B, T, V], mean cross-entropy or None)."""
-    logits = head(ln_f(x))
+    ln_f: nn.Module, head: nn.Linear, x: Tensor, targets: Tensor | None, chunk: int = 0
+) -> tuple[Tensor | None, Tensor | None]:
+    """Hidden states -> (logits [B, T, V], mean cross-entropy or None). With ``chunk``
+    > 0, targets and gradients on, the loss is summed over ``chunk`` tokens at a time,
+    each chunk's logits rebuilt in the backward, and no logits are returned (None)."""
     if targets is None:
-        return logits, None
-    return logits, token_loss(logits, targets)
+        return head(ln_f(x)), None
+    if chunk <= 0 or not torch.is_grad_enabled():
+        logits = head(ln_f(x))
+        return logits, token_loss(logits, targets)
+    flat, wanted = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+
+    def chunk_sum(h: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(head(ln_f(h)), t, reduction="sum")
+
+    total = sum(
+        checkpoint(chunk_sum, flat[i : i + chunk], wanted[i : i + chunk], use_reentrant=False)
+        for i in range(0, flat.shape[0], chunk)
+    )
+    return None, total / (wanted != IGNORE).sum().clamp(min=1)
 
 
 class GPT(nn.Module):
@@ -206,14 +219,17 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Token ids [B, T] -> (logits [B, T, vocab], mean cross-entropy or None).
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Token ids [B, T] -> (logits [B, T, vocab], mean cross-entropy or None); the
+        logits are None where ``loss_chunk`` computed the loss without them.
 
         Raises ``ValueError`` when T exceeds the model's positions (:func:`max_positions`).
         """
         x = _embed(self.wte, self.wpe, self.drop, idx, self.max_positions)
         x = run_blocks(self.blocks, x, self.recompute_every)
-        return _head(self.ln_f, self.head, x, targets)
+        return _head(self.ln_f, self.head, x, targets, self.cfg.loss_chunk)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters (a tied head weight counts once).
@@ -262,6 +278,7 @@ class GPTStage(nn.Module):
         self.max_positions = model.max_positions
         self.blocks = nn.ModuleList(model.blocks[start:end])
         self.recompute_every = model.recompute_every
+        self.loss_chunk = model.cfg.loss_chunk
         first, last = start == 0, end == n_layer
         self.wte = model.wte if first else None
         self.wpe = model.wpe if first else None
@@ -281,7 +298,7 @@ class GPTStage(nn.Module):
 
     def forward(
         self, x: Tensor, targets: Tensor | None = None
-    ) -> Tensor | tuple[Tensor, Tensor | None]:
+    ) -> Tensor | tuple[Tensor | None, Tensor | None]:
         """Run the stage.
 
         ``x`` is token ids [B, T] on the first stage, hidden states [B, T, d] elsewhere.
@@ -300,7 +317,7 @@ class GPTStage(nn.Module):
             raise ValueError("only the last stage takes targets")
         x = run_blocks(self.blocks, x, self.recompute_every, first=self.start)
         if self.is_last:
-            return _head(self.ln_f, self.head, x, targets)
+            return _head(self.ln_f, self.head, x, targets, self.loss_chunk)
         return x
 
     def extra_repr(self) -> str:

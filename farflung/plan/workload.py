@@ -52,12 +52,14 @@ class Workload:
 
 def stage_params(cfg: Config, layers: list[int]) -> list[int]:
     """Parameters each stage holds: its blocks, the embeddings on the first, the final
-    norm and the head (a copy when tied) on the last."""
+    norm and the head on the last (a copy when tied and there are several stages; the
+    embedding itself with one)."""
     m = cfg.model
     out = [c * block_params(m) for c in layers]
     positions = max_positions(m) if m.arch == "gpt2" else 0  # llama: rotary, no table
     out[0] += (m.vocab_size + positions) * m.d_model
-    out[-1] += (2 if m.arch == "gpt2" else 1) * m.d_model + m.vocab_size * m.d_model
+    head = 0 if m.tie_embeddings and len(layers) == 1 else m.vocab_size * m.d_model
+    out[-1] += (2 if m.arch == "gpt2" else 1) * m.d_model + head
     return out
 
 

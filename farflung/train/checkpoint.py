@@ -264,13 +264,15 @@ def load_model_weights(ckpt: Path, model: nn.Module) -> None:
         )
 
 
-def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
+def load_rank_state(ckpt: Path, rank: int, mmap: bool = False) -> dict[str, Any]:
+    """Rank ``rank``'s state; ``mmap``: tensors stay in the file's pages until read (a
+    reader that wants a few of them does not load the optimizer's)."""
     path = Path(ckpt) / f"rank{rank}.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (checkpoint written by another world size?)")
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # pickle and zip errors of many kinds
         raise CheckpointError(f"{path}: cannot load ({e})") from None

@@ -246,11 +246,15 @@ class PipelineWorker(Worker):
             return False
         merged: dict[str, torch.Tensor] = {}
         for r in reversed(owners):  # the first stage's token embedding wins a tie
-            merged.update(ckpt.load_rank_state(tmp, r)["stage_weights"])
+            merged.update(ckpt.load_rank_state(tmp, r, mmap=True)["stage_weights"])
         if self.cfg.model.tie_embeddings:
             merged["head.weight"] = merged["wte.weight"]
-        model = GPT(self.cfg.model)
-        model.load_state_dict(merged)
+        # built on the meta device: no weights allocated beside the merged ones, and no
+        # draw from the global generator (the committer's would then differ from the
+        # state its checkpoint saved, and a resumed run's from the uninterrupted one)
+        with torch.device("meta"):
+            model = GPT(self.cfg.model)
+        model.load_state_dict(merged, assign=True)
         ckpt.write_model(tmp, model)
         return True
 
