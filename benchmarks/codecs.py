@@ -11,6 +11,9 @@ would meet. A table goes to stderr and one JSON line to stdout::
                                 [--device cuda]
 
 ``--device cuda`` runs the same codecs on a GPU (timings synchronise the device).
+``--compile-codecs`` adds rows (``"compiled": true``) for the quantize codecs and the
+cocktail chain with ``parallel.compile_codecs``' kernels (farflung/compress/fused.py;
+their compiling falls in the untimed warm-up round trip).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 
 import torch
 
-from farflung.compress import COCKTAIL, CodecContext, make_codec
+from farflung.compress import COCKTAIL, CodecContext, fused, make_codec
 
 SPECS = [
     "fp16",
@@ -37,6 +40,7 @@ SPECS = [
     "randomk:p=0.1,mode=random",
     COCKTAIL,
 ]
+COMPILED = ["quantize:bits=8", "quantize:bits=4", "quantize:bits=2", COCKTAIL]
 
 
 def _sync(device: torch.device) -> None:
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
+    parser.add_argument("--compile-codecs", action="store_true", help="add compiled rows")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -104,10 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(args.device)
         copy_s = copy_seconds(x, args.reps)
         copies[str(n)] = {"seconds": copy_s, "gb_per_s": round(4 * n / 1e9 / copy_s, 3)}
-        for spec in SPECS:
+        runs = [(spec, False) for spec in SPECS]
+        runs += [(spec, True) for spec in COMPILED] if args.compile_codecs else []
+        for spec, compiled in runs:
+            fused.set_mode("true" if compiled else "false")
             r = measure(spec, x, args.reps)
+            r["compiled"] = compiled
             r["copy_ratio"] = round(copy_s / r["seconds"], 5)
             results.append(r)
+        fused.set_mode("false")
         del x
     _table(results, copies, args)
     print(
@@ -135,8 +145,9 @@ def _table(results: list[dict], copies: dict[str, dict], args: argparse.Namespac
     head = f"{'codec':<64} {'numel':>11} {'ratio':>7} {'bits/el':>8} {'MB/s':>7} {'x copy':>7}"
     print(head + f" {'rel err':>8}", file=sys.stderr)
     for r in results:
+        name = r["codec"] + (" (compiled)" if r["compiled"] else "")
         print(
-            f"{r['codec']:<64} {r['numel']:>11,} {r['ratio']:>7.1f} {r['bits_per_elem']:>8.3f} "
+            f"{name:<64} {r['numel']:>11,} {r['ratio']:>7.1f} {r['bits_per_elem']:>8.3f} "
             f"{r['mb_per_s']:>7.0f} {r['copy_ratio']:>7.4f} {r['rel_error']:>8.4f}",
             file=sys.stderr,
         )

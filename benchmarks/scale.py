@@ -16,7 +16,7 @@ over fp32's. farflung's recompute row also chunks the loss (``model.loss_chunk =
 against bf16's and its step-time cost. One JSON line on stdout::
 
     python benchmarks/scale.py [--models gpt2-124m,llama-350m] [--context 1024]
-        [--micro-batch 1] [--steps 6] [--modes fp32,bf16,bf16+recompute,bf16+compile]
+        [--micro-batch 1] [--steps 12] [--modes fp32,bf16,bf16+recompute,bf16+compile]
         [--demo-steps 600] [--device cpu|cuda]
 """
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=6, help="per run, the first 2 not timed")
+    p.add_argument("--steps", type=int, default=12, help="per run, the first 2 not timed")
     p.add_argument("--demo-steps", type=int, default=600, help="0: no bf16 loss check")
     p.add_argument(
         "--device",

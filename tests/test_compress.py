@@ -655,3 +655,36 @@ def test_decode_into_out_writes_or_adds_in_place(spec):
     torch.testing.assert_close(acc, base + expected)
     with pytest.raises(CodecError, match="flat float32 tensor of 1000"):
         codec.decode(payload, CTX, out=torch.zeros(999))
+
+
+def test_compiled_quantize_gives_the_eager_bytes() -> None:
+    """parallel.compile_codecs' inductor kernels against the eager code, byte for byte:
+    a partial last bucket with an odd count, an all-zero bucket, exact halfway ties
+    (rounded to even), a chain (cocktail's), and a corrupt code rejected alike."""
+    from farflung.compress import fused
+    from farflung.compress.codec import CodecError
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(128 * 40 + 37, generator=g)
+    x[128:256] = 0.0
+    x[256:384] = (torch.arange(128) % 29 - 14) * 0.25  # s = 3.5 / 7 = 0.5: x/s + 7 at .5
+    x[384:512] = torch.arange(128) * (3.0 / 127) - 1.5
+    ctx = CodecContext(step=4, seed=1, rank=0)
+    try:
+        for spec in ("quantize:bits=4", "quantize:bits=8", COCKTAIL):
+            codec = make_codec(spec)
+            fused.set_mode("false")
+            eager = codec.encode(x, ctx)
+            eager_back = codec.decode(eager, ctx)
+            fused.set_mode("true")
+            compiled = codec.encode(x, ctx)
+            assert torch.equal(compiled, eager), spec
+            assert torch.equal(codec.decode(eager, ctx), eager_back), spec
+        assert fused._broken is None and {"codes", "values", "absmax"} <= set(fused._kernels)
+        codec = make_codec("quantize:bits=4")
+        bad = codec.encode(x, ctx).clone()
+        bad[-1] = 0xFF  # code 15 > 2 x 7
+        with pytest.raises(CodecError, match="codes above 14"):
+            codec.decode(bad, ctx)
+    finally:
+        fused.set_mode("false")

@@ -404,7 +404,9 @@ def test_slow_first_preparation_does_not_time_out_peers(tiny, tmp_path):  # noqa
     prepare(d.sources, tmp_path / "probe", d.vocab_size, d.val_fraction, d.shard_tokens,
             progress=False)  # fmt: skip
     per_doc_s = (time.monotonic() - t0) / 150
-    write_docs(150, max(150, math.ceil(6 * timeout_s / per_doc_s)))  # about 6 s to prepare
+    # about 8 s to prepare: the probe's pace is a guess (the run's own pace varied by
+    # half either way on a busy 2-core machine), so aim well above what is asserted
+    write_docs(150, max(150, math.ceil(8 * timeout_s / per_doc_s)))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
            "--rdzv-endpoint=127.0.0.1:0", "-m", "farflung.train",
@@ -428,7 +430,7 @@ def test_slow_first_preparation_does_not_time_out_peers(tiny, tmp_path):  # noqa
     assert run.returncode == 0, err[-3000:]
     assert started is not None and indexed is not None
     # rank 1 waited at least this long: a run that prepared too fast tests nothing
-    assert indexed - started > 3 * timeout_s, f"prepared in {indexed - started:.1f} s"
+    assert indexed - started > 2 * timeout_s, f"prepared in {indexed - started:.1f} s"
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 4
 
 

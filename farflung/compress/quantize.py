@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from farflung.compress import fused
 from farflung.compress.bits import pack_bits, packed_nbytes, unpack_bits
 from farflung.compress.checks import check_choice, check_int
 from farflung.compress.codec import CodecContext, CodecError, derive_seed
@@ -66,17 +67,33 @@ class QuantizeValues(ValueStage):
             return torch.empty(0, dtype=torch.uint8, device=values.device)
         nb = self._buckets(count)
         grid = _pad_to(values.float(), nb * self.bucket, 0.0).view(nb, self.bucket)
-        scale16 = self._scales(grid, count)
-        codes = self._codes(grid, scale16.float().unsqueeze(1), ctx)
-        return torch.cat([as_bytes(scale16), pack_bits(codes.view(-1)[:count], self.bits)])
+        compiled = self._compiled(grid.device)
+        scale16 = self._scales(grid, count, compiled)
+        scale = scale16.float().unsqueeze(1)
 
-    def _scales(self, grid: torch.Tensor, count: int) -> torch.Tensor:
+        def eager() -> torch.Tensor:
+            return pack_bits(self._codes(grid, scale, ctx).view(-1)[:count], self.bits)
+
+        if compiled:
+            packed = fused.pack_codes(grid, scale, self.levels, self.bits, count, eager)
+        else:
+            packed = eager()
+        return torch.cat([as_bytes(scale16), packed])
+
+    def _compiled(self, device: torch.device) -> bool:
+        return fused.active(device, self.bits, self.bucket, self.rounding)
+
+    def _scales(self, grid: torch.Tensor, count: int, compiled: bool = False) -> torch.Tensor:
         if self.bits == 1 and self.rounding == "nearest":
             sizes = torch.full((grid.shape[0],), float(self.bucket), device=grid.device)
             sizes[-1] = count - (grid.shape[0] - 1) * self.bucket
             scale16 = (grid.abs().sum(dim=1) / sizes).half()
         else:
-            scale16 = _round_up_to_fp16(grid.abs().amax(dim=1) / max(self.levels, 1))
+            if compiled:
+                amax = fused.absmax(grid, lambda: grid.abs().amax(dim=1))
+            else:
+                amax = grid.abs().amax(dim=1)
+            scale16 = _round_up_to_fp16(amax / max(self.levels, 1))
         if not torch.isfinite(scale16).all():
             raise CodecError(
                 "quantize: input holds non-finite values or magnitudes beyond what fp16 "
@@ -127,16 +144,29 @@ class QuantizeValues(ValueStage):
         scale = bytes_as(data[: 2 * nb], torch.float16).float()
         if not (torch.isfinite(scale).all() and (scale >= 0).all()):
             raise CodecError("quantize: payload holds negative or non-finite scales (corrupt)")
-        codes = unpack_bits(data[2 * nb :], self.bits, count)
-        if self.bits > 1 and int(codes.max()) > 2 * self.levels:
-            raise CodecError(f"quantize: payload holds codes above {2 * self.levels} (corrupt)")
-        grid = _pad_to(codes, nb * self.bucket, 0).float().view(nb, self.bucket)
-        if self.bits == 1:
-            grid.mul_(2.0).sub_(1.0)
+        packed = data[2 * nb :]
+
+        def eager() -> tuple[torch.Tensor, int]:
+            codes = unpack_bits(packed, self.bits, count)
+            top = int(codes.max()) if self.bits > 1 else 0
+            grid = _pad_to(codes, nb * self.bucket, 0).float().view(nb, self.bucket)
+            if self.bits == 1:
+                grid.mul_(2.0).sub_(1.0)
+            else:
+                grid.sub_(self.levels)
+            return grid.mul_(scale.unsqueeze(1)).view(-1), top
+
+        if self._compiled(data.device):
+            if packed.numel() != packed_nbytes(count, self.bits):
+                unpack_bits(packed, self.bits, count)  # its message for a wrong size
+            values, top = fused.unpack_values(
+                packed, scale.unsqueeze(1), self.levels, self.bits, self.bucket, eager
+            )
         else:
-            grid.sub_(self.levels)
-        grid.mul_(scale.unsqueeze(1))
-        return grid.view(-1)[:count]
+            values, top = eager()
+        if self.bits > 1 and top > 2 * self.levels:
+            raise CodecError(f"quantize: payload holds codes above {2 * self.levels} (corrupt)")
+        return values[:count]
 
 
 def _pad_to(flat: torch.Tensor, length: int, fill: float) -> torch.Tensor:

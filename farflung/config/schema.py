@@ -303,8 +303,17 @@ class ParallelConfig:
     ``nccl``."""
     timeout_s: float = 120.0
     """Seconds a collective may wait for a peer before the run fails with a message."""
+    compile_codecs: str = "false"
+    """``torch.compile``'d kernels for the quantize codec (scales, codes and bit packing
+    in one pass each; the same bytes as the eager code): ``true`` on every device,
+    ``auto`` on CUDA only, ``false``. Each new tensor size compiles once (seconds on a
+    CPU)."""
 
-    CHOICES = {"backend": ("auto", "gloo", "nccl"), "moment_sync": ("factored", "full")}
+    CHOICES = {
+        "backend": ("auto", "gloo", "nccl"),
+        "moment_sync": ("factored", "full"),
+        "compile_codecs": ("false", "true", "auto"),
+    }
     BOUNDS = {
         "warmup_steps": (0, None),
         "moment_sync_every": (0, None),

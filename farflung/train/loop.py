@@ -20,6 +20,7 @@ import torch.distributed as dist
 from farflung.comm import Comm, DistInfo, new_group
 from farflung.comm.dist import all_gather_json
 from farflung.comm.errors import NonFiniteError
+from farflung.compress import fused as fused_codecs
 from farflung.config import (
     Config,
     ConfigError,
@@ -114,6 +115,7 @@ class Worker:
         self.model = self._build_model()
         if cfg.train.compile:
             compile_model(self.model)
+        fused_codecs.set_mode(cfg.parallel.compile_codecs)
         o = cfg.optim
         self.optimizer = make_optimizer(param_groups(self.model, o.weight_decay), o, info.device)
         self.algo = make_algorithm(
