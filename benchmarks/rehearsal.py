@@ -144,6 +144,41 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+def rehearse(args: argparse.Namespace, sets: list[str]) -> tuple[list, dict, dict, list]:
+    """The uninterrupted run, and its copy resumed from ``--checkpoint-at``: (the
+    first's metrics records and summary, the resume's summary, where the two differ)."""
+    net = [f"--{args.mode}", args.link]
+    with tempfile.TemporaryDirectory() as tmp:
+        whole, cut = Path(tmp) / "whole", Path(tmp) / "cut"
+        print("[rehearsal] uninterrupted run", file=sys.stderr, flush=True)
+        records, summary = train(CONFIG, WORKERS, args.steps, whole, sets, net)
+        shutil.copytree(whole, cut)
+        last = f"step_{args.steps:08d}"
+        shutil.rmtree(cut / "checkpoints" / last)
+        print(f"[rehearsal] resumed from step {args.checkpoint_at}", file=sys.stderr, flush=True)
+        _, resumed = train(CONFIG, WORKERS, args.steps, cut, sets, [*net, "--resume"])
+        diffs = same_checkpoint(whole / "checkpoints" / last, cut / "checkpoints" / last)
+        a, b = losses(whole), losses(cut)
+        tail = range(args.checkpoint_at + 1, args.steps + 1)
+        diffs += [f"loss at step {s}" for s in tail if a[s] != b[s]]
+    return records, summary, resumed, diffs
+
+
+def rank_rows(measured: list[int], expect: list[int]) -> list[dict]:
+    """Each rank's measured peak beside its prediction (rank = stage x 2 + replica)."""
+    return [
+        {
+            "rank": r,
+            "stage": r // 2,
+            "replica": r % 2,
+            "peak_bytes": m,
+            "predicted_bytes": e,
+            "peak_over_predicted": m / e,
+        }
+        for r, (m, e) in enumerate(zip(measured, expect, strict=True))
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-layer", default="auto", help="blocks, or auto (see above)")
@@ -159,49 +194,24 @@ def main() -> None:
     args = p.parse_args()
     full, available = predicted(args, DEPTHS[0]), available_bytes()
     n_layer = choose_depth(args)
+    expect = predicted(args, n_layer)
     print(
         f"[rehearsal] {n_layer} blocks; predicted peaks (GB): "
-        f"{[round(b / 1e9, 2) for b in predicted(args, n_layer)]}; 24 blocks would need "
+        f"{[round(b / 1e9, 2) for b in expect]}; 24 blocks would need "
         f"{sum(full) / 1e9:.3g} GB of {available / 1e9:.3g} GB available",
         file=sys.stderr,
         flush=True,
     )
     sets = overrides(args, n_layer)
-    net = [f"--{args.mode}", args.link]
-    with tempfile.TemporaryDirectory() as tmp:
-        whole, cut = Path(tmp) / "whole", Path(tmp) / "cut"
-        print("[rehearsal] uninterrupted run", file=sys.stderr, flush=True)
-        records, summary = train(CONFIG, WORKERS, args.steps, whole, sets, net)
-        shutil.copytree(whole, cut)
-        last = f"step_{args.steps:08d}"
-        shutil.rmtree(cut / "checkpoints" / last)
-        print(f"[rehearsal] resumed from step {args.checkpoint_at}", file=sys.stderr, flush=True)
-        _, resumed = train(CONFIG, WORKERS, args.steps, cut, sets, [*net, "--resume"])
-        diffs = same_checkpoint(whole / "checkpoints" / last, cut / "checkpoints" / last)
-        tail = range(args.checkpoint_at + 1, args.steps + 1)
-        a, b = losses(whole), losses(cut)
-        diffs += [f"loss at step {s}" for s in tail if a[s] != b[s]]
-        params = summary["params"]
+    records, summary, resumed, diffs = rehearse(args, sets)
     measured = summary["peak_bytes_per_rank"]
-    expect = predicted(args, n_layer)
+    rows = rank_rows(measured, expect)
     kinds = records[0]["bytes_by_kind"].keys()
-    per_step = {k: statistics.mean(r["bytes_by_kind"][k] for r in records) for k in kinds}
-    rows = [
-        {
-            "rank": r,
-            "stage": r // 2,
-            "replica": r % 2,
-            "peak_bytes": m,
-            "predicted_bytes": e,
-            "peak_over_predicted": m / e,
-        }
-        for r, (m, e) in enumerate(zip(measured, expect, strict=True))
-    ]
     out = {
         "benchmark": "rehearsal",
         "results": rows,
         "n_layer": n_layer,
-        "params": params,
+        "params": summary["params"],
         "workers": WORKERS,
         "settings": sets,
         "link": args.link,
@@ -218,7 +228,9 @@ def main() -> None:
         "available_bytes": available,
         "tokens_per_s": summary["tokens_per_s"],
         "step_s": statistics.median(r["wall_s"] for r in records[1:]),
-        "bytes_per_step_by_kind": per_step,
+        "bytes_per_step_by_kind": {
+            k: statistics.mean(r["bytes_by_kind"][k] for r in records) for k in kinds
+        },
         "final_val_loss": summary["final_val_loss"],
     }
     text = json.dumps(out)

@@ -192,7 +192,7 @@ def make_shape(
     import numpy as np
 
     from farflung.plan.cost import Problem
-    from farflung.plan.workload import workload
+    from farflung.plan.workload import overlaps, workload
 
     p = cfg.pipeline
     layers = p.layers if len(p.layers) == pp else []
@@ -254,11 +254,6 @@ def check_memory(cfg: Config, devices: list[Device], pp: int, dp: int) -> None:
     )
 
 
-def overlaps(cfg: Config) -> bool:
-    """Whether the data-parallel sync runs behind the next step (cocktail's overlap)."""
-    return cfg.parallel.algorithm == "cocktail" and cfg.parallel.overlap
-
-
 def choose_shape(args, cfg, devices, link_arrays) -> Shape:
     """The given ``--stages/--dp``, or the cheapest fitting shape (quick searches)."""
     import numpy as np
@@ -314,6 +309,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     devices, link = resolve_devices(args)
     log(f"devices: {len(devices)} on {link.n} host(s); links: {link.describe()}")
     log(f"compute: stage FLOPs / (TFLOPS x 1e12 x efficiency {EFFICIENCY}); speed 1 = 100 TFLOPS")
+    from farflung.plan.workload import overlaps
+
     hidden = " (hidden behind the next step)" if overlaps(cfg) else ""
     log(f"cost model: {args.cost_model}; data-parallel sync after the pipeline{hidden}")
     arrays = device_links(devices, link)

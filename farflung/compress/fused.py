@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from farflung.compress.bits import packed_nbytes
+
 MODES = ("false", "true", "auto")
 _mode = "false"
 _broken: str | None = None
@@ -79,6 +81,12 @@ def _values(packed: torch.Tensor, scale: torch.Tensor, levels: int, bits: int, b
     return grid * scale, top
 
 
+def from_the_compiler(e: BaseException) -> bool:
+    """Whether ``e`` came from torch.compile's machinery rather than the code compiled."""
+    module = type(e).__module__
+    return module.startswith(("torch._dynamo", "torch._inductor", "torch._functorch"))
+
+
 def _guard(run: Callable, fallback: Callable):
     """``run()``, or ``fallback()`` when compiling fails (said once, then eager)."""
     global _broken
@@ -87,7 +95,7 @@ def _guard(run: Callable, fallback: Callable):
     try:
         return run()
     except Exception as e:  # torch._dynamo / _inductor errors of many kinds
-        if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        if not from_the_compiler(e):
             raise
         _broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         print(
@@ -111,8 +119,7 @@ def pack_codes(
 
     def run() -> torch.Tensor:
         out = _compiled("codes", _codes)(grid, scale, levels, bits)
-        nbytes = (count * bits + 7) // 8
-        out = out[:nbytes]
+        out = out[: packed_nbytes(count, bits)]
         tail = count % (8 // bits)
         if tail:  # the eager packing pads with zero codes, not with the padding's codes
             out[-1] &= (1 << (bits * tail)) - 1

@@ -136,7 +136,12 @@ def token_loss(logits: Tensor, targets: Tensor) -> Tensor:
     NaN, when none does, so a micro-batch of prompt tokens only adds no gradient."""
     flat = targets.reshape(-1)
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, reduction="sum")
-    return total / (flat != IGNORE).sum().clamp(min=1)
+    return total / _counted(flat)
+
+
+def _counted(flat: Tensor) -> Tensor:
+    """How many targets count (not :data:`IGNORE`), at least 1."""
+    return (flat != IGNORE).sum().clamp(min=1)
 
 
 def _head(
@@ -159,7 +164,7 @@ def _head(
         checkpoint(chunk_sum, flat[i : i + chunk], wanted[i : i + chunk], use_reentrant=False)
         for i in range(0, flat.shape[0], chunk)
     )
-    return None, total / (wanted != IGNORE).sum().clamp(min=1)
+    return None, total / _counted(wanted)
 
 
 class GPT(nn.Module):

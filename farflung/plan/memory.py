@@ -44,9 +44,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from farflung.config import Config, ModelConfig, ParallelConfig
-from farflung.model import balanced_layers, max_positions
+from farflung.model import balanced_layers
 from farflung.model.llama import ffn_width, kv_heads
-from farflung.plan.workload import stage_params
+from farflung.plan.workload import embedding_params, overlaps, stage_params
 
 FP32 = 4
 STATIC_PER_PARAM = 16
@@ -263,8 +263,7 @@ def rank_memory(cfg: Config, stages: int, dp: int, rank: int, device: str = "cud
     if stages > 1 and p.compression == "aqsgd":  # fp16 m(xi) per sample, per side
         disk = ((s > 0) + (s < stages - 1)) * 2 * m.context * m.d_model * cfg.data.max_samples
     # autocast casts every weight matrix, not the embedding tables (looked up)
-    embed = (m.vocab_size + (max_positions(m) if m.arch == "gpt2" else 0)) * m.d_model
-    matrices = n - (embed if s == 0 else 0)
+    matrices = n - (embedding_params(m) if s == 0 else 0)
     fused = cfg.optim.fused == "true" or (cfg.optim.fused == "auto" and device == "cuda")
     return RankMemory(
         params=n,
@@ -276,7 +275,7 @@ def rank_memory(cfg: Config, stages: int, dp: int, rank: int, device: str = "cud
         optimizer=0 if fused else FP32 * largest_tensor(m, s, stages),
         checkpoint=checkpoint_bytes(algo, params, s, replica, stages),
         runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0,
-        overlapped=cfg.parallel.algorithm == "cocktail" and cfg.parallel.overlap and dp > 1,
+        overlapped=overlaps(cfg) and dp > 1,
         aqsgd_disk=disk,
         retained=device == "cpu",
     )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from farflung.compress import CodecContext, make_codec
 from farflung.compress.activations import BoundaryCodec
-from farflung.config import Config
+from farflung.config import Config, ModelConfig
 from farflung.model import balanced_layers, block_flops, block_params, head_flops, max_positions
 
 FP32 = 4
@@ -50,14 +50,24 @@ class Workload:
         return (self.c_pp_fwd + self.c_pp_bwd) / 2
 
 
+def embedding_params(m: ModelConfig) -> int:
+    """The token (and, for gpt2, position) embedding tables' parameters: stage 0's."""
+    positions = max_positions(m) if m.arch == "gpt2" else 0  # llama: rotary, no table
+    return (m.vocab_size + positions) * m.d_model
+
+
+def overlaps(cfg: Config) -> bool:
+    """Whether the data-parallel sync runs behind the next step (cocktail's overlap)."""
+    return cfg.parallel.algorithm == "cocktail" and cfg.parallel.overlap
+
+
 def stage_params(cfg: Config, layers: list[int]) -> list[int]:
     """Parameters each stage holds: its blocks, the embeddings on the first, the final
     norm and the head on the last (a copy when tied and there are several stages; the
     embedding itself with one)."""
     m = cfg.model
     out = [c * block_params(m) for c in layers]
-    positions = max_positions(m) if m.arch == "gpt2" else 0  # llama: rotary, no table
-    out[0] += (m.vocab_size + positions) * m.d_model
+    out[0] += embedding_params(m)
     head = 0 if m.tie_embeddings and len(layers) == 1 else m.vocab_size * m.d_model
     out[-1] += (2 if m.arch == "gpt2" else 1) * m.d_model + head
     return out

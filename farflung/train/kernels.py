@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from farflung.comm.errors import first_line, say
+from farflung.compress.fused import from_the_compiler
 from farflung.config import OptimConfig
 
 
@@ -62,7 +63,7 @@ def compile_model(model: torch.nn.Module, backend: str | Callable = "inductor") 
         try:
             return compiled(*args, **kwargs)
         except Exception as e:
-            if not _from_the_compiler(e):
+            if not from_the_compiler(e):
                 raise
             say(
                 f"farflung: train.compile: torch.compile failed ({first_line(e)}); "
@@ -72,9 +73,3 @@ def compile_model(model: torch.nn.Module, backend: str | Callable = "inductor") 
             return eager(*args, **kwargs)
 
     model.forward = forward
-
-
-def _from_the_compiler(e: BaseException) -> bool:
-    """Whether ``e`` came from torch.compile's machinery rather than the model's code."""
-    module = type(e).__module__
-    return module.startswith(("torch._dynamo", "torch._inductor", "torch._functorch"))
